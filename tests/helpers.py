@@ -1,0 +1,35 @@
+"""Shared test helpers: small, fast run configs and CLI invocation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# small settings that keep an end-to-end run to a few seconds on 2 CPU cores
+FAST = ["train.resolution=32", "train.checkpoint_every=3", "train.preview_every=1000", "train.log_every=1",
+        "export.grid_resolution=32", "export.texture_size=64", "export.video_frames=3", "export.video_resolution=32",
+        "train.preview_views=2", "sds.guidance_scale=10"]
+
+
+def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TEXT3D_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "text3d", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=popen.pop("cwd", REPO), env=env, **popen)
+
+
+def checkpoint_state(run_dir: Path) -> dict:
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["renderer"].keys() == b["renderer"].keys()
+    for key in a["renderer"]:
+        assert torch.equal(a["renderer"][key], b["renderer"][key]), key

@@ -1,0 +1,56 @@
+"""The config system: YAML defaults, key=value overrides, and one-line errors for bad keys and values."""
+
+import pytest
+
+from text3d.config import RunConfig, load_config, to_yaml
+from text3d.errors import ConfigError
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(overrides=["train.steps=7", "sds.guidance_scale=12.5", "camera.radius=[2.0,2.5]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.steps == 7 and cfg.sds.guidance_scale == 12.5 and list(cfg.camera.radius) == [2.0, 2.5]
+    extra = tmp_path / "x.yaml"
+    extra.write_text("train:\n  lr: 0.002\n")
+    cfg = load_config(files=[extra], overrides=["train.lr=0.003"])
+    assert cfg.train.lr == 0.003  # CLI overrides beat files
+    assert load_config(files=[extra]).train.lr == 0.002
+
+
+def test_snapshot_round_trip(tmp_path):
+    cfg = load_config(overrides=["seed=5", "train.steps=3"])
+    cfg.prompt = "a red cube, front: 'quoted'"
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    again = load_config(files=[path], use_default_file=False)
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=0", "train.steps must be at least 1"),
+    ("train.resolution=30", "multiple of 8"),
+    ("sds.t_min=0.9", "sds.t_min"),
+    ("guidance=magic", "guidance must be one of"),
+    ("noequals", "key=value"),
+])
+def test_bad_values_raise_one_line_config_errors(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert words in message and "\n" not in message
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(files=[tmp_path / "missing.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(files=[bad])
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  colour: red\n")
+    with pytest.raises(ConfigError, match="train.colour"):
+        load_config(files=[unknown])

@@ -1,0 +1,135 @@
+"""The `text3d` command line: generate, export, doctor.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit code; set
+TEXT3D_DEBUG=1 to see the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from text3d.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Text-to-3D generation and diffusion distillation that runs on a CPU.")
+
+
+def _overrides_and_prompt(prompt: Optional[str], extra: Optional[List[str]]) -> tuple[Optional[str], list[str]]:
+    overrides = list(extra or [])
+    # `text3d generate --resume DIR key=value`: the first override lands in PROMPT's slot
+    if prompt is not None and "=" in prompt and " " not in prompt and prompt.split("=", 1)[0].replace(".", "").replace("_", "").isalnum():
+        return None, [prompt] + overrides
+    return prompt, overrides
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. \"a red cube\"."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key=value, e.g. train.lr=0.005."),
+    guidance: Optional[str] = typer.Option(None, help="Guidance: sds."),
+    teacher: Optional[str] = typer.Option(None, help="Diffusers Stable Diffusion folder or hub id."),
+    config: Optional[List[Path]] = typer.Option(None, "--config", help="YAML config file(s) merged over configs/default.yaml."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (train.steps)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed; a seed fixes the run."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<prompt>-<time>)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
+    video: bool = typer.Option(True, help="Write a turntable video at the end."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Optimise a 3D asset for PROMPT and export it (.obj, .glb, turntable video)."""
+    from text3d.config import load_config
+    from text3d.training.generate import generate as run_generate, resume as run_resume
+
+    prompt, extra = _overrides_and_prompt(prompt, overrides)
+    flags = []
+    for key, value in (("guidance", guidance), ("teacher.name_or_path", teacher), ("train.steps", steps),
+                       ("seed", seed), ("device", device)):
+        if value is not None:
+            flags.append(f"{key}={value}")
+    if resume is not None:
+        if config:
+            raise UserError("--config cannot be combined with --resume (the run folder has its config)")
+        result = run_resume(resume, flags + extra, show_progress=not quiet, video=video)
+    else:
+        if prompt is None:
+            raise UserError("give a prompt, e.g. text3d generate \"a red cube\" (or --resume RUN_DIR)")
+        cfg = load_config(files=config or (), overrides=flags + extra)
+        cfg.prompt = prompt
+        result = run_generate(cfg, out=out, show_progress=not quiet, video=video)
+    typer.echo(f"done: {result.steps} steps in {result.seconds:.1f}s; files in {result.run_dir}")
+    for key, value in result.files.items():
+        if isinstance(value, (str, Path)):
+            typer.echo(f"  {key}: {value}")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder made by text3d generate."),
+    format: str = typer.Option("both", "--format", help="obj | glb | both"),
+    video: bool = typer.Option(True, help="Also write the turntable video."),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+):
+    """Re-export a run's last checkpoint as .obj/.glb (and a turntable video)."""
+    from text3d.training.finalize import FORMATS
+    from text3d.training.generate import export_existing
+
+    if format not in FORMATS:
+        raise UserError(f"--format must be obj, glb or both, got {format!r}")
+    files = export_existing(run_dir, FORMATS[format], video=video, device=device)
+    for key, value in files.items():
+        if isinstance(value, (str, Path)):
+            typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def doctor():
+    """Show which devices and optional backends text3d found."""
+    from text3d.utils.backends import backend_report
+
+    width = max(len(k) for k in backend_report())
+    for key, value in backend_report().items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    debug = os.environ.get("TEXT3D_DEBUG") == "1"
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="text3d", standalone_mode=False)
+        return 0
+    except UserError as exc:
+        _fail(str(exc), exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        _fail(f"{exc.strerror or exc}{where}", 1)
+    except Exception as exc:  # an unexpected bug: still one line unless debugging
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(set TEXT3D_DEBUG=1 for the traceback)", 1)
+    return 0
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

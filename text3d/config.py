@@ -1,0 +1,155 @@
+"""The one config system: typed dataclasses, defaults from YAML in ``configs/``, overrides as ``key=value``.
+
+Each layer owns its dataclass (``NeRFConfig`` in renderers, ``SDSConfig`` in guidance, ...);
+:class:`RunConfig` composes them. Loading order: dataclass defaults < ``configs/default.yaml``
+< ``--config FILE`` < CLI flags < ``key=value`` overrides. Unknown keys and values of the wrong
+type or range raise :class:`~text3d.errors.ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from text3d.cameras import CameraSamplerConfig
+from text3d.errors import ConfigError
+from text3d.export import ExportConfig
+from text3d.guidance.sds import SDSConfig
+from text3d.prompts import PromptConfig
+from text3d.renderers.nerf import NeRFConfig
+from text3d.teacher import TeacherConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GUIDANCES = ("sds",)
+SHADINGS = ("albedo", "lambertian", "textureless")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1200
+    batch_size: int = 1
+    resolution: int = 64  # rendered image side during optimisation
+    lr: float = 1e-2  # hash grid and MLP
+    lr_background: float = 1e-3
+    # shading: albedo only for the first `albedo_warmup` fraction, then drawn with these probabilities
+    albedo_warmup: float = 0.1
+    p_albedo: float = 0.5
+    p_lambertian: float = 0.25
+    p_textureless: float = 0.25
+    ambient: float = 0.3
+    light_jitter_deg: float = 45.0  # the light direction is the camera direction tilted by up to this
+    lambda_orientation: float = 1e-2
+    lambda_sparsity: float = 0.0
+    max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
+    log_every: int = 10
+    preview_every: int = 200
+    checkpoint_every: int = 100
+    preview_views: int = 4
+
+
+@dataclass
+class RunConfig:
+    prompt: str = ""
+    guidance: str = "sds"
+    seed: int = 0
+    device: str = "auto"
+    run_name: str = ""  # unique name of the run's exported files; set when the run starts
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    camera: CameraSamplerConfig = field(default_factory=CameraSamplerConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    nerf: NeRFConfig = field(default_factory=NeRFConfig)
+    sds: SDSConfig = field(default_factory=SDSConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def _merge(base, other, where: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        if "Key" in type(exc).__name__ or "not in" in reason:
+            raise ConfigError(f"unknown config key '{key}' in {where}") from None
+        raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from None
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base=None,
+                use_default_file: bool = True) -> RunConfig:
+    """Build a :class:`RunConfig` from the defaults, YAML files and ``key=value`` overrides."""
+    cfg = OmegaConf.structured(RunConfig) if base is None else OmegaConf.structured(base)
+    paths = [CONFIG_DIR / "default.yaml"] if (use_default_file and base is None) else []
+    paths += [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=0.005)")
+        key, value = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception:
+            raise ConfigError(f"override {item!r} could not be parsed") from None
+        cfg = _merge(cfg, dotted, f"override {item!r}")
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad config: {str(exc).splitlines()[0]}") from None
+    validate(run)
+    return run
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    t = cfg.train
+    _check(cfg.guidance in GUIDANCES, f"guidance must be one of {', '.join(GUIDANCES)}, got {cfg.guidance!r}")
+    _check(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}")
+    _check(t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}")
+    _check(t.resolution >= 16 and t.resolution % 8 == 0,
+           f"train.resolution must be a multiple of 8 and at least 16, got {t.resolution}")
+    _check(t.lr > 0 and t.lr_background >= 0, "train.lr must be > 0 and train.lr_background >= 0")
+    probs = (t.p_albedo, t.p_lambertian, t.p_textureless)
+    _check(all(p >= 0 for p in probs) and sum(probs) > 0,
+           "train.p_albedo/p_lambertian/p_textureless must be >= 0 with a positive sum")
+    _check(0.0 <= t.albedo_warmup <= 1.0, f"train.albedo_warmup must be in [0, 1], got {t.albedo_warmup}")
+    _check(0.0 <= t.ambient <= 1.0, f"train.ambient must be in [0, 1], got {t.ambient}")
+    for name in ("log_every", "preview_every", "checkpoint_every", "max_nonfinite_steps", "preview_views"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}")
+    s = cfg.sds
+    _check(0.0 <= s.t_min < s.t_max <= 1.0, f"need 0 <= sds.t_min < sds.t_max <= 1, got {s.t_min}, {s.t_max}")
+    _check(s.guidance_scale >= 0, f"sds.guidance_scale must be >= 0, got {s.guidance_scale}")
+    _check(s.t_anneal in ("none", "linear", "sqrt", "cosine"),
+           f"sds.t_anneal must be none, linear, sqrt or cosine, got {s.t_anneal!r}")
+    _check(s.grad_clip is None or s.grad_clip > 0, "sds.grad_clip must be > 0 or null")
+    for name in ("radius", "elevation", "azimuth", "fovy"):
+        lo, hi = getattr(cfg.camera, name)
+        _check(lo <= hi, f"camera.{name} must be a [low, high] pair with low <= high, got [{lo}, {hi}]")
+    _check(cfg.camera.radius[0] > 0, "camera.radius must be positive")
+    _check(0 < cfg.camera.fovy[0] and cfg.camera.fovy[1] < 180, "camera.fovy must be in (0, 180) degrees")
+    _check(cfg.nerf.bound > 0, f"nerf.bound must be > 0, got {cfg.nerf.bound}")
+    _check(cfg.nerf.num_samples >= 2, f"nerf.num_samples must be at least 2, got {cfg.nerf.num_samples}")
+    e = cfg.export
+    _check(e.grid_resolution >= 16, f"export.grid_resolution must be at least 16, got {e.grid_resolution}")
+    _check(e.texture_size >= 16, f"export.texture_size must be at least 16, got {e.texture_size}")
+    _check(e.video_frames >= 1 and e.video_fps >= 1, "export.video_frames and export.video_fps must be >= 1")

@@ -1,0 +1,94 @@
+"""Score Distillation Sampling (DreamFusion): grad = w(t) * (eps_hat - eps), w(t) = 1 - alpha_bar_t.
+
+The gradient is injected with the target trick: ``loss = 0.5 * ||latents - (latents - grad).detach()||^2``
+summed over elements, so ``d loss / d latents == grad`` exactly for every sample. CFG uses the
+project's one formula, :func:`text3d.teacher.teacher.apply_cfg` (inside ``Teacher.predict_eps``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from text3d.guidance.schedules import TimestepSchedule
+
+
+@dataclass
+class SDSConfig:
+    guidance_scale: float = 100.0
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_anneal: str = "none"  # none | linear | sqrt | cosine: t_max -> t_max_end over the run
+    t_max_end: Optional[float] = None
+    t_anneal_start: float = 0.0  # fraction of the run before annealing starts
+    grad_clip: Optional[float] = None  # clamp each gradient element to [-grad_clip, grad_clip]
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor  # scalar; backward() sends ``grad`` into the latents
+    grad: torch.Tensor  # [B, C, h, w], detached
+    t: torch.Tensor  # [B] integer timesteps
+    latents: torch.Tensor  # [B, C, h, w], attached to the image graph
+    nonfinite: int  # gradient elements that were NaN/inf and were zeroed
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad.flatten(1).norm(dim=1).mean())
+
+
+def target_trick_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient with respect to ``latents`` is exactly ``grad``."""
+    target = (latents - grad).detach()
+    return 0.5 * (latents - target).pow(2).sum()
+
+
+def sanitize_grad(grad: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, int]:
+    """Zero NaN/inf elements (returning how many) and optionally clamp."""
+    finite = torch.isfinite(grad)
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        grad = torch.where(finite, grad, torch.zeros_like(grad))
+    if clip is not None:
+        grad = grad.clamp(-clip, clip)
+    return grad, nonfinite
+
+
+class SDSGuidance:
+    """SDS against a frozen :class:`~text3d.teacher.teacher.Teacher`."""
+
+    def __init__(self, teacher, cfg: SDSConfig, negative_prompt: str = ""):
+        self.teacher, self.cfg, self.negative_prompt = teacher, cfg, negative_prompt
+        self.schedule = TimestepSchedule(teacher.num_train_timesteps, cfg.t_min, cfg.t_max, cfg.t_anneal,
+                                         cfg.t_max_end, cfg.t_anneal_start)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t) = 1 - alpha_bar_t, shaped [B, 1, 1, 1]."""
+        return 1.0 - self.teacher.alpha_bar(t)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
+                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
+        """SDS for rendered ``images`` [B, 3, H, W] in [0, 1], one prompt per image."""
+        latents = self.teacher.encode_images(images)
+        return self.guide_latents(latents, prompts, progress, t=t, noise=noise)
+
+    def guide_latents(self, latents: torch.Tensor, prompts: Sequence[str], progress: float = 0.0,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
+        batch = latents.shape[0]
+        if len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} images")
+        device = latents.device
+        if t is None:
+            t = self.schedule.sample(batch, progress, device=device)
+        if noise is None:
+            noise = torch.randn(latents.shape, dtype=torch.float32).to(device)
+        cond = self.teacher.encode_prompts(list(prompts))
+        uncond = self.teacher.encode_prompts([self.negative_prompt] * batch)
+        with torch.no_grad():
+            noisy = self.teacher.add_noise(latents.detach().float(), noise, t)
+            eps_hat = self.teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=self.cfg.guidance_scale)
+            grad = self.weight(t) * (eps_hat - noise)
+        grad, nonfinite = sanitize_grad(grad, self.cfg.grad_clip)
+        return GuidanceOutput(target_trick_loss(latents.float(), grad), grad, t, latents, nonfinite)

@@ -1,0 +1,109 @@
+"""`text3d generate` and `text3d export` as library calls: check inputs, load the teacher,
+train (or resume), export. Every check that can fail on bad input runs before the run folder
+is created, so a refused command leaves no files behind."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from text3d.config import RunConfig, load_config, to_yaml
+from text3d.errors import TeacherError, UserError
+from text3d.prompts import validate_prompt
+from text3d.renderers.nerf import NeRFRenderer
+from text3d.training.checkpoint import load_checkpoint
+from text3d.training.finalize import export_run, write_summary
+from text3d.training.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
+                                        probe_writable, require_run_dir)
+from text3d.training.sds_trainer import SDSTrainer
+from text3d.utils.atomic import atomic_write_text
+from text3d.utils.backends import resolve_device
+from text3d.utils.seed import seed_everything
+
+NO_DEFAULT_TEACHER = ("no default teacher is installed yet: pass --teacher with a diffusers Stable Diffusion folder "
+                      "or hub id (for a quick test: python scripts/make_tiny_teacher.py /tmp/tiny-teacher)")
+
+
+@dataclass
+class GenerateResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    files: dict = field(default_factory=dict)
+
+
+def load_teacher_for(cfg: RunConfig, device: torch.device):
+    from text3d.teacher import load_teacher
+
+    if not cfg.teacher.name_or_path:
+        raise TeacherError(NO_DEFAULT_TEACHER)
+    return load_teacher(cfg.teacher, device)
+
+
+def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True, teacher=None,
+             callbacks: Sequence[Callable] = (), video: bool = True) -> GenerateResult:
+    """A new run: validates, loads the teacher, creates ``out`` and optimises, then exports."""
+    cfg.prompt = validate_prompt(cfg.prompt)
+    run_dir = Path(out) if out is not None else default_run_dir(cfg.prompt)
+    probe_writable(run_dir)
+    device = resolve_device(cfg.device)
+    teacher = teacher if teacher is not None else load_teacher_for(cfg, device)
+    cfg.run_name = cfg.run_name or new_run_name(cfg.prompt)
+    create_run_dir(run_dir)
+    atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
+    seed_everything(cfg.seed)
+    trainer = SDSTrainer(cfg, teacher, device, run_dir, show_progress=show_progress)
+    return _train_and_export(trainer, callbacks, video)
+
+
+def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    run_dir = require_run_dir(run_dir)
+    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(run_dir / CONFIG_NAME)))
+    return load_config(overrides=overrides, base=base)
+
+
+def resume(run_dir: Path, overrides: Sequence[str] = (), show_progress: bool = True, teacher=None,
+           callbacks: Sequence[Callable] = (), video: bool = True, device: str | None = None) -> GenerateResult:
+    """Continue a run from ``run_dir/checkpoints/last.pt`` (overrides such as train.steps=N may extend it)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    if device:
+        cfg.device = device
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT})")
+    torch_device = resolve_device(cfg.device)
+    teacher = teacher if teacher is not None else load_teacher_for(cfg, torch_device)
+    trainer = SDSTrainer(cfg, teacher, torch_device, run_dir, show_progress=show_progress)
+    trainer.load()
+    atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
+    return _train_and_export(trainer, callbacks, video)
+
+
+def _train_and_export(trainer: SDSTrainer, callbacks, video: bool) -> GenerateResult:
+    start = time.perf_counter()
+    step = trainer.fit(callbacks)
+    seconds = time.perf_counter() - start
+    files = export_run(trainer.renderer, trainer.cfg, trainer.device, trainer.run_dir, video=video)
+    write_summary(trainer.run_dir, trainer.cfg, step, seconds, files)
+    return GenerateResult(trainer.run_dir, step, seconds, files)
+
+
+def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, device: str = "cpu") -> dict:
+    """Re-export a run folder from its last checkpoint (no teacher needed)."""
+    cfg = load_run_config(run_dir)
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} has no checkpoint to export ({CHECKPOINT})")
+    torch_device = resolve_device(device)
+    renderer = NeRFRenderer(cfg.nerf).to(torch_device)
+    state = load_checkpoint(run_dir / CHECKPOINT, map_location=torch_device)
+    try:
+        renderer.load_state_dict(state["renderer"])
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"checkpoint does not match the run's config ({str(exc).splitlines()[0][:160]})") from None
+    return export_run(renderer, cfg, torch_device, run_dir, formats=formats, video=video)

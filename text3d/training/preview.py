@@ -1,0 +1,55 @@
+"""Preview grids: rows of [B, 3, H, W] images in [0, 1] tiled into one PNG, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from text3d.cameras import Cameras, orbit_cameras
+from text3d.utils.atomic import atomic_path
+
+
+def tile(rows: Sequence[torch.Tensor]) -> np.ndarray:
+    """Rows of [B, 3, H, W] tensors -> one uint8 [rows*H, B*W, 3] array."""
+    strips = [torch.cat(list(r.clamp(0, 1)), dim=2) for r in rows]  # each [3, H, B*W]
+    grid = torch.cat(strips, dim=1)
+    return (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_preview(rows: Sequence[torch.Tensor], path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        Image.fromarray(tile(rows)).save(tmp, format="PNG")
+    return Path(path)
+
+
+def render_views(renderer, cameras: Cameras, resolution: int, device: torch.device, shading: str = "lambertian",
+                 chunk: int = 4) -> dict[str, torch.Tensor]:
+    """Eval-mode renders (no stratification, light at each camera), detached and on the CPU."""
+    was_training = renderer.training
+    renderer.eval()
+    pieces: dict[str, list[torch.Tensor]] = {}
+    try:
+        for i in range(0, len(cameras), chunk):
+            out = renderer(cameras[i:i + chunk].to(device), resolution, resolution, shading=shading, want_normals=True)
+            for key in ("rgb", "normal", "opacity"):
+                if key in out:
+                    pieces.setdefault(key, []).append(out[key].detach().cpu())
+    finally:
+        renderer.train(was_training)
+    return {k: torch.cat(v) for k, v in pieces.items()}
+
+
+def save_run_preview(renderer, cfg, device: torch.device, path: Path) -> Path:
+    """A grid of ``cfg.train.preview_views`` orbit views: albedo, shaded, and normals rows."""
+    cams = orbit_cameras(cfg.camera, cfg.train.preview_views)
+    res = max(64, cfg.train.resolution)
+    albedo = render_views(renderer, cams, res, device, shading="albedo")
+    shaded = render_views(renderer, cams, res, device, shading="lambertian")
+    rows = [albedo["rgb"], shaded["rgb"]]
+    if "normal" in shaded:
+        rows.append((shaded["normal"] * 0.5 + 0.5) * shaded["opacity"] + (1 - shaded["opacity"]))
+    return save_preview(rows, path)

@@ -1,0 +1,187 @@
+"""The 3D optimisation loop: random cameras -> render -> guidance -> Adam, with checkpoints.
+
+The trainer owns the renderer and its optimiser; the guidance only ever sees rendered images,
+the cameras and one prompt per view. All randomness comes from torch's global RNG, whose state
+is saved in every checkpoint, so a resumed run continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from text3d.cameras import Cameras, sample_cameras
+from text3d.config import RunConfig, to_yaml
+from text3d.errors import NumericalError, UserError
+from text3d.guidance import SDSGuidance
+from text3d.prompts import prompts_for_cameras
+from text3d.renderers.nerf import NeRFRenderer
+from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+from text3d.training.preview import save_run_preview
+from text3d.training.progress import LoopProgress
+from text3d.training.run_folder import CHECKPOINT
+from text3d.utils.seed import rng_state, set_rng_state
+
+SHADINGS = ("albedo", "lambertian", "textureless")
+
+
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM: the run stopped after a checkpoint was saved."""
+
+    exit_code = 130
+
+
+def build_guidance(cfg: RunConfig, teacher):
+    if cfg.guidance == "sds":
+        return SDSGuidance(teacher, cfg.sds, negative_prompt=cfg.prompts.negative)
+    raise UserError(f"unknown guidance {cfg.guidance!r}")
+
+
+def jittered_light_dirs(cameras: Cameras, max_deg: float) -> torch.Tensor:
+    """Unit vectors towards the light: each camera's direction tilted by a random angle up to ``max_deg``."""
+    towards_camera = cameras.position / cameras.position.norm(dim=-1, keepdim=True)
+    random_dir = torch.randn(towards_camera.shape).to(towards_camera)
+    perpendicular = random_dir - (random_dir * towards_camera).sum(-1, keepdim=True) * towards_camera
+    perpendicular = perpendicular / perpendicular.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    angle = torch.deg2rad(torch.rand(len(cameras)) * max_deg).to(towards_camera)[:, None]
+    return torch.cos(angle) * towards_camera + torch.sin(angle) * perpendicular
+
+
+class SDSTrainer:
+    """Optimises one NeRF asset against a guidance."""
+
+    def __init__(self, cfg: RunConfig, teacher, device: torch.device, run_dir: Path,
+                 show_progress: bool = True):
+        self.cfg, self.teacher, self.device, self.run_dir = cfg, teacher, device, Path(run_dir)
+        self.show_progress = show_progress
+        self.renderer = NeRFRenderer(cfg.nerf).to(device)
+        self.guidance = build_guidance(cfg, teacher)
+        background = list(self.renderer.background.parameters())
+        background_ids = {id(p) for p in background}
+        main = [p for p in self.renderer.parameters() if id(p) not in background_ids]
+        groups = [{"params": main, "lr": cfg.train.lr}]
+        if background and cfg.train.lr_background > 0:
+            groups.append({"params": background, "lr": cfg.train.lr_background})
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.step = 0
+        self._stop_signal: str | None = None
+        self._nonfinite_run = 0
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "renderer": self.renderer.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": to_yaml(self.cfg)}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+
+    def load(self, path: Path | None = None) -> int:
+        state = load_checkpoint(path or self.run_dir / CHECKPOINT, map_location=self.device)
+        try:
+            self.renderer.load_state_dict(state["renderer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(f"checkpoint does not match this run's model ({str(exc).splitlines()[0][:160]})") from None
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        return self.step
+
+    # ------------------------------------------------------------------ step
+    def choose_shading(self, step: int) -> str:
+        t = self.cfg.train
+        if step <= t.albedo_warmup * t.steps:
+            return "albedo"
+        probs = torch.tensor([t.p_albedo, t.p_lambertian, t.p_textureless], dtype=torch.float64)
+        return SHADINGS[int(torch.multinomial(probs / probs.sum(), 1))]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimisation step (``step`` counts from 1). Returns scalar stats."""
+        cfg, t = self.cfg, self.cfg.train
+        self.renderer.train()
+        self.renderer.update_occupancy(step)
+        cameras = sample_cameras(cfg.camera, t.batch_size).to(self.device)
+        shading = self.choose_shading(step)
+        light = jittered_light_dirs(cameras, t.light_jitter_deg)
+        out = self.renderer(cameras, t.resolution, t.resolution, shading=shading, light_dirs=light, ambient=t.ambient)
+        prompts = prompts_for_cameras(cfg.prompt, cameras, cfg.prompts, cfg.camera)
+        g = self.guidance(out["rgb"], prompts, progress=(step - 1) / max(1, t.steps), cameras=cameras)
+        loss = g.loss
+        if t.lambda_orientation > 0 and "orientation_loss" in out:
+            loss = loss + t.lambda_orientation * out["orientation_loss"]
+        if t.lambda_sparsity > 0:
+            loss = loss + t.lambda_sparsity * out["opacity_sparsity"]
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = {"loss": float(loss.detach()), "t": float(g.t.float().mean())}
+        if not math.isfinite(stats["loss"]):
+            return self._nonfinite(step, stats, "loss")
+        loss.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite(step, stats, "gradient")
+        self._nonfinite_run = 0
+        self.optimizer.step()
+        stats["grad"] = g.grad_norm
+        return stats
+
+    def _nonfinite(self, step: int, stats: dict, what: str) -> dict:
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise NumericalError(
+                f"the {what} was NaN/inf for {self._nonfinite_run} consecutive steps (at step {step}); the last good "
+                f"checkpoint is {self.run_dir / CHECKPOINT}; try a lower train.lr or sds.guidance_scale")
+        stats["skipped"] = 1.0
+        return stats
+
+    # ------------------------------------------------------------------ loop
+    @contextmanager
+    def _stop_on_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def fit(self, callbacks: Iterable[Callable[["SDSTrainer", int, dict], None]] = ()) -> int:
+        """Run from ``self.step + 1`` to ``train.steps``; returns the last completed step."""
+        t = self.cfg.train
+        start = self.step
+        with self._stop_on_signals(), LoopProgress(t.steps, start, "optimising", self.show_progress) as bar:
+            for step in range(start + 1, t.steps + 1):
+                stats = self.train_step(step)
+                self.step = step
+                if step % t.log_every == 0 or step == t.steps:
+                    bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "t", "grad")})
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    self.save()
+                if step % t.preview_every == 0:
+                    self.preview(self.run_dir / "previews" / f"step_{step:06d}.png")
+                for callback in callbacks:
+                    callback(self, step, stats)
+                if self._stop_signal is not None:
+                    path = self.save()
+                    raise Interrupted(f"stopped by {self._stop_signal} after step {step}; checkpoint saved to {path}; "
+                                      f"continue with: text3d generate --resume {self.run_dir}")
+        return self.step
+
+    # --------------------------------------------------------------- preview
+    def preview(self, path: Path) -> Path:
+        return save_run_preview(self.renderer, self.cfg, self.device, path)
