@@ -1,0 +1,46 @@
+"""Settings of the export layer (mesh extraction, UV atlas, texture bake, turntable video)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from text3d.errors import ConfigError
+
+
+@dataclass
+class ExportConfig:
+    """Export settings; plain types only so OmegaConf can build it from YAML.
+
+    ``threshold`` is the density iso-level of the surface (inside = density above it). ``None``
+    picks it automatically from the density grid, see :func:`text3d.export.marching.auto_threshold`.
+    """
+
+    grid_resolution: int = 128
+    threshold: Optional[float] = None
+    min_component_fraction: float = 0.05
+    texture_size: int = 512
+    seam_padding: int = 4
+    max_faces: int = 50000
+    video_frames: int = 48
+    video_fps: int = 24
+    video_resolution: int = 128
+
+
+def check_export_config(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for out-of-range values (works on the dataclass and on a DictConfig)."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"export.{key} = {getattr(cfg, key)!r}: {what}")
+
+    need(8 <= int(cfg.grid_resolution) <= 1024, "grid_resolution", "must be between 8 and 1024")
+    if cfg.threshold is not None:
+        need(float(cfg.threshold) == float(cfg.threshold), "threshold", "must be a number or null")
+    need(0.0 <= float(cfg.min_component_fraction) <= 1.0, "min_component_fraction", "must be in [0, 1]")
+    need(8 <= int(cfg.texture_size) <= 8192, "texture_size", "must be between 8 and 8192")
+    need(0 <= int(cfg.seam_padding) <= 64, "seam_padding", "must be between 0 and 64")
+    need(int(cfg.max_faces) >= 0, "max_faces", "must be >= 0 (0 = never simplify)")
+    need(int(cfg.video_frames) >= 1, "video_frames", "must be >= 1")
+    need(int(cfg.video_fps) >= 1, "video_fps", "must be >= 1")
+    need(16 <= int(cfg.video_resolution) <= 4096, "video_resolution", "must be between 16 and 4096")

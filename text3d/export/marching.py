@@ -1,0 +1,193 @@
+"""Density field -> clean triangle mesh: grid sampling, iso-level choice, marching cubes, cleanup.
+
+Grid convention: ``grid[i, j, k]`` is the density at ``(x_i, y_j, z_k)`` with each coordinate running
+``linspace(-bound, bound, res)`` (both ends included), in the one world frame of
+:mod:`text3d.cameras` (+Y up, front +Z), so mesh vertices need no axis swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import trimesh
+
+from text3d.errors import UserError
+from text3d.export.config import ExportConfig, check_export_config
+
+log = logging.getLogger(__name__)
+
+DensityFn = Callable[[torch.Tensor], torch.Tensor]
+CHUNK = 65536
+
+
+def sample_density_grid(density_fn: DensityFn, bound: float, resolution: int,
+                        device: Optional[torch.device | str] = None, chunk: int = CHUNK) -> np.ndarray:
+    """Evaluate ``density_fn`` on the ``resolution^3`` grid over [-bound, bound]^3 (float32, [i,j,k] = x,y,z)."""
+    res = int(resolution)
+    axis = torch.linspace(-bound, bound, res, dtype=torch.float32)
+    grid = np.empty((res, res, res), dtype=np.float32)
+    flat = grid.reshape(-1)
+    yz = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)  # [res*res, 2] (y, z)
+    slabs = max(1, min(res, chunk // (res * res)))  # x-slices per call, <= chunk points when possible
+    with torch.no_grad():
+        for i0 in range(0, res, slabs):
+            xs = axis[i0:i0 + slabs]
+            pts = torch.cat([xs.repeat_interleave(yz.shape[0])[:, None], yz.repeat(len(xs), 1)], dim=1)
+            for s in range(0, pts.shape[0], chunk):
+                p = pts[s:s + chunk]
+                if device is not None:
+                    p = p.to(device)
+                out = density_fn(p)
+                out = out.detach().reshape(-1).float().cpu().numpy()
+                if out.shape[0] != p.shape[0]:
+                    raise ValueError(f"density_fn returned {out.shape[0]} values for {p.shape[0]} points")
+                start = i0 * res * res + s
+                flat[start:start + out.shape[0]] = out
+    return grid
+
+
+def auto_threshold(grid: np.ndarray) -> float:
+    """The iso-level used when ``ExportConfig.threshold`` is None.
+
+    Rule: Otsu's level, i.e. the value that best splits the grid's values into two classes
+    ("empty" and "occupied") by maximising the between-class variance. When every value is >= 0
+    (NeRF densities after their activation) the split is made on ``log1p(density)`` and mapped back,
+    so the long tail of very dense voxels does not drag the level up into the object's core.
+    Raises :class:`UserError` when the grid is (nearly) constant: there is no surface to find.
+    """
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(grid, dtype=np.float64).reshape(-1)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise UserError("cannot export a mesh: the density field is NaN/inf everywhere")
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 1e-6 * max(1.0, abs(hi)):
+        raise UserError(f"cannot export a mesh: the density field is constant ({hi:.4g}) inside the export "
+                        "bound, so it has no surface")
+    if values.size > 4_000_000:  # a fixed subsample is plenty for a 256-bin histogram
+        values = values[:: values.size // 2_000_000]
+    if lo >= 0.0:
+        level = float(np.expm1(threshold_otsu(np.log1p(values), nbins=256)))
+    else:
+        level = float(threshold_otsu(values, nbins=256))
+    # keep the level strictly inside the range so at least one voxel lies on each side
+    eps = 1e-6 * (hi - lo)
+    return float(min(max(level, lo + eps), hi - eps))
+
+
+def _signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    v = np.asarray(vertices, dtype=np.float64)
+    a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
+    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0)
+
+
+def remove_small_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
+    """Drop edge-connected face components with fewer faces than ``min_fraction`` x the largest one's."""
+    if len(mesh.faces) == 0 or min_fraction <= 0.0:
+        return mesh
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    counts = np.bincount(labels)
+    keep_label = counts >= min_fraction * counts.max()
+    if keep_label.all():
+        return mesh
+    log.info("export: dropping %d of %d mesh components (below %.1f%% of the largest)",
+             int((~keep_label).sum()), len(counts), 100 * min_fraction)
+    out = mesh.copy()
+    out.update_faces(keep_label[labels])
+    out.remove_unreferenced_vertices()
+    return out
+
+
+def _marching_cubes(grid: np.ndarray, bound: float, level: float) -> trimesh.Trimesh:
+    from skimage.measure import marching_cubes
+
+    res = grid.shape[0]
+    h = 2.0 * bound / (res - 1)
+    hi = float(grid.max())
+    # pad one layer of "empty" so surfaces that reach the bound are closed (watertight assets);
+    # the pad value keeps the closing cap within half a voxel outside the bound
+    pad_value = level - max(hi - level, level - float(grid.min()), 1e-6)
+    padded = np.pad(grid, 1, mode="constant", constant_values=pad_value)
+    verts, faces, _, _ = marching_cubes(padded, level=level, spacing=(h, h, h), allow_degenerate=False,
+                                        method="lewiner")
+    verts = verts - (bound + h)  # padded index 1 is world -bound
+    mesh = trimesh.Trimesh(verts.astype(np.float64), faces.astype(np.int64), process=True)
+    if len(mesh.faces):
+        mesh.update_faces(mesh.nondegenerate_faces())
+        mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def _coarsen(grid: np.ndarray, resolution: int) -> np.ndarray:
+    """Trilinear resample of the grid to ``resolution`` samples per axis over the same [-bound, bound]."""
+    from scipy.ndimage import zoom
+
+    factor = (resolution - 1) / (grid.shape[0] - 1)
+    out = zoom(grid, factor, order=1, mode="nearest", grid_mode=False)
+    return out.astype(np.float32)
+
+
+def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) -> trimesh.Trimesh:
+    """Marching cubes on a precomputed density grid; returns a closed, outward-wound mesh in world units.
+
+    Surface = ``{density == level}`` with the inside where density > level; ``level`` is
+    ``cfg.threshold`` or :func:`auto_threshold`. Components smaller than ``cfg.min_component_fraction``
+    of the largest (in faces) are removed. Above ``cfg.max_faces`` the grid is resampled coarser and
+    the surface extracted again (cheap, keeps the mesh closed). Raises :class:`UserError` when no
+    surface exists at the level.
+    """
+    check_export_config(cfg)
+    grid = np.asarray(grid, dtype=np.float32)
+    if grid.ndim != 3 or len(set(grid.shape)) != 1 or grid.shape[0] < 2:
+        raise ValueError(f"density grid must be [res, res, res], got {grid.shape}")
+    if not np.isfinite(grid).all():
+        finite = grid[np.isfinite(grid)]
+        low = float(finite.min()) if finite.size else 0.0
+        high = float(finite.max()) if finite.size else 0.0
+        grid = np.nan_to_num(grid, nan=low, posinf=high, neginf=low)  # NaN counts as empty
+    level = auto_threshold(grid) if cfg.threshold is None else float(cfg.threshold)
+    lo, hi = float(grid.min()), float(grid.max())
+    if not lo < level < hi:
+        raise UserError(f"cannot export a mesh: no surface at density level {level:.4g}, the density inside the "
+                        f"export bound ranges over [{lo:.4g}, {hi:.4g}] (set export.threshold inside that range)")
+
+    mesh = _marching_cubes(grid, bound, level)
+    max_faces = int(cfg.max_faces)
+    res = grid.shape[0]
+    for _ in range(3):  # faces scale with res^2: one or two coarser passes reach the budget
+        if max_faces <= 0 or len(mesh.faces) <= max_faces or res <= 16:
+            break
+        res = max(16, int(res * math.sqrt(max_faces / len(mesh.faces)) * 0.95))
+        log.info("export: %d faces > max_faces=%d, re-extracting on a %d^3 grid", len(mesh.faces), max_faces, res)
+        coarse = _coarsen(grid, res)
+        if not float(coarse.min()) < level < float(coarse.max()):
+            break
+        candidate = _marching_cubes(coarse, bound, level)
+        if len(candidate.faces) == 0:
+            break
+        mesh = candidate
+
+    if len(mesh.faces) == 0:
+        raise UserError(f"cannot export a mesh: marching cubes found no surface at density level {level:.4g}")
+    mesh = remove_small_components(mesh, float(cfg.min_component_fraction))
+    if _signed_volume(mesh.vertices, mesh.faces) < 0.0:
+        mesh.invert()  # outward normals: positive enclosed volume
+    mesh.metadata["iso_level"] = level
+    return mesh
+
+
+def extract_mesh(density_fn: DensityFn, bound: float, cfg: ExportConfig,
+                 device: Optional[torch.device | str] = None) -> trimesh.Trimesh:
+    """Sample ``density_fn`` on a ``cfg.grid_resolution``^3 grid over [-bound, bound]^3 and extract the surface.
+
+    ``density_fn(points [N,3]) -> [N]`` is called under ``torch.no_grad`` with N <= 65536; points are
+    created on ``device`` when given. See :func:`extract_mesh_from_grid` for the rest.
+    """
+    check_export_config(cfg)
+    grid = sample_density_grid(density_fn, bound, int(cfg.grid_resolution), device=device)
+    return extract_mesh_from_grid(grid, bound, cfg)
