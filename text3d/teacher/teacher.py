@@ -1,0 +1,243 @@
+"""The frozen teacher: a latent diffusion model exposed through the few calls guidance needs.
+
+Conventions (every guidance method relies on them):
+  * ``t`` is a LongTensor [B] of training timesteps in [0, num_train_timesteps).
+  * ``alpha_bar(t)`` is the DDPM cumulative product, shaped [B, 1, 1, 1], float32;
+    ``x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps``.
+  * Latents are VAE posterior means times the VAE scaling factor; images are [B, 3, H, W] in [0, 1].
+  * The UNet runs in the teacher dtype (fp16 on CUDA by default); everything returned is float32.
+  * Classifier-free guidance is :func:`apply_cfg`, the one formula of the project.
+  * Nothing here is wrapped in ``torch.no_grad`` except prompt encoding: callers decide whether
+    gradients flow (SDS does not need them, a VSD LoRA or image-space losses do).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from text3d.errors import ConfigError
+
+
+def apply_cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)`` (scale may be a tensor that broadcasts)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Noise from a v-prediction: ``eps = sqrt(ab) v + sqrt(1 - ab) x_t`` (alpha_bar broadcasts, e.g. [B,1,1,1])."""
+    return alpha_bar.sqrt() * v + (1.0 - alpha_bar).sqrt() * x_t
+
+
+def sample_to_eps(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Noise from an x0-prediction: ``eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)``."""
+    return (x_t - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).clamp_min(1e-12).sqrt()
+
+
+@dataclass
+class TeacherConfig:
+    """Which diffusion model guides the optimisation, and in which precision."""
+
+    name_or_path: str | None = None  # local diffusers folder or hub id; None = the default teacher
+    dtype: str = "auto"  # auto = fp32 on CPU, fp16 on CUDA; or fp32 | fp16 | bf16
+    local_files_only: bool = False  # never touch the network for hub ids (HF_HUB_OFFLINE=1 does the same)
+
+
+def _batched(value: Any, batch: int) -> Any:
+    """Repeat ``value`` twice along dim 0 when it is batched like the latents (tensors, in dicts/lists too)."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return torch.cat([value, value])
+    if isinstance(value, dict):
+        return {k: _batched(v, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_batched(v, batch) for v in value)
+    return value
+
+
+class Teacher:
+    """A frozen latent diffusion model (UNet + VAE + text encoder + tokenizer + DDPM schedule).
+
+    Build one with :func:`load_teacher`. All modules are in eval mode with ``requires_grad`` False.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, device: torch.device | str,
+                 dtype: torch.dtype, source: str = ""):
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.device, self.dtype, self.source = torch.device(device), dtype, source
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+        self.num_train_timesteps: int = int(scheduler.config.num_train_timesteps)
+        self.prediction_type: str = str(scheduler.config.prediction_type)
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"teacher {source}: unsupported prediction_type {self.prediction_type!r}")
+        self.alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.detach().to(self.device, torch.float32)
+
+        self.latent_channels: int = int(unet.config.in_channels)
+        self.vae_scale_factor: int = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = unet.config.sample_size
+        self.latent_size: int = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.image_size: int = self.latent_size * self.vae_scale_factor
+        self.scaling_factor: float = float(vae.config.scaling_factor)
+        self.shift_factor: float = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+        max_len = getattr(tokenizer, "model_max_length", None) or 77
+        positions = getattr(text_encoder.config, "max_position_embeddings", None)
+        self.max_text_length: int = int(min(max_len, positions) if positions else min(max_len, 512))
+
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+
+    def __repr__(self) -> str:
+        return (f"Teacher({self.source!r}, device={self.device}, dtype={self.dtype}, "
+                f"prediction={self.prediction_type}, image={self.image_size}px, "
+                f"latents={self.latent_channels}x{self.latent_size}x{self.latent_size})")
+
+    # ---------------------------------------------------------------- schedule
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at timesteps ``t`` [B] as a float32 [B, 1, 1, 1] tensor."""
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        return self.alphas_cumprod[t].view(-1, 1, 1, 1)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``sqrt(ab) latents + sqrt(1 - ab) noise`` in the dtype of ``latents``."""
+        ab = self.alpha_bar(t).to(latents.device, latents.dtype)
+        return ab.sqrt() * latents + (1.0 - ab).sqrt() * noise
+
+    # ---------------------------------------------------------------- text
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_text_length, truncation=True,
+                                return_tensors="pt")
+        kwargs = {}
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = tokens["attention_mask"].to(self.device)
+        out = self.text_encoder(tokens["input_ids"].to(self.device), **kwargs)
+        hidden = getattr(out, "last_hidden_state", None)
+        return (hidden if hidden is not None else out[0]).to(self.dtype)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D] in the teacher dtype, without grad; ``""`` is the unconditional prompt.
+
+        Each distinct string is encoded once and cached for the life of the teacher.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("encode_prompts needs at least one prompt")
+        new = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        self.prompt_cache_hits += len(prompts) - len(new)  # lookups served from the cache
+        self.prompt_cache_misses += len(new)  # strings run through the text encoder
+        if new:
+            for prompt, emb in zip(new, self._encode_text(new)):
+                self._prompt_cache[prompt] = emb
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    # ---------------------------------------------------------------- UNet
+
+    def _timesteps(self, t, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        return t.expand(batch) if t.numel() == 1 else t
+
+    def unet_output(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                    cross_attention_kwargs: dict | None = None, **unet_kwargs) -> torch.Tensor:
+        """The UNet's raw prediction (eps, v or x0 per ``prediction_type``) as float32.
+
+        Inputs are cast to the teacher dtype; extra keyword arguments go to the UNet unchanged.
+        """
+        x = latents_noisy.to(self.device, self.dtype)
+        out = self.unet(x, self._timesteps(t, x.shape[0]), encoder_hidden_states=embeddings.to(self.device, self.dtype),
+                        cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **unet_kwargs)[0]
+        if out.shape[1] == 2 * self.latent_channels:  # learned-variance models: keep the mean prediction
+            out = out[:, : self.latent_channels]
+        return out.float()
+
+    def to_eps(self, model_output: torch.Tensor, latents_noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Convert a raw UNet output to a noise prediction (float32)."""
+        model_output = model_output.float()
+        if self.prediction_type == "epsilon":
+            return model_output
+        ab = self.alpha_bar(t).to(model_output.device)
+        x_t = latents_noisy.to(model_output.device, torch.float32)
+        if self.prediction_type == "v_prediction":
+            return v_to_eps(model_output, x_t, ab)
+        return sample_to_eps(model_output, x_t, ab)
+
+    def predict_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
+                    uncond_emb: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                    cross_attention_kwargs: dict | None = None, **unet_kwargs) -> torch.Tensor:
+        """Noise prediction with classifier-free guidance, float32, same shape as ``latents_noisy``.
+
+        With ``uncond_emb`` and ``guidance_scale != 1`` the UNet runs once on the batch
+        ``[uncond, cond]`` (tensors in ``unet_kwargs`` batched like the latents are repeated to match);
+        otherwise it runs on the conditional batch only. Not under ``no_grad``: callers decide.
+        """
+        batch = latents_noisy.shape[0]
+        t = self._timesteps(t, batch)
+        if uncond_emb is None or (not isinstance(guidance_scale, torch.Tensor) and guidance_scale == 1.0):
+            out = self.unet_output(latents_noisy, t, cond_emb, cross_attention_kwargs, **unet_kwargs)
+            return self.to_eps(out, latents_noisy, t)
+        x2 = torch.cat([latents_noisy, latents_noisy])
+        t2 = torch.cat([t, t])
+        emb = torch.cat([uncond_emb.to(self.device, self.dtype), cond_emb.to(self.device, self.dtype)])
+        out = self.unet_output(x2, t2, emb, cross_attention_kwargs, **_batched(unet_kwargs, batch))
+        eps_uncond, eps_cond = self.to_eps(out, x2, t2).chunk(2)
+        return apply_cfg(eps_uncond, eps_cond, guidance_scale)
+
+    def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
+        """Trade speed for memory in the UNet's attention (for large teachers on small GPUs)."""
+        self.unet.set_attention_slice(slice_size)
+
+    # ---------------------------------------------------------------- VAE
+
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Differentiable latents (float32) of images [B, 3, H, W] in [0, 1].
+
+        Images are resized (bilinear) to ``image_size`` if needed, mapped to [-1, 1], and encoded to
+        the VAE posterior mean, scaled by the VAE's scaling factor.
+        """
+        if rgb.ndim != 4 or rgb.shape[1] != 3:
+            raise ValueError(f"encode_images expects [B, 3, H, W] images, got {tuple(rgb.shape)}")
+        x = rgb.to(self.device)
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (x * 2.0 - 1.0).to(self.dtype)
+        mean = self.vae.encode(x).latent_dist.mean
+        return ((mean.float() - self.shift_factor) * self.scaling_factor)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, image_size, image_size] in [0, 1] (float32, clamped) from latents."""
+        z = (latents.to(self.device).float() / self.scaling_factor + self.shift_factor).to(self.dtype)
+        image = self.vae.decode(z, return_dict=False)[0]
+        return ((image.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def load_teacher(cfg_or_name: TeacherConfig | str | os.PathLike | None = None, device: torch.device | str = "auto",
+                 dtype: str | torch.dtype | None = None) -> Teacher:
+    """Load a teacher from a :class:`TeacherConfig`, a local diffusers folder or a hub id.
+
+    ``device`` is ``auto|cpu|cuda[:N]`` or a torch.device; ``dtype`` overrides the config's.
+    Raises :class:`~text3d.errors.TeacherError` (one line) when the model cannot be loaded.
+    """
+    from text3d.teacher.loader import load_components, resolve_dtype
+    from text3d.utils.backends import resolve_device
+
+    cfg = cfg_or_name if isinstance(cfg_or_name, TeacherConfig) else TeacherConfig(
+        name_or_path=None if cfg_or_name is None else os.fspath(cfg_or_name))
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype, device)
+    parts = load_components(cfg.name_or_path, device, torch_dtype, local_files_only=cfg.local_files_only)
+    return Teacher(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+                   device=device, dtype=torch_dtype, source=parts["source"])
