@@ -1,0 +1,11 @@
+"""Differentiable renderers g(theta, camera) of a 3D asset: a hash-grid NeRF now (meshes later)."""
+
+from text3d.renderers.background import Background
+from text3d.renderers.field import NeRFField
+from text3d.renderers.hashgrid import HashGridEncoding
+from text3d.renderers.nerf import NeRFConfig, NeRFRenderer
+from text3d.renderers.occupancy import OccupancyGrid
+from text3d.renderers.shading import SHADING_MODES, shade
+
+__all__ = ["Background", "HashGridEncoding", "NeRFConfig", "NeRFField", "NeRFRenderer", "OccupancyGrid",
+           "SHADING_MODES", "shade"]
