@@ -32,7 +32,7 @@ def test_snapshot_round_trip(tmp_path):
     ("train.steps=abc", "train.steps"),
     ("train.steps=0", "train.steps must be at least 1"),
     ("train.resolution=30", "multiple of 8"),
-    ("sds.t_min=0.9", "sds.t_min"),
+    ("sds.t_min=0.99", "sds.t_min"),
     ("guidance=magic", "guidance must be one of"),
     ("noequals", "key=value"),
 ])
