@@ -113,8 +113,9 @@ class NeRFRenderer(nn.Module):
     # ------------------------------------------------------------------------------------------ occupancy
     @torch.no_grad()
     def update_occupancy(self, step: int) -> None:
-        """Refresh the occupancy grid when ``step % occupancy_update_every == 0`` (call every training step)."""
-        if int(step) % int(self.cfg.occupancy_update_every) != 0:
+        """Refresh the occupancy grid on the first call and whenever ``step % occupancy_update_every == 0``
+        (call it every training step)."""
+        if bool(self.occupancy.initialized) and int(step) % int(self.cfg.occupancy_update_every) != 0:
             return
         self.occupancy.update(self.field.query_density, self.density_threshold)
 
