@@ -35,6 +35,9 @@ def test_snapshot_round_trip(tmp_path):
     ("sds.t_min=0.99", "sds.t_min"),
     ("guidance=magic", "guidance must be one of"),
     ("noequals", "key=value"),
+    ("nerf.normals=bogus", "normals must be"),
+    ("export.texture_size=4", "export.texture_size"),
+    ("camera.radius=[3.0,2.0]", "camera.radius"),
 ])
 def test_bad_values_raise_one_line_config_errors(override, words):
     with pytest.raises(ConfigError) as info:

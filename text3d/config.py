@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from text3d.cameras import CameraSamplerConfig
 from text3d.errors import ConfigError
-from text3d.export import ExportConfig
+from text3d.export import ExportConfig, check_export_config
 from text3d.guidance.sds import SDSConfig
 from text3d.prompts import PromptConfig
-from text3d.renderers.nerf import NeRFConfig
+from text3d.renderers.nerf import NeRFConfig, check_nerf_config
 from text3d.teacher import TeacherConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -147,9 +147,5 @@ def validate(cfg: RunConfig) -> None:
         _check(lo <= hi, f"camera.{name} must be a [low, high] pair with low <= high, got [{lo}, {hi}]")
     _check(cfg.camera.radius[0] > 0, "camera.radius must be positive")
     _check(0 < cfg.camera.fovy[0] and cfg.camera.fovy[1] < 180, "camera.fovy must be in (0, 180) degrees")
-    _check(cfg.nerf.bound > 0, f"nerf.bound must be > 0, got {cfg.nerf.bound}")
-    _check(cfg.nerf.num_samples >= 2, f"nerf.num_samples must be at least 2, got {cfg.nerf.num_samples}")
-    e = cfg.export
-    _check(e.grid_resolution >= 16, f"export.grid_resolution must be at least 16, got {e.grid_resolution}")
-    _check(e.texture_size >= 16, f"export.texture_size must be at least 16, got {e.texture_size}")
-    _check(e.video_frames >= 1 and e.video_fps >= 1, "export.video_frames and export.video_fps must be >= 1")
+    check_nerf_config(cfg.nerf)
+    check_export_config(cfg.export)

@@ -53,7 +53,8 @@ class NeRFConfig:
     backend: str = "auto"  # auto | torch | cuda (nerfacc + tiny-cuda-nn when importable on CUDA)
 
 
-def _check(cfg: NeRFConfig) -> None:
+def check_nerf_config(cfg: NeRFConfig) -> None:
+    """Raise ConfigError for out-of-range values (the run config calls it before anything is created)."""
     def bad(msg: str):
         raise ConfigError(f"nerf config: {msg}")
 
@@ -89,7 +90,7 @@ class NeRFRenderer(nn.Module):
     def __init__(self, cfg: NeRFConfig | None = None):
         super().__init__()
         cfg = cfg if cfg is not None else NeRFConfig()
-        _check(cfg)
+        check_nerf_config(cfg)
         tune_malloc()  # CPU speed: reuse large freed blocks (see text3d.renderers.allocator)
         self.cfg = cfg
         want_cuda = cfg.backend in ("auto", "cuda")

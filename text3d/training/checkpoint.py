@@ -32,3 +32,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a text3d checkpoint of format {FORMAT_VERSION}")
     return state
+
+
+def load_module_state(module, state: dict, key: str) -> None:
+    """Load ``state[key]`` into ``module``; a missing key or a shape mismatch is a CheckpointError."""
+    try:
+        module.load_state_dict(state[key])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint does not match this run's {key} ({reason})") from None

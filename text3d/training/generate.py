@@ -16,7 +16,7 @@ from text3d.config import RunConfig, load_config, to_yaml
 from text3d.errors import TeacherError, UserError
 from text3d.prompts import validate_prompt
 from text3d.renderers.nerf import NeRFRenderer
-from text3d.training.checkpoint import load_checkpoint
+from text3d.training.checkpoint import load_checkpoint, load_module_state
 from text3d.training.finalize import export_run, write_summary
 from text3d.training.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
                                         probe_writable, require_run_dir)
@@ -102,8 +102,5 @@ def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, d
     torch_device = resolve_device(device)
     renderer = NeRFRenderer(cfg.nerf).to(torch_device)
     state = load_checkpoint(run_dir / CHECKPOINT, map_location=torch_device)
-    try:
-        renderer.load_state_dict(state["renderer"])
-    except (KeyError, RuntimeError) as exc:
-        raise UserError(f"checkpoint does not match the run's config ({str(exc).splitlines()[0][:160]})") from None
+    load_module_state(renderer, state, "renderer")
     return export_run(renderer, cfg, torch_device, run_dir, formats=formats, video=video)

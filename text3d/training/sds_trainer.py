@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,7 +22,7 @@ from text3d.errors import NumericalError, UserError
 from text3d.guidance import SDSGuidance
 from text3d.prompts import prompts_for_cameras
 from text3d.renderers.nerf import NeRFRenderer
-from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+from text3d.training.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.training.preview import save_run_preview
 from text3d.training.progress import LoopProgress
 from text3d.training.run_folder import CHECKPOINT
@@ -84,11 +83,8 @@ class SDSTrainer:
 
     def load(self, path: Path | None = None) -> int:
         state = load_checkpoint(path or self.run_dir / CHECKPOINT, map_location=self.device)
-        try:
-            self.renderer.load_state_dict(state["renderer"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise UserError(f"checkpoint does not match this run's model ({str(exc).splitlines()[0][:160]})") from None
+        load_module_state(self.renderer, state, "renderer")
+        load_module_state(self.optimizer, state, "optimizer")
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step
