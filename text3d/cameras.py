@@ -151,5 +151,15 @@ def view_label(elevation: float, azimuth: float, cfg: CameraSamplerConfig | None
     return "side"
 
 
+def jittered_light_dirs(cameras: Cameras, max_deg: float) -> torch.Tensor:
+    """Unit vectors towards the light: each camera's direction tilted by a random angle up to ``max_deg``."""
+    towards_camera = cameras.position / cameras.position.norm(dim=-1, keepdim=True)
+    random_dir = torch.randn(towards_camera.shape).to(towards_camera)
+    perpendicular = random_dir - (random_dir * towards_camera).sum(-1, keepdim=True) * towards_camera
+    perpendicular = perpendicular / perpendicular.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    angle = torch.deg2rad(torch.rand(len(cameras)) * max_deg).to(towards_camera)[:, None]
+    return torch.cos(angle) * towards_camera + torch.sin(angle) * perpendicular
+
+
 def intrinsics_focal(fovy_deg: float, height: int) -> float:
     return 0.5 * height / math.tan(0.5 * math.radians(fovy_deg))

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from text3d.cameras import Cameras, sample_cameras
+from text3d.cameras import jittered_light_dirs, sample_cameras
 from text3d.config import RunConfig, to_yaml
 from text3d.errors import NumericalError, UserError
 from text3d.guidance import SDSGuidance
@@ -41,16 +41,6 @@ def build_guidance(cfg: RunConfig, teacher):
     if cfg.guidance == "sds":
         return SDSGuidance(teacher, cfg.sds, negative_prompt=cfg.prompts.negative)
     raise UserError(f"unknown guidance {cfg.guidance!r}")
-
-
-def jittered_light_dirs(cameras: Cameras, max_deg: float) -> torch.Tensor:
-    """Unit vectors towards the light: each camera's direction tilted by a random angle up to ``max_deg``."""
-    towards_camera = cameras.position / cameras.position.norm(dim=-1, keepdim=True)
-    random_dir = torch.randn(towards_camera.shape).to(towards_camera)
-    perpendicular = random_dir - (random_dir * towards_camera).sum(-1, keepdim=True) * towards_camera
-    perpendicular = perpendicular / perpendicular.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    angle = torch.deg2rad(torch.rand(len(cameras)) * max_deg).to(towards_camera)[:, None]
-    return torch.cos(angle) * towards_camera + torch.sin(angle) * perpendicular
 
 
 class SDSTrainer:
