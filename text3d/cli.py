@@ -98,6 +98,15 @@ def doctor():
         typer.echo(f"{key:<{width}}  {value}")
 
 
+def _register_subcommands() -> None:
+    from text3d.toyworld.cli import toyworld_app
+
+    app.add_typer(toyworld_app, name="toyworld", help="The embedded synthetic world: render datasets, list objects.")
+
+
+_register_subcommands()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     debug = os.environ.get("TEXT3D_DEBUG") == "1"
     command = typer.main.get_command(app)
