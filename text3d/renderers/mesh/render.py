@@ -38,7 +38,7 @@ class MeshAsset:
             image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
         if uv is not None and image is not None:
             asset.uvs = torch.as_tensor(np.asarray(uv), dtype=torch.float32)
-            asset.texture = torch.as_tensor(np.asarray(image.convert("RGB")), dtype=torch.float32) / 255.0
+            asset.texture = torch.as_tensor(np.array(image.convert("RGB")), dtype=torch.float32) / 255.0
         elif getattr(visual, "vertex_colors", None) is not None:
             asset.vertex_colors = torch.as_tensor(np.asarray(visual.vertex_colors)[:, :3], dtype=torch.float32) / 255.0
         return asset
