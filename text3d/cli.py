@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -109,6 +110,8 @@ _register_subcommands()
 
 def main(argv: Optional[List[str]] = None) -> int:
     debug = os.environ.get("TEXT3D_DEBUG") == "1"
+    if not debug:  # warnings as one plain line each
+        warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="text3d", standalone_mode=False)

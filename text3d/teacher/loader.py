@@ -31,8 +31,14 @@ from text3d.errors import ConfigError, TeacherError
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_FOLDER_HINT = ("a diffusers Stable Diffusion folder must contain the subfolders "
                   "unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
-# The teacher used when none is named. None until the project ships one.
-DEFAULT_TEACHER: str | None = None
+# The teacher used when none is named: the embedded one in the repository's assets/teacher/, once trained
+# there by scripts/train_teacher.py (it counts as present when its model_index.json is).
+DEFAULT_TEACHER_DIR = Path(__file__).resolve().parents[2] / "assets" / "teacher"
+
+
+def default_teacher() -> str | None:
+    """The embedded teacher's folder, or None while none is installed."""
+    return str(DEFAULT_TEACHER_DIR) if (DEFAULT_TEACHER_DIR / "model_index.json").is_file() else None
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -178,10 +184,12 @@ def _text_encoder_class(source: str, kwargs: dict[str, Any]):
 def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
     """(source string for from_pretrained, is_local); checks that a local folder has every component."""
     if name_or_path is None:
-        name_or_path = DEFAULT_TEACHER
+        name_or_path = default_teacher()
     if name_or_path is None or not str(name_or_path).strip():
-        raise TeacherError("no teacher given and no default teacher is shipped yet: pass the path of a diffusers "
-                           "Stable Diffusion folder or a hub id (e.g. stabilityai/stable-diffusion-2-1-base)")
+        raise TeacherError("no teacher given and no default teacher is installed yet (assets/teacher/ is empty): "
+                           "pass --teacher with a diffusers Stable Diffusion folder or hub id "
+                           "(e.g. stabilityai/stable-diffusion-2-1-base), or train the embedded one with "
+                           "scripts/train_teacher.py")
     if not is_local_path(name_or_path):
         return str(name_or_path), False
     path = Path(os.path.expanduser(os.fspath(name_or_path))).resolve()

@@ -5,6 +5,7 @@ is created, so a refused command leaves no files behind."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from text3d.config import RunConfig, load_config, to_yaml
-from text3d.errors import TeacherError, UserError
+from text3d.errors import UserError
 from text3d.prompts import validate_prompt
 from text3d.renderers.nerf import NeRFRenderer
 from text3d.training.checkpoint import load_checkpoint, load_module_state
@@ -25,10 +26,6 @@ from text3d.utils.atomic import atomic_write_text
 from text3d.utils.backends import resolve_device
 from text3d.utils.seed import seed_everything
 
-NO_DEFAULT_TEACHER = ("no default teacher is installed yet: pass --teacher with a diffusers Stable Diffusion folder "
-                      "or hub id (for a quick test: python scripts/make_tiny_teacher.py /tmp/tiny-teacher)")
-
-
 @dataclass
 class GenerateResult:
     run_dir: Path
@@ -38,11 +35,20 @@ class GenerateResult:
 
 
 def load_teacher_for(cfg: RunConfig, device: torch.device):
+    """The run's teacher: ``teacher.name_or_path``, else the embedded one (one-line error while none is installed)."""
     from text3d.teacher import load_teacher
 
-    if not cfg.teacher.name_or_path:
-        raise TeacherError(NO_DEFAULT_TEACHER)
     return load_teacher(cfg.teacher, device)
+
+
+def unknown_words(teacher, prompt: str) -> list[str]:
+    """Words of ``prompt`` that the embedded teacher never saw (its tokenizer has each known word as one token)."""
+    from text3d.teacher.loader import DEFAULT_TEACHER_DIR
+
+    if Path(str(getattr(teacher, "source", ""))).resolve() != DEFAULT_TEACHER_DIR.resolve():
+        return []  # real SD and other teachers have open vocabularies
+    words = [w.strip(".,;:!?\"'()").lower() for w in prompt.split()]
+    return [w for w in words if w and len(teacher.tokenizer(w, add_special_tokens=False).input_ids) > 1]
 
 
 def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True, teacher=None,
@@ -53,6 +59,11 @@ def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True
     probe_writable(run_dir)
     device = resolve_device(cfg.device)
     teacher = teacher if teacher is not None else load_teacher_for(cfg, device)
+    unknown = unknown_words(teacher, cfg.prompt)
+    if unknown:
+        warnings.warn(f"the embedded teacher never saw the word(s) {', '.join(unknown)}; expect a poor result, or pass "
+                      f"--teacher with a real Stable Diffusion model (see text3d toyworld list for known words)",
+                      stacklevel=2)
     cfg.run_name = cfg.run_name or new_run_name(cfg.prompt)
     create_run_dir(run_dir)
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
