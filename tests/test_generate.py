@@ -45,3 +45,14 @@ def test_turntable_and_preview(run):
     assert frames.shape[0] == 3
     preview = iio.imread(run.run_dir / "preview.png")
     assert preview.ndim == 3 and preview.shape[2] == 3 and preview.std() > 0
+
+
+def test_unknown_words_of_the_embedded_teacher(tiny_teacher_dir, monkeypatch):
+    from text3d.teacher import load_teacher
+    from text3d.training.generate import unknown_words
+
+    teacher = load_teacher(str(tiny_teacher_dir), "cpu")
+    assert unknown_words(teacher, "a red xylophone") == []  # not the embedded teacher: open vocabulary
+    monkeypatch.setattr("text3d.teacher.loader.DEFAULT_TEACHER_DIR", tiny_teacher_dir)
+    assert unknown_words(teacher, "a red cube, front view") == []
+    assert unknown_words(teacher, "a red xylophone") == ["xylophone"]
