@@ -1,0 +1,190 @@
+"""`text3d sample`: images from a teacher by DDIM with classifier-free guidance, for inspection and eval.
+
+The output folder gets ``grid.png`` (all samples tiled), ``images/00000.png ...`` and
+``prompts.json`` ({"images": [{"file", "prompt", "index"}], "model", "steps", "guidance_scale",
+"seed", ...}), the input of ``text3d eval images``. The starting noise of every image is drawn up
+front from one generator seeded with ``--seed``, so a seed fixes the output whatever the batch size.
+Only the entries this command makes are replaced in an existing folder; each file is written atomically
+and ``prompts.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from text3d.errors import UserError
+
+OUTPUT_ENTRIES = ("grid.png", "images", "prompts.json", "scores.json")  # scores.json: stale once resampled
+GRID_CELL_MAX = 256  # grid cells are downscaled to at most this many pixels
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Non-empty lines of ``path`` (whitespace collapsed); lines starting with ``#`` are comments."""
+    from text3d.prompts import validate_prompt
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8 text") from None
+    prompts = [validate_prompt(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file {path} has no prompts (one prompt per line)")
+    return prompts
+
+
+def _check_out(out: Path) -> Path:
+    out = Path(os.path.expanduser(os.fspath(out)))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if (out / "images").exists() and not (out / "prompts.json").is_file():
+        raise UserError(f"--out {out} already has an images/ folder that text3d sample did not write; "
+                        f"choose another folder")
+    return out
+
+
+def grid_columns(n_prompts: int, n_per_prompt: int) -> int:
+    """One row per prompt when several prompts (up to 16 a row), else a near-square grid."""
+    if n_prompts > 1:
+        return min(n_per_prompt, 16)
+    return max(1, math.ceil(math.sqrt(n_per_prompt)))
+
+
+def save_grid(images, columns: int, path: Path) -> Path:
+    """Tile [N, 3, H, W] images in [0, 1] row by row (white padding) into one PNG, atomically."""
+    import torch
+    import torch.nn.functional as F
+
+    from text3d.training.preview import save_preview
+
+    size = images.shape[-1]
+    if size > GRID_CELL_MAX:
+        images = F.interpolate(images, size=(GRID_CELL_MAX, GRID_CELL_MAX), mode="bilinear", antialias=True,
+                               align_corners=False)
+    pad = (-len(images)) % columns
+    if pad:
+        images = torch.cat([images, torch.ones((pad, *images.shape[1:]), dtype=images.dtype)])
+    rows = [images[i:i + columns] for i in range(0, len(images), columns)]
+    return save_preview(rows, path)
+
+
+def _save_png(image, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from text3d.utils.atomic import atomic_path
+
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps: int = 50, n: int = 16,
+               guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 16, device: str = "auto",
+               teacher=None, progress: bool = True) -> dict:
+    """Sample ``n`` images per prompt into ``out``; returns the prompts.json record.
+
+    ``teacher`` may be an already loaded Teacher (then ``model`` and ``device`` are ignored).
+    """
+    import torch
+
+    from text3d.teacher import load_teacher
+    from text3d.teacher.sampling import initial_latents, sample_images
+    from text3d.training.progress import LoopProgress
+    from text3d.utils.atomic import atomic_write_text
+
+    if n < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not math.isfinite(guidance_scale):
+        raise UserError(f"--guidance-scale must be a finite number, got {guidance_scale}")
+    out = _check_out(out)
+    if teacher is None:
+        teacher = load_teacher(model, device)
+    if not 1 <= steps <= teacher.num_train_timesteps:
+        raise UserError(f"--steps must be between 1 and {teacher.num_train_timesteps}, got {steps}")
+
+    items = [p for p in prompts for _ in range(n)]  # prompt-major: n images of prompt 0, then prompt 1...
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise = initial_latents(teacher, len(items), generator).cpu()  # all starting noise up front
+    batches = range(0, len(items), batch_size)
+    images = []
+    with LoopProgress(total=len(batches) * steps, description="sampling", enabled=progress) as bar:
+        for b, start in enumerate(batches):
+            chunk = items[start:start + batch_size]
+            done = b * steps
+
+            def report(i, t, x, done=done):
+                bar.update(done + i + 1, {"batch": b + 1})
+
+            imgs = sample_images(teacher, chunk, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                                 latents=noise[start:start + len(chunk)], callback=report)
+            images.append(imgs.cpu())
+    images = torch.cat(images)
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
+    try:
+        records = []
+        for i, (prompt, image) in enumerate(zip(items, images)):
+            name = f"images/{i:05d}.png"
+            _save_png(image, staging / name)
+            records.append({"file": name, "prompt": prompt, "index": i % n})
+        save_grid(images, grid_columns(len(prompts), n), staging / "grid.png")
+        record = {"images": records, "model": teacher.source, "steps": int(steps),
+                  "guidance_scale": float(guidance_scale), "seed": int(seed), "n_per_prompt": int(n),
+                  "prompts": list(prompts), "sampler": "ddim", "eta": 0.0, "timestep_spacing": "trailing",
+                  "image_size": int(images.shape[-1])}
+        # swap in: remove our old entries, move the new ones in, prompts.json last
+        (out / "prompts.json").unlink(missing_ok=True)
+        (out / "scores.json").unlink(missing_ok=True)
+        if (out / "images").exists():
+            shutil.rmtree(out / "images")
+        os.replace(staging / "images", out / "images")
+        os.replace(staging / "grid.png", out / "grid.png")
+        atomic_write_text(out / "prompts.json", json.dumps(record, indent=2) + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def sample(
+    prompt: Optional[str] = typer.Argument(None, help="What to draw, e.g. \"a red cube, front view\"."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Teacher: diffusers folder or hub id "
+                                         "(default: the project's teacher)."),
+    steps: int = typer.Option(50, help="DDIM steps (1 = one-step x0 prediction from pure noise)."),
+    n: int = typer.Option(16, "-n", "--n", help="Images per prompt."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Random seed; a seed fixes the output."),
+    out: Path = typer.Option(..., "--out", help="Output folder (grid.png, images/, prompts.json)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line; "
+                                                "n images per prompt."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images sampled together."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Sample images from the teacher (DDIM + classifier-free guidance) into a folder."""
+    from text3d.prompts import validate_prompt
+
+    if prompt is not None and prompts_file is not None:
+        raise UserError("give either a PROMPT or --prompts FILE, not both")
+    if prompts_file is not None:
+        prompts = read_prompts_file(prompts_file)
+    elif prompt is None or not prompt.strip():
+        raise UserError("the prompt is empty: give a text description, e.g. text3d sample \"a red cube\" --out DIR "
+                        "(or --prompts FILE)")
+    else:
+        prompts = [validate_prompt(prompt)]
+    record = run_sample(prompts, out, model=None if model is None else os.fspath(model), steps=steps, n=n,
+                        guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device)
+    typer.echo(f"wrote {len(record['images'])} images ({len(prompts)} prompt(s) x {n}) to {out}")

@@ -1,0 +1,161 @@
+"""Deterministic DDIM sampling from a teacher, shared by `text3d sample` and the 2D distillation methods.
+
+Conventions (those of :mod:`text3d.teacher.teacher`):
+  * ``x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps`` with ``ab_t = alphas_cumprod[t]``, t in [0, T).
+  * ``t_prev = -1`` stands for "clean": ``ab = 1``, so the last DDIM step returns the predicted x0.
+  * Timesteps are spaced "trailing" by default (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed"; diffusers' ``timestep_spacing="trailing"``): the first step is always
+    ``T - 1``, so ``steps=1`` is a one-step prediction of x0 from pure noise at ``t = T - 1``.
+    ``spacing="leading"`` gives Stable Diffusion's original DDIM schedule (``steps_offset=1``:
+    981, 961, ..., 1 for 50 of 1000), which never starts at ``T - 1``.
+  * Classifier-free guidance is the teacher's (:meth:`Teacher.predict_eps` with ``uncond_emb`` and
+    ``guidance_scale``), the one CFG formula of the project.
+  * Everything runs in float32 under ``torch.no_grad``; random numbers come from the caller's
+    ``generator`` (drawn on the generator's device, then moved), so a seed fixes the result.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+SPACINGS = ("trailing", "leading")
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing",
+                   steps_offset: int = 1) -> torch.Tensor:
+    """``steps`` distinct training timesteps in descending order, as a LongTensor.
+
+    ``trailing`` (default): ``round(T - i * T / steps) - 1`` for i = 0..steps-1, i.e. it starts at
+    ``T - 1`` and ends near ``T / steps - 1`` (identical to diffusers' "trailing" spacing).
+    ``leading``: ``i * (T // steps) + steps_offset`` reversed (Stable Diffusion's DDIM default).
+    """
+    T, steps = int(num_train_timesteps), int(steps)
+    if not 1 <= steps <= T:
+        raise ValueError(f"the number of sampling steps must be between 1 and {T}, got {steps}")
+    if spacing == "trailing":
+        ts = np.round(T - np.arange(steps) * (T / steps)).astype(np.int64) - 1
+    elif spacing == "leading":
+        ts = (np.arange(steps)[::-1] * (T // steps) + int(steps_offset)).astype(np.int64)
+        ts = np.clip(ts, 0, T - 1)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+    return torch.from_numpy(ts.copy())
+
+
+def _alphas(teacher_or_alphas) -> torch.Tensor:
+    alphas = teacher_or_alphas if isinstance(teacher_or_alphas, torch.Tensor) else teacher_or_alphas.alphas_cumprod
+    return alphas.float()
+
+
+def _alpha_bar(alphas: torch.Tensor, t, batch: int, device: torch.device) -> torch.Tensor:
+    """alpha_bar at ``t`` (int or [B]) as [B, 1, 1, 1] float32; t < 0 means 1 (clean)."""
+    t = torch.as_tensor(t, device=alphas.device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"timesteps have {t.numel()} entries for a batch of {batch}")
+    if bool((t >= alphas.numel()).any()):
+        raise ValueError(f"timestep {int(t.max())} is outside the schedule (0..{alphas.numel() - 1})")
+    ab = torch.where(t >= 0, alphas[t.clamp_min(0)], torch.ones((), dtype=alphas.dtype, device=alphas.device))
+    return ab.to(device).view(-1, 1, 1, 1)
+
+
+def predict_x0(teacher_or_alphas, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """``x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)`` (float32)."""
+    ab = _alpha_bar(_alphas(teacher_or_alphas), t, x_t.shape[0], x_t.device)
+    return (x_t.float() - (1.0 - ab).sqrt() * eps.float()) / ab.sqrt()
+
+
+def ddim_step(teacher_or_alphas, x_t: torch.Tensor, eps: torch.Tensor, t, t_prev, eta: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """One DDIM update from ``t`` to ``t_prev`` (ints or [B] tensors; ``t_prev = -1``: to x0).
+
+    ``teacher_or_alphas`` is a Teacher or its ``alphas_cumprod`` tensor. With ``eta = 0`` the step is
+    deterministic; ``eta = 1`` is DDPM-like ancestral sampling, with noise drawn from ``generator``:
+
+        x0     = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+        sigma  = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
+        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+    """
+    alphas = _alphas(teacher_or_alphas)
+    batch = x_t.shape[0]
+    ab = _alpha_bar(alphas, t, batch, x_t.device)
+    ab_prev = _alpha_bar(alphas, t_prev, batch, x_t.device)
+    x_t, eps = x_t.float(), eps.float()
+    x0 = (x_t - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+    if eta:
+        sigma = eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * (1.0 - ab / ab_prev).clamp_min(0.0).sqrt()
+    else:
+        sigma = torch.zeros_like(ab)
+    direction = (1.0 - ab_prev - sigma**2).clamp_min(0.0).sqrt() * eps
+    x_prev = ab_prev.sqrt() * x0 + direction
+    if eta:
+        gen_device = generator.device if generator is not None else x_t.device
+        z = torch.randn(x_t.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x_t.device)
+        x_prev = x_prev + sigma * z
+    return x_prev
+
+
+def initial_latents(teacher, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal latents [batch, C, h, w] for ``teacher``, drawn on the generator's device."""
+    shape = (batch, teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(teacher.device)
+
+
+@torch.no_grad()
+def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 7.5,
+                   generator: torch.Generator | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
+                   progress: bool = False, negative: str = "", spacing: str = "trailing",
+                   callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """DDIM samples [B, C, h, w] (float32) for ``prompts``, one per prompt.
+
+    ``latents`` is the starting noise x_T (default: drawn from ``generator``); ``negative`` is the
+    prompt of the unconditional CFG branch; ``guidance_scale = 1`` runs the conditional branch only.
+    ``callback(i, t, x)`` is called after each step i (0-based) with the new latents.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("sample_latents needs at least one prompt")
+    batch = len(prompts)
+    if latents is None:
+        x = initial_latents(teacher, batch, generator)
+    else:
+        if latents.shape[0] != batch:
+            raise ValueError(f"{latents.shape[0]} starting latents for {batch} prompts")
+        x = latents.to(teacher.device, torch.float32)
+    cond = teacher.encode_prompts(prompts)
+    uncond = teacher.encode_prompts([negative]).expand(batch, -1, -1)
+    timesteps = ddim_timesteps(teacher.num_train_timesteps, steps, spacing).tolist()
+    bar = None
+    if progress:
+        from text3d.training.progress import LoopProgress
+
+        bar = LoopProgress(total=len(timesteps), description="sampling").__enter__()
+    try:
+        for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            eps = teacher.predict_eps(x, t, cond, uncond, guidance_scale=guidance_scale)
+            x = ddim_step(teacher, x, eps, t, t_prev, eta=eta, generator=generator)
+            if callback is not None:
+                callback(i, t, x)
+            if bar is not None:
+                bar.update(i + 1, {"t": t})
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    return x
+
+
+@torch.no_grad()
+def sample_images(teacher, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 7.5,
+                  generator: torch.Generator | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
+                  progress: bool = False, negative: str = "", spacing: str = "trailing",
+                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """:func:`sample_latents` decoded by the teacher's VAE: images [B, 3, H, W] in [0, 1] (float32)."""
+    z = sample_latents(teacher, prompts, steps=steps, guidance_scale=guidance_scale, generator=generator, eta=eta,
+                       latents=latents, progress=progress, negative=negative, spacing=spacing, callback=callback)
+    return teacher.decode_latents(z)
