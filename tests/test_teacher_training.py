@@ -1,0 +1,228 @@
+"""Training of the embedded teacher: save and reload through the SD loading path, VAE learning,
+exact resume after Ctrl-C, time budget, the world's tokenizer, the script's guard rails."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from text3d.errors import UserError
+from text3d.teacher.train import Architecture, Interrupted, TeacherTrainConfig
+from text3d.teacher.train.data import (BatchOrder, caption_pieces, load_dataset, world_vocabulary,
+                                       write_fake_dataset)
+from text3d.teacher.train.export import JUDGE_BEGIN, JUDGE_END, fill_model_card_section
+from text3d.teacher.train.run import train_teacher
+from text3d.teacher.train.stages import StopFlag, VAEStage
+
+# a few thousand times smaller than the shipped teacher: the same classes and data flow
+TINY = Architecture(vae_channels=(16, 32, 32), vae_norm_groups=8, unet_channels=(16, 32, 32), unet_heads=2,
+                    unet_norm_groups=8, text_width=32, text_layers=2, text_heads=2, text_length=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models are dominated by per-op overhead: one thread is as fast, and far faster on a busy box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory) -> Path:
+    return write_fake_dataset(tmp_path_factory.mktemp("fake") / "data", n=24, seed=3)
+
+
+def tiny_config(tmp: Path, **kw) -> TeacherTrainConfig:
+    base = dict(out=str(tmp / "teacher"), work=str(tmp / "work"), vae_steps=4, unet_steps=4, vae_batch_size=4,
+                batch_size=4, warmup_steps=2, checkpoint_every=2, threads=1, benchmark_steps=0, preview=False,
+                progress=False, device="cpu", arch=TINY, seed=5)
+    base.update(kw)
+    return TeacherTrainConfig(**base)
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(fake_data, tmp_path_factory):
+    """One uninterrupted tiny run: (config, summary)."""
+    tmp = tmp_path_factory.mktemp("run_a")
+    cfg = tiny_config(tmp)
+    info = train_teacher(cfg, load_dataset(fake_data), data_path=fake_data, log=quiet)
+    return cfg, info
+
+
+def test_trained_teacher_reloads_through_the_sd_loader(trained):
+    from text3d.teacher import load_teacher
+
+    cfg, info = trained
+    out = Path(cfg.out)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json", "README.md"):
+        assert (out / part).exists(), part
+    teacher = load_teacher(out, "cpu")
+    assert teacher.prediction_type == "epsilon" and teacher.num_train_timesteps == 1000
+    assert teacher.image_size == 64 and teacher.latent_size == 16 and teacher.latent_channels == 4
+    assert teacher.scaling_factor == pytest.approx(info["results"]["scaling_factor"])
+    assert teacher.max_text_length == TINY.text_length
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+        assert latents.shape == (2, 4, 16, 16)
+        # the scaling factor makes the dataset's latents unit-variance
+        data = load_dataset(info["dataset"]["path"])
+        assert float(teacher.encode_images(data.images()).std()) == pytest.approx(1.0, rel=1e-3)
+        cond = teacher.encode_prompts(["a red square, front view", "a blue circle"])
+        uncond = teacher.encode_prompts(["", ""])
+        assert cond.shape == (2, TINY.text_length, TINY.text_width)
+        eps = teacher.predict_eps(teacher.add_noise(latents, torch.randn_like(latents), torch.tensor([10, 900])),
+                                  torch.tensor([10, 900]), cond, uncond, guidance_scale=5.0)
+        assert eps.shape == (2, 4, 16, 16) and torch.isfinite(eps).all()
+        decoded = teacher.decode_latents(latents)
+        assert decoded.shape == (2, 3, 64, 64) and 0 <= float(decoded.min()) <= float(decoded.max()) <= 1
+
+
+def test_model_card_and_judge_section(trained):
+    cfg, info = trained
+    card = Path(cfg.out) / "README.md"
+    text = card.read_text()
+    for needle in ("24 images", "AutoencoderKL", "UNet2DConditionModel", "CLIPTextModel", "scaling factor",
+                   "4/4 steps", "Final losses", "## Reproduce", "## Judge scores", JUDGE_BEGIN, JUDGE_END):
+        assert needle in text, needle
+    fill_model_card_section(card, "| judge | score |\n|---|---|\n| colour accuracy | 0.9 |")
+    new = card.read_text()
+    assert "colour accuracy | 0.9" in new and "Not evaluated yet" not in new
+    assert new.split(JUDGE_BEGIN)[0] == text.split(JUDGE_BEGIN)[0]
+
+
+def test_vae_loss_decreases_on_a_fixed_batch(fake_data):
+    data = load_dataset(fake_data)
+    cfg = TeacherTrainConfig(vae_steps=30, vae_batch_size=4, vae_lr=2e-3, warmup_steps=1, progress=False, arch=TINY)
+    from text3d.teacher.train.models import build_vae
+
+    torch.manual_seed(0)
+    stage = VAEStage(cfg, torch.device("cpu"), build_vae(TINY), data.arrays["images"][:4])  # n = batch: fixed batch
+    losses = [stage.train_step()["loss"] for _ in range(30)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.6 * losses[0], losses
+
+
+def _stop_at(stop: StopFlag, stage_name: str, step: int):
+    def callback(stage, stats):
+        if stage.name == stage_name and stage.step == step:
+            stop.signal = "SIGINT"  # what the Ctrl-C handler does
+    return callback
+
+
+def test_resume_after_interrupts_matches_an_uninterrupted_run(trained, fake_data, tmp_path):
+    cfg_a, _ = trained
+    data = load_dataset(fake_data)
+    cfg = tiny_config(tmp_path)
+    for stage_name, step in (("vae", 1), ("unet", 3)):
+        stop = StopFlag()
+        with pytest.raises(Interrupted) as excinfo:
+            train_teacher(cfg, data, data_path=fake_data, log=quiet, stop=stop, on_step=_stop_at(stop, stage_name, step))
+        assert excinfo.value.exit_code == 130 and "--resume" in str(excinfo.value)
+        state = torch.load(tmp_path / "work" / f"{stage_name}.pt", weights_only=True)
+        assert state["step"] == step
+        cfg = replace(cfg, resume=True)
+    train_teacher(cfg, data, data_path=fake_data, log=quiet)
+
+    for name in ("vae.pt", "unet.pt"):
+        a = torch.load(Path(cfg_a.work) / name, weights_only=True)
+        b = torch.load(tmp_path / "work" / name, weights_only=True)
+        assert a["step"] == b["step"] == 4
+        for key in ("vae", "unet", "text_encoder"):
+            if key in a:
+                assert a[key].keys() == b[key].keys()
+                for k in a[key]:
+                    assert torch.equal(a[key][k], b[key][k]), (name, key, k)
+        if name == "unet.pt":
+            for k, v in a["ema_unet"]["shadow"].items():
+                assert torch.equal(v, b["ema_unet"]["shadow"][k]), k
+        assert torch.equal(a["generator"], b["generator"])
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (Path(cfg_a.out) / part).read_bytes() == (tmp_path / "teacher" / part).read_bytes(), part
+
+
+def test_time_budget_stops_early_and_still_writes_the_teacher(fake_data, tmp_path):
+    from text3d.teacher import load_teacher
+
+    cfg = tiny_config(tmp_path, vae_steps=1000, unet_steps=1000, time_budget_min=0.001)
+    info = train_teacher(cfg, load_dataset(fake_data), data_path=fake_data, log=quiet)
+    r = info["results"]
+    assert 1 <= r["vae_steps_run"] < 1000 and 1 <= r["unet_steps_run"] < 1000 and r["stopped_early"]
+    assert load_teacher(tmp_path / "teacher", "cpu").latent_size == 16
+    assert "stopped early" in (tmp_path / "teacher" / "README.md").read_text()
+    state = torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
+    assert state["step"] == r["unet_steps_run"]
+
+
+def test_tokenizer_keeps_every_caption_word_whole(fake_data, tmp_path, monkeypatch):
+    from text3d.teacher.tokenizer import build_clip_tokenizer, split_pieces
+
+    catalog = types.ModuleType("text3d.toyworld.catalog")
+    catalog.vocabulary = lambda: ["teapot", "overhead", "wooden"]
+    monkeypatch.setitem(sys.modules, "text3d.toyworld.catalog", catalog)
+    captions = [str(c) for c in load_dataset(fake_data).arrays["captions"]]
+    words = world_vocabulary(captions)
+    assert {"teapot", "wooden", "red", "square", "view", ","} <= set(words)
+    tokenizer = build_clip_tokenizer(tmp_path / "tok", words, model_max_length=16)
+    for caption in set(captions) | {"a wooden teapot, overhead view"}:
+        pieces = split_pieces(caption)
+        ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(pieces), (caption, tokenizer.convert_ids_to_tokens(ids))
+    monkeypatch.delitem(sys.modules, "text3d.toyworld.catalog")
+    monkeypatch.setattr("importlib.import_module", _no_catalog)
+    assert set(world_vocabulary(captions)) == caption_pieces(captions)  # fallback: the captions' words
+
+
+def _no_catalog(name, *args):
+    raise ImportError(name)
+
+
+def test_batch_order_is_a_pure_function_of_the_step():
+    order = BatchOrder(10, 4, seed=1)
+    seen = torch.cat([order.indices(s) for s in (1, 2, 3, 4, 5)])  # 20 draws = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(BatchOrder(10, 4, seed=1).indices(3), order.indices(3))
+
+
+def test_guard_rails(fake_data, tmp_path, trained):
+    data = load_dataset(fake_data)
+    cfg_a, _ = trained
+    # a work folder with checkpoints needs --resume or --fresh
+    with pytest.raises(UserError, match="--resume"):
+        train_teacher(replace(cfg_a, out=str(tmp_path / "t")), data, log=quiet)
+    # never replace a folder that is not a teacher
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a teacher folder"):
+        train_teacher(tiny_config(tmp_path, out=str(tmp_path / "notes")), data, log=quiet)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="not a toyworld dataset"):
+        load_dataset(tmp_path / "nothing")
+
+
+def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import train_teacher as script
+    finally:
+        sys.path.pop(0)
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("stopped by SIGINT")
+
+    monkeypatch.setattr("text3d.teacher.train.run.train_teacher", interrupted)
+    assert script.main(["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 130
+    assert script.main(["--data", str(tmp_path / "missing"), "--work", str(tmp_path / "w")]) == 2
+    command = script.reproduce_command(["--data", "d"], {"n": 100, "seed": 4})
+    assert command.endswith("--data d --render 100 --render-seed 4")
