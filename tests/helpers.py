@@ -20,6 +20,7 @@ FAST = ["train.resolution=32", "train.checkpoint_every=3", "train.preview_every=
 def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TEXT3D_DEBUG", None)
+    env.update(popen.pop("env_update", {}))
     return subprocess.run([sys.executable, "-m", "text3d", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=popen.pop("cwd", REPO), env=env, **popen)
 

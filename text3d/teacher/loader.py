@@ -37,7 +37,11 @@ DEFAULT_TEACHER_DIR = Path(__file__).resolve().parents[2] / "assets" / "teacher"
 
 
 def default_teacher() -> str | None:
-    """The embedded teacher's folder, or None while none is installed."""
+    """The teacher used when none is named: $TEXT3D_DEFAULT_TEACHER if set (a folder or hub id), else the
+    embedded one in assets/teacher/, or None while none is installed."""
+    override = os.environ.get("TEXT3D_DEFAULT_TEACHER")
+    if override is not None:
+        return override.strip() or None
     return str(DEFAULT_TEACHER_DIR) if (DEFAULT_TEACHER_DIR / "model_index.json").is_file() else None
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
