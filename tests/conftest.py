@@ -17,3 +17,15 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     from text3d.teacher.tiny import build_tiny_teacher
 
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher") / "teacher", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests with one torch thread: tiny models are dominated by per-op overhead, so one thread
+    is as fast, and far faster when the other core is busy. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
 SMALL = dict(image_size=32, channels=(8, 16, 32), embed_dim=32, batch_size=32, lr=1e-2, warmup=20)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_fake_dataset(folder: Path, n: int = 240, resolution: int = 32, seed: int = 0) -> Path:

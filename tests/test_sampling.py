@@ -16,12 +16,7 @@ from text3d.errors import UserError
 from text3d.teacher.sampling import ddim_step, ddim_timesteps, predict_x0, sample_images, sample_latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sd_alphas_cumprod(T: int = 1000) -> torch.Tensor:

@@ -14,13 +14,7 @@ from text3d.teacher import Teacher, TeacherConfig, apply_cfg, load_teacher, samp
 from text3d.teacher.loader import is_local_path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models are dominated by per-op overhead: one thread is as fast, and far faster on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

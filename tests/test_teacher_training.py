@@ -25,13 +25,7 @@ TINY = Architecture(vae_channels=(16, 32, 32), vae_norm_groups=8, unet_channels=
                     unet_norm_groups=8, text_width=32, text_layers=2, text_heads=2, text_length=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dominated by per-op overhead: one thread is as fast, and far faster on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ CFG = CameraSamplerConfig()
 PRIMITIVES = ["sphere", "cube", "cylinder", "cone", "torus", "pyramid", "capsule", "octahedron"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small renders: one torch thread is as fast and much steadier on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eval_cams(azimuths, elevation=None):
