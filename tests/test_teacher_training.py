@@ -220,3 +220,17 @@ def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
     assert script.main(["--data", str(tmp_path / "missing"), "--work", str(tmp_path / "w")]) == 2
     command = script.reproduce_command(["--data", "d"], {"n": 100, "seed": 4})
     assert command.endswith("--data d --render 100 --render-seed 4")
+
+
+def test_fit_steps_to_budget_and_foreground_weights():
+    from text3d.teacher.train.run import fit_steps_to_budget
+    from text3d.teacher.train.stages import pixel_weights
+
+    cfg = TeacherTrainConfig(vae_steps=1000, unet_steps=4000)
+    projected = {"vae": 600.0, "unet": 2400.0, "encode": 10.0}
+    fitted = fit_steps_to_budget(cfg, projected, 1500.0, None, {"step": 1000}, False, quiet)
+    assert fitted.vae_steps == 500 and fitted.unet_steps == 1000 + 1500
+    x = torch.ones(1, 3, 8, 8)
+    x[..., 2:5, 2:5] = -0.5  # a dark square on a white background
+    w = pixel_weights(x, 4.0)
+    assert w.shape == (1, 1, 8, 8) and float(w.sum()) == 64 + 4 * 9 and float(w[0, 0, 3, 3]) == 5.0

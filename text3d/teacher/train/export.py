@@ -231,8 +231,9 @@ def render_model_card(info: dict) -> str:
         f"- device: {info['device']}, {info['threads']} threads, precision {info['precision']}; speed "
         f"{_rate(r['vae_steps_run'], r['vae_time_s'])} VAE, {_rate(r['unet_steps_run'], r['unet_time_s'])} UNet",
         f"- stage 1, VAE: {r['vae_steps_run']}/{s['vae_steps']} steps of batch {s['vae_batch_size']}, AdamW lr "
-        f"{s['vae_lr']:g} (warm-up, cosine to {s['min_lr_ratio']:g}x), loss L1 + {s['edge_weight']:g} x edge L1 + "
-        f"{s['kl_weight']:g} x KL per latent element; {_fmt_time(r['vae_time_s'])}",
+        f"{s['vae_lr']:g} (warm-up, cosine to {s['min_lr_ratio']:g}x), loss L1 + {s['mse_weight']:g} x L2 (object "
+        f"pixels weighted {1 + s['fg_weight']:g}x) + {s['edge_weight']:g} x edge L1 + {s['kl_weight']:g} x KL per "
+        f"latent element, posterior log-variance bias initialised to -6; {_fmt_time(r['vae_time_s'])}",
         f"- stage 2, UNet + text encoder: {r['unet_steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']}, "
         f"AdamW lr {s['lr']:g}, epsilon prediction, Min-SNR-{s['min_snr_gamma']:g} weights, "
         f"{s['cond_drop']:.0%} empty captions, EMA {s['ema_decay']:g} (the EMA weights ship); "

@@ -1,8 +1,9 @@
 """The two training stages of the embedded teacher and the loop that runs either of them.
 
 Stage 1 (``VAEStage``): the AutoencoderKL learns to reconstruct 64x64 renders through 16x16x4
-latents: L1 + a gradient (edge) L1 term keep edges sharp, a small KL term keeps the posterior
-close to a unit Gaussian so the latents stay bounded and the decoder learns to tolerate noise.
+latents: L1 + 5 x L2 (L2 corrects the large colour errors of early training ~3x faster than L1
+alone), object pixels weighted 5x against the white background, a gradient (edge) L1 term for
+sharp edges, and a small KL term that keeps the posterior bounded and the decoder noise-tolerant.
 
 Stage 2 (``DiffusionStage``): the UNet and the CLIP text encoder learn epsilon prediction on the
 cached, scaled VAE latents of the whole dataset with Stable Diffusion's DDPM schedule; 10% of the
@@ -51,18 +52,19 @@ class TeacherTrainConfig:
 
     out: str = "assets/teacher"
     work: str = "runs/teacher-train"
-    vae_steps: int = 1200
-    unet_steps: int = 6000
-    vae_batch_size: int = 16
+    vae_steps: int = 3000  # ~17 min at 0.35 s/step (2 cores)
+    unet_steps: int = 7000  # ~90 min at 0.75-0.8 s/step (2 cores)
+    vae_batch_size: int = 8  # small batches learn faster per image than 16 at the same cost
     batch_size: int = 32
-    vae_lr: float = 5e-4
-    lr: float = 3e-4
+    vae_lr: float = 1e-3
+    lr: float = 6e-4  # 8e-4 beat 3e-4 clearly over 400 steps (held-out eps MSE 0.045 vs 0.059); 6e-4 hedges for 7000
     weight_decay: float = 0.01
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak rate
     kl_weight: float = 1e-4  # per latent element, against per-pixel L1 in [-1, 1]
     edge_weight: float = 0.5  # L1 of horizontal/vertical finite differences
-    mse_weight: float = 0.0  # L2 next to the L1 reconstruction term
+    mse_weight: float = 5.0  # L2 next to L1: colour errors are large, L2 fixes them ~3x faster early on
+    fg_weight: float = 4.0  # extra loss weight of object pixels (those unlike the image border)
     cond_drop: float = 0.1  # fraction of empty captions (classifier-free guidance)
     min_snr_gamma: float = 5.0  # 0 = plain epsilon MSE
     ema_decay: float = 0.999
@@ -292,15 +294,35 @@ class VAEStage(Stage):
             posterior = self.vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
             rec = self.vae.decode(z).sample
-        return vae_loss(rec.float(), x, posterior, self.cfg.kl_weight, self.cfg.edge_weight, self.cfg.mse_weight)
+        return vae_loss(rec.float(), x, posterior, self.cfg.kl_weight, self.cfg.edge_weight, self.cfg.mse_weight,
+                        self.cfg.fg_weight)
+
+
+def pixel_weights(x: torch.Tensor, fg_weight: float, threshold: float = 0.04) -> torch.Tensor:
+    """Per-pixel loss weights [B, 1, H, W]: 1 + ``fg_weight`` where a pixel differs from its image's
+    background (the median colour of the image border) by more than ``threshold`` in some channel.
+
+    Objects cover ~15% of a render; without the weight the background dominates the loss and the
+    VAE learns object colours last."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [B, 3, 4W]
+    background = border.median(dim=-1).values[..., None, None]
+    foreground = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    return 1.0 + fg_weight * foreground
+
+
+def _wmean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / (weight.sum() * err.shape[1])
 
 
 def vae_loss(rec: torch.Tensor, x: torch.Tensor, posterior, kl_weight: float, edge_weight: float,
-             mse_weight: float = 0.0):
+             mse_weight: float = 0.0, fg_weight: float = 0.0):
     """(loss, stats): L1 + mse_weight * MSE + edge_weight * L1 of finite differences + kl_weight * KL
     per latent element (images in [-1, 1])."""
-    l1 = (rec - x).abs().mean()
-    mse = (rec - x).pow(2).mean()
+    weight = pixel_weights(x, fg_weight) if fg_weight > 0 else None
+    l1 = _wmean((rec - x).abs(), weight)
+    mse = _wmean((rec - x).pow(2), weight)
     edge = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
