@@ -24,7 +24,7 @@ from text3d.config import load_config  # noqa: E402
 from text3d.prompts import prompts_for_cameras  # noqa: E402
 from text3d.teacher import load_teacher  # noqa: E402
 from text3d.teacher.tiny import build_tiny_teacher  # noqa: E402
-from text3d.training.sds_trainer import SDSTrainer  # noqa: E402
+from text3d.training.trainer import AssetTrainer  # noqa: E402
 from text3d.utils.backends import resolve_device  # noqa: E402
 from text3d.utils.seed import seed_everything  # noqa: E402
 
@@ -52,7 +52,7 @@ def main() -> None:
     cfg.prompt = "a red cube"
     seed_everything(0)
     teacher = load_teacher(cfg.teacher, device)
-    trainer = SDSTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
+    trainer = AssetTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
     parts = {k: [] for k in ("render", "vae_encode", "unet", "backward", "optim", "step")}
     res = cfg.train.resolution
     for step in range(1, args.steps + args.warmup + 1):

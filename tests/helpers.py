@@ -29,8 +29,19 @@ def checkpoint_state(run_dir: Path) -> dict:
     return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
 
 
+def _assert_same_tensors(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{where}.{key}"
+
+
 def assert_same_state(a: dict, b: dict) -> None:
+    """Same step, bit-identical particles and guidance state (VSD's LoRA)."""
     assert a["step"] == b["step"]
-    assert a["renderer"].keys() == b["renderer"].keys()
-    for key in a["renderer"]:
-        assert torch.equal(a["renderer"][key], b["renderer"][key]), key
+    assert len(a["particles"]) == len(b["particles"])
+    for i, (pa, pb) in enumerate(zip(a["particles"], b["particles"])):
+        _assert_same_tensors(pa, pb, f"particle {i}")
+    _assert_same_tensors(a["guidance"].get("lora", {}), b["guidance"].get("lora", {}), "lora")

@@ -12,7 +12,7 @@ from text3d.errors import NumericalError
 from text3d.guidance.sds import GuidanceOutput
 from text3d.teacher import load_teacher
 from text3d.training.checkpoint import save_checkpoint
-from text3d.training.sds_trainer import SDSTrainer
+from text3d.training.trainer import AssetTrainer
 from text3d.utils.atomic import atomic_path, atomic_write_text
 
 
@@ -52,7 +52,7 @@ def test_nan_loss_skips_steps_then_stops(tiny_teacher_dir, tmp_path):
     cfg = load_config(overrides=FAST + [f"teacher.name_or_path={tiny_teacher_dir}", "train.steps=20",
                                         "train.max_nonfinite_steps=3"])
     cfg.prompt = "a cube"
-    trainer = SDSTrainer(cfg, load_teacher(str(tiny_teacher_dir), "cpu"), torch.device("cpu"), tmp_path,
+    trainer = AssetTrainer(cfg, load_teacher(str(tiny_teacher_dir), "cpu"), torch.device("cpu"), tmp_path,
                          show_progress=False)
     real_guidance = trainer.guidance
 

@@ -47,7 +47,7 @@ def test_different_seeds_differ(tiny_teacher_dir, tmp_path):
     cfg = _cfg(tiny_teacher_dir, 3)
     cfg.seed = 12
     b = generate(cfg, out=tmp_path / "b", show_progress=False, video=False)
-    sa, sb = checkpoint_state(a.run_dir)["renderer"], checkpoint_state(b.run_dir)["renderer"]
+    sa, sb = checkpoint_state(a.run_dir)["particles"][0], checkpoint_state(b.run_dir)["particles"][0]
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)
 
 

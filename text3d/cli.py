@@ -33,7 +33,10 @@ def _overrides_and_prompt(prompt: Optional[str], extra: Optional[List[str]]) -> 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. \"a red cube\"."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key=value, e.g. train.lr=0.005."),
-    guidance: Optional[str] = typer.Option(None, help="Guidance: sds."),
+    guidance: Optional[str] = typer.Option(None, help="Guidance: sds | vsd (vsd also loads configs/vsd.yaml unless "
+                                           "--config is given)."),
+    particles: Optional[int] = typer.Option(None, help="Independent assets optimised together (train.particles); "
+                                            "with VSD they share one LoRA."),
     teacher: Optional[str] = typer.Option(None, help="Diffusers Stable Diffusion folder or hub id."),
     config: Optional[List[Path]] = typer.Option(None, "--config", help="YAML config file(s) merged over configs/default.yaml."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps (train.steps)."),
@@ -51,7 +54,7 @@ def generate(
     prompt, extra = _overrides_and_prompt(prompt, overrides)
     flags = []
     for key, value in (("guidance", guidance), ("teacher.name_or_path", teacher), ("train.steps", steps),
-                       ("seed", seed), ("device", device)):
+                       ("train.particles", particles), ("seed", seed), ("device", device)):
         if value is not None:
             flags.append(f"{key}={value}")
     if resume is not None:
@@ -61,6 +64,10 @@ def generate(
     else:
         if prompt is None:
             raise UserError("give a prompt, e.g. text3d generate \"a red cube\" (or --resume RUN_DIR)")
+        if not config and guidance == "vsd":
+            from text3d.config import CONFIG_DIR
+
+            config = [CONFIG_DIR / "vsd.yaml"]
         cfg = load_config(files=config or (), overrides=flags + extra)
         cfg.prompt = prompt
         result = run_generate(cfg, out=out, show_progress=not quiet, video=video)
@@ -68,6 +75,10 @@ def generate(
     for key, value in result.files.items():
         if isinstance(value, (str, Path)):
             typer.echo(f"  {key}: {value}")
+        elif isinstance(value, dict):
+            for sub, path in value.items():
+                if isinstance(path, (str, Path)):
+                    typer.echo(f"  {key}/{sub}: {path}")
 
 
 @app.command("export")

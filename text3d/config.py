@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -19,20 +19,26 @@ from text3d.cameras import CameraSamplerConfig
 from text3d.errors import ConfigError
 from text3d.export import ExportConfig, check_export_config
 from text3d.guidance.sds import SDSConfig
+from text3d.guidance.vsd import VSDConfig
 from text3d.prompts import PromptConfig
 from text3d.renderers.nerf import NeRFConfig, check_nerf_config
 from text3d.teacher import TeacherConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GUIDANCES = ("sds",)
+GUIDANCES = ("sds", "vsd")
 SHADINGS = ("albedo", "lambertian", "textureless")
 
 
 @dataclass
 class TrainConfig:
+    """The optimisation loop (shared by SDS and VSD)."""
+
     steps: int = 1200
     batch_size: int = 1
+    particles: int = 1  # independent assets (each its own field and background); one is drawn per step
     resolution: int = 64  # rendered image side during optimisation
+    high_resolution: Optional[int] = None  # if set, the render side from `high_resolution_from` of the run on
+    high_resolution_from: float = 0.5
     lr: float = 1e-2  # hash grid and MLP
     lr_background: float = 1e-3
     # shading: albedo only for the first `albedo_warmup` fraction, then drawn with these probabilities
@@ -63,8 +69,16 @@ class RunConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     sds: SDSConfig = field(default_factory=SDSConfig)
+    vsd: VSDConfig = field(default_factory=VSDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def render_resolution(t: TrainConfig, step: int) -> int:
+    """The render side at ``step`` (from 1): ``resolution``, then ``high_resolution`` if set."""
+    if t.high_resolution and (step - 1) / max(1, t.steps) >= t.high_resolution_from:
+        return t.high_resolution
+    return t.resolution
 
 
 def _merge(base, other, where: str):
@@ -136,12 +150,18 @@ def validate(cfg: RunConfig) -> None:
     _check(0.0 <= t.ambient <= 1.0, f"train.ambient must be in [0, 1], got {t.ambient}")
     for name in ("log_every", "preview_every", "checkpoint_every", "max_nonfinite_steps", "preview_views"):
         _check(getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}")
-    s = cfg.sds
-    _check(0.0 <= s.t_min < s.t_max <= 1.0, f"need 0 <= sds.t_min < sds.t_max <= 1, got {s.t_min}, {s.t_max}")
-    _check(s.guidance_scale >= 0, f"sds.guidance_scale must be >= 0, got {s.guidance_scale}")
-    _check(s.t_anneal in ("none", "linear", "sqrt", "cosine"),
-           f"sds.t_anneal must be none, linear, sqrt or cosine, got {s.t_anneal!r}")
-    _check(s.grad_clip is None or s.grad_clip > 0, "sds.grad_clip must be > 0 or null")
+    _check(t.high_resolution is None or (t.high_resolution >= 16 and t.high_resolution % 8 == 0),
+           f"train.high_resolution must be null or a multiple of 8 and at least 16, got {t.high_resolution}")
+    _check(0.0 <= t.high_resolution_from <= 1.0, "train.high_resolution_from must be in [0, 1]")
+    _check(t.particles >= 1, f"train.particles must be at least 1, got {t.particles}")
+    for name in ("sds", "vsd"):
+        _check_guidance(getattr(cfg, name), name)
+    v = cfg.vsd
+    _check(v.lora_rank >= 1 and v.lora_alpha > 0, "vsd.lora_rank must be >= 1 and vsd.lora_alpha > 0")
+    _check(v.lora_lr > 0 and v.lora_steps >= 0, "vsd.lora_lr must be > 0 and vsd.lora_steps >= 0")
+    _check(0.0 <= v.lora_t_min < v.lora_t_max <= 1.0, "need 0 <= vsd.lora_t_min < vsd.lora_t_max <= 1")
+    _check(0.0 <= v.camera_drop <= 1.0 and v.camera_hidden >= 1,
+           "vsd.camera_drop must be in [0, 1] and vsd.camera_hidden >= 1")
     for name in ("radius", "elevation", "azimuth", "fovy"):
         lo, hi = getattr(cfg.camera, name)
         _check(lo <= hi, f"camera.{name} must be a [low, high] pair with low <= high, got [{lo}, {hi}]")
@@ -149,3 +169,14 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < cfg.camera.fovy[0] and cfg.camera.fovy[1] < 180, "camera.fovy must be in (0, 180) degrees")
     check_nerf_config(cfg.nerf)
     check_export_config(cfg.export)
+
+
+def _check_guidance(s: SDSConfig, name: str) -> None:
+    """The timestep-schedule, CFG and clipping fields that SDS and VSD share."""
+    _check(0.0 <= s.t_min < s.t_max <= 1.0, f"need 0 <= {name}.t_min < {name}.t_max <= 1, got {s.t_min}, {s.t_max}")
+    _check(s.guidance_scale >= 0, f"{name}.guidance_scale must be >= 0, got {s.guidance_scale}")
+    _check(s.t_anneal in ("none", "linear", "sqrt", "cosine"),
+           f"{name}.t_anneal must be none, linear, sqrt or cosine, got {s.t_anneal!r}")
+    if s.t_anneal != "none" and s.t_max_end is not None:
+        _check(s.t_min <= s.t_max_end <= s.t_max, f"need {name}.t_min <= {name}.t_max_end <= {name}.t_max")
+    _check(s.grad_clip is None or s.grad_clip > 0, f"{name}.grad_clip must be > 0 or null")

@@ -6,5 +6,7 @@ same object can drive a NeRF, a mesh or a 2D student.
 
 from text3d.guidance.schedules import TimestepSchedule
 from text3d.guidance.sds import GuidanceOutput, SDSConfig, SDSGuidance, target_trick_loss
+from text3d.guidance.vsd import VSDConfig, VSDGuidance
 
-__all__ = ["GuidanceOutput", "SDSConfig", "SDSGuidance", "TimestepSchedule", "target_trick_loss"]
+__all__ = ["GuidanceOutput", "SDSConfig", "SDSGuidance", "TimestepSchedule", "VSDConfig", "VSDGuidance",
+           "target_trick_loss"]

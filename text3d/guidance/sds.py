@@ -57,7 +57,11 @@ def sanitize_grad(grad: torch.Tensor, clip: float | None) -> tuple[torch.Tensor,
 
 
 class SDSGuidance:
-    """SDS against a frozen :class:`~text3d.teacher.teacher.Teacher`."""
+    """SDS against a frozen :class:`~text3d.teacher.teacher.Teacher`.
+
+    Subclasses change what the guided prediction is compared with (:meth:`baseline_eps`) and may
+    carry trainable state of their own (:meth:`update`, :meth:`state_dict`); SDS has none.
+    """
 
     def __init__(self, teacher, cfg: SDSConfig, negative_prompt: str = ""):
         self.teacher, self.cfg, self.negative_prompt = teacher, cfg, negative_prompt
@@ -70,11 +74,16 @@ class SDSGuidance:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
-        """SDS for rendered ``images`` [B, 3, H, W] in [0, 1], one prompt per image."""
+        """The gradient for rendered ``images`` [B, 3, H, W] in [0, 1], one prompt per image."""
         latents = self.teacher.encode_images(images)
-        return self.guide_latents(latents, prompts, progress, t=t, noise=noise)
+        return self.guide_latents(latents, prompts, progress, cameras=cameras, t=t, noise=noise)
 
-    def guide_latents(self, latents: torch.Tensor, prompts: Sequence[str], progress: float = 0.0,
+    def baseline_eps(self, noisy: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+                     cameras=None) -> torch.Tensor:
+        """What the teacher's guided prediction is compared with: SDS uses the injected noise itself."""
+        return noise
+
+    def guide_latents(self, latents: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
         batch = latents.shape[0]
         if len(prompts) != batch:
@@ -89,6 +98,18 @@ class SDSGuidance:
         with torch.no_grad():
             noisy = self.teacher.add_noise(latents.detach().float(), noise, t)
             eps_hat = self.teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=self.cfg.guidance_scale)
-            grad = self.weight(t) * (eps_hat - noise)
+            grad = self.weight(t) * (eps_hat - self.baseline_eps(noisy, t, noise, cond, cameras))
         grad, nonfinite = sanitize_grad(grad, self.cfg.grad_clip)
         return GuidanceOutput(target_trick_loss(latents.float(), grad), grad, t, latents, nonfinite)
+
+    # trainable state (none for SDS)
+    def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:
+        """Called once per 3D step after the asset's update, with that step's guidance output."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise RuntimeError(f"SDS guidance has no state, got keys {sorted(state)[:3]}")

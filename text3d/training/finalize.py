@@ -25,23 +25,56 @@ def turntable_frames(renderer, cfg: RunConfig, device: torch.device) -> list[np.
     return [(img.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8) for img in images]
 
 
-def export_run(renderer, cfg: RunConfig, device: torch.device, run_dir: Path,
-               formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
-    """Write the asset files of a trained ``renderer`` into ``run_dir``; returns what was written."""
+def particle_dir(run_dir: Path, index: int, count: int) -> Path:
+    """Where particle ``index`` of ``count`` is exported: the run folder itself for a single asset."""
+    return Path(run_dir) if count == 1 else Path(run_dir) / f"particle_{index}"
+
+
+def export_particle(renderer, cfg: RunConfig, device: torch.device, out_dir: Path,
+                    formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
+    """Mesh files (and the turntable video) of one trained renderer in ``out_dir``."""
     field = renderer.field
     renderer.eval()
     with torch.no_grad():
         files: dict[str, object] = dict(export_asset(field.query_density, field.query_albedo, cfg.nerf.bound,
-                                                     run_dir, cfg.run_name, cfg.export, formats=tuple(formats)))
-    files["preview"] = save_run_preview(renderer, cfg, device, run_dir / "preview.png")
+                                                     out_dir, cfg.run_name, cfg.export, formats=tuple(formats)))
     if video:
-        files["video"] = write_turntable(turntable_frames(renderer, cfg, device), run_dir / f"{cfg.run_name}_turntable",
+        files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
                                          cfg.export.video_fps)
     return files
+
+
+def export_run(particles, cfg: RunConfig, device: torch.device, run_dir: Path,
+               formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
+    """Export every particle (``particle_i/`` when there are several) and a preview grid that shows
+    them side by side; returns what was written (per particle under ``particle_i`` keys)."""
+    if not isinstance(particles, (list, tuple)):
+        particles = [particles]
+    run_dir = Path(run_dir)
+    if len(particles) == 1:
+        files = export_particle(particles[0], cfg, device, run_dir, formats, video)
+    else:
+        files = {f"particle_{i}": export_particle(r, cfg, device, particle_dir(run_dir, i, len(particles)), formats,
+                                                   video) for i, r in enumerate(particles)}
+    files["preview"] = save_run_preview(list(particles), cfg, device, run_dir / "preview.png")
+    return files
+
+
+def _relative(files: dict, run_dir: Path) -> dict:
+    out = {}
+    for k, v in files.items():
+        if isinstance(v, dict):
+            out[k] = _relative(v, run_dir)
+        elif isinstance(v, (str, Path)):
+            path = Path(v)
+            out[k] = str(path.relative_to(run_dir)) if path.is_absolute() and path.is_relative_to(run_dir) else path.name
+        else:
+            out[k] = v
+    return out
 
 
 def write_summary(run_dir: Path, cfg: RunConfig, step: int, seconds: float, files: dict) -> Path:
     summary = {"prompt": cfg.prompt, "guidance": cfg.guidance, "seed": cfg.seed, "steps": step,
                "train_seconds": round(seconds, 2), "teacher": cfg.teacher.name_or_path,
-               "files": {k: (Path(v).name if isinstance(v, (str, Path)) else v) for k, v in files.items()}}
+               "particles": cfg.train.particles, "files": _relative(files, Path(run_dir))}
     return atomic_write_text(Path(run_dir) / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")

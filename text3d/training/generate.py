@@ -17,11 +17,11 @@ from text3d.config import RunConfig, load_config, to_yaml
 from text3d.errors import UserError
 from text3d.prompts import validate_prompt
 from text3d.renderers.nerf import NeRFRenderer
-from text3d.training.checkpoint import load_checkpoint, load_module_state
+from text3d.training.checkpoint import load_checkpoint
 from text3d.training.finalize import export_run, write_summary
 from text3d.training.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
                                         probe_writable, require_run_dir)
-from text3d.training.sds_trainer import SDSTrainer
+from text3d.training.trainer import AssetTrainer, load_particles
 from text3d.utils.atomic import atomic_write_text
 from text3d.utils.backends import resolve_device
 from text3d.utils.seed import seed_everything
@@ -68,7 +68,7 @@ def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True
     create_run_dir(run_dir)
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
     seed_everything(cfg.seed)
-    trainer = SDSTrainer(cfg, teacher, device, run_dir, show_progress=show_progress)
+    trainer = AssetTrainer(cfg, teacher, device, run_dir, show_progress=show_progress)
     return _train_and_export(trainer, callbacks, video)
 
 
@@ -89,17 +89,17 @@ def resume(run_dir: Path, overrides: Sequence[str] = (), show_progress: bool = T
         raise UserError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT})")
     torch_device = resolve_device(cfg.device)
     teacher = teacher if teacher is not None else load_teacher_for(cfg, torch_device)
-    trainer = SDSTrainer(cfg, teacher, torch_device, run_dir, show_progress=show_progress)
+    trainer = AssetTrainer(cfg, teacher, torch_device, run_dir, show_progress=show_progress)
     trainer.load()
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
     return _train_and_export(trainer, callbacks, video)
 
 
-def _train_and_export(trainer: SDSTrainer, callbacks, video: bool) -> GenerateResult:
+def _train_and_export(trainer: AssetTrainer, callbacks, video: bool) -> GenerateResult:
     start = time.perf_counter()
     step = trainer.fit(callbacks)
     seconds = time.perf_counter() - start
-    files = export_run(trainer.renderer, trainer.cfg, trainer.device, trainer.run_dir, video=video)
+    files = export_run(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, video=video)
     write_summary(trainer.run_dir, trainer.cfg, step, seconds, files)
     return GenerateResult(trainer.run_dir, step, seconds, files)
 
@@ -111,7 +111,6 @@ def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, d
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"{run_dir} has no checkpoint to export ({CHECKPOINT})")
     torch_device = resolve_device(device)
-    renderer = NeRFRenderer(cfg.nerf).to(torch_device)
-    state = load_checkpoint(run_dir / CHECKPOINT, map_location=torch_device)
-    load_module_state(renderer, state, "renderer")
-    return export_run(renderer, cfg, torch_device, run_dir, formats=formats, video=video)
+    particles = [NeRFRenderer(cfg.nerf).to(torch_device) for _ in range(cfg.train.particles)]
+    load_particles(particles, load_checkpoint(run_dir / CHECKPOINT, map_location=torch_device))
+    return export_run(particles, cfg, torch_device, run_dir, formats=formats, video=video)

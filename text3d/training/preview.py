@@ -43,8 +43,8 @@ def render_views(renderer, cameras: Cameras, resolution: int, device: torch.devi
     return {k: torch.cat(v) for k, v in pieces.items()}
 
 
-def save_run_preview(renderer, cfg, device: torch.device, path: Path) -> Path:
-    """A grid of ``cfg.train.preview_views`` orbit views: albedo, shaded, and normals rows."""
+def preview_rows(renderer, cfg, device: torch.device) -> list[torch.Tensor]:
+    """``cfg.train.preview_views`` orbit views of one renderer: albedo, shaded and normals rows."""
     cams = orbit_cameras(cfg.camera, cfg.train.preview_views)
     res = max(64, cfg.train.resolution)
     albedo = render_views(renderer, cams, res, device, shading="albedo")
@@ -52,4 +52,13 @@ def save_run_preview(renderer, cfg, device: torch.device, path: Path) -> Path:
     rows = [albedo["rgb"], shaded["rgb"]]
     if "normal" in shaded:
         rows.append((shaded["normal"] * 0.5 + 0.5) * shaded["opacity"] + (1 - shaded["opacity"]))
+    return rows
+
+
+def save_run_preview(renderers, cfg, device: torch.device, path: Path) -> Path:
+    """The preview grid of a renderer, or of several particles side by side (one block of columns each)."""
+    if not isinstance(renderers, (list, tuple)):
+        renderers = [renderers]
+    per_particle = [preview_rows(r, cfg, device) for r in renderers]
+    rows = [torch.cat(parts) for parts in zip(*per_particle)]
     return save_preview(rows, path)

@@ -1,8 +1,12 @@
 """The 3D optimisation loop: random cameras -> render -> guidance -> Adam, with checkpoints.
 
-The trainer owns the renderer and its optimiser; the guidance only ever sees rendered images,
-the cameras and one prompt per view. All randomness comes from torch's global RNG, whose state
-is saved in every checkpoint, so a resumed run continues exactly like an uninterrupted one.
+The trainer owns the particles (``train.particles`` independent renderers, each with its own field
+and background) and one Adam optimiser over all of them; each step draws one particle, and only
+that particle's parameters receive gradients, so particles never influence each other except
+through a guidance's shared state (VSD's LoRA). The guidance only ever sees rendered images, the
+cameras and one prompt per view. All randomness comes from torch's global RNG, whose state is
+saved in every checkpoint with every particle and the guidance's state, so a resumed run
+continues exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from typing import Callable, Iterable
 import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
-from text3d.config import RunConfig, to_yaml
-from text3d.errors import NumericalError, UserError
-from text3d.guidance import SDSGuidance
+from text3d.config import RunConfig, render_resolution, to_yaml
+from text3d.errors import CheckpointError, NumericalError, UserError
+from text3d.guidance import SDSGuidance, VSDGuidance
 from text3d.prompts import prompts_for_cameras
 from text3d.renderers.nerf import NeRFRenderer
 from text3d.training.checkpoint import load_checkpoint, load_module_state, save_checkpoint
@@ -40,41 +44,62 @@ class Interrupted(UserError):
 def build_guidance(cfg: RunConfig, teacher):
     if cfg.guidance == "sds":
         return SDSGuidance(teacher, cfg.sds, negative_prompt=cfg.prompts.negative)
+    if cfg.guidance == "vsd":
+        return VSDGuidance(teacher, cfg.vsd, negative_prompt=cfg.prompts.negative)
     raise UserError(f"unknown guidance {cfg.guidance!r}")
 
 
-class SDSTrainer:
-    """Optimises one NeRF asset against a guidance."""
+def load_particles(particles: list, state: dict) -> None:
+    """Load every particle's weights from a checkpoint (one-line CheckpointError on a mismatch)."""
+    states = state.get("particles")
+    if not isinstance(states, list) or len(states) != len(particles):
+        count = len(states) if isinstance(states, list) else 0
+        raise CheckpointError(f"the checkpoint holds {count} particle(s), this run has {len(particles)}")
+    for renderer, particle_state in zip(particles, states):
+        load_module_state(renderer, {"renderer": particle_state}, "renderer")
+
+
+class AssetTrainer:
+    """Optimises ``train.particles`` NeRF assets against one guidance (SDS or VSD)."""
 
     def __init__(self, cfg: RunConfig, teacher, device: torch.device, run_dir: Path,
                  show_progress: bool = True):
         self.cfg, self.teacher, self.device, self.run_dir = cfg, teacher, device, Path(run_dir)
         self.show_progress = show_progress
-        self.renderer = NeRFRenderer(cfg.nerf).to(device)
+        self.particles = [NeRFRenderer(cfg.nerf).to(device) for _ in range(cfg.train.particles)]
         self.guidance = build_guidance(cfg, teacher)
-        background = list(self.renderer.background.parameters())
-        background_ids = {id(p) for p in background}
-        main = [p for p in self.renderer.parameters() if id(p) not in background_ids]
-        groups = [{"params": main, "lr": cfg.train.lr}]
-        if background and cfg.train.lr_background > 0:
-            groups.append({"params": background, "lr": cfg.train.lr_background})
+        groups = []
+        for renderer in self.particles:
+            background = list(renderer.background.parameters())
+            background_ids = {id(p) for p in background}
+            groups.append({"params": [p for p in renderer.parameters() if id(p) not in background_ids],
+                           "lr": cfg.train.lr})
+            if background and cfg.train.lr_background > 0:
+                groups.append({"params": background, "lr": cfg.train.lr_background})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
         self._stop_signal: str | None = None
         self._nonfinite_run = 0
 
+    @property
+    def renderer(self) -> NeRFRenderer:
+        """The first particle (the only one unless ``train.particles`` > 1)."""
+        return self.particles[0]
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"step": self.step, "renderer": self.renderer.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "config": to_yaml(self.cfg)}
+        return {"step": self.step, "particles": [r.state_dict() for r in self.particles],
+                "optimizer": self.optimizer.state_dict(), "guidance": self.guidance.state_dict(),
+                "rng": rng_state(), "config": to_yaml(self.cfg)}
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
 
     def load(self, path: Path | None = None) -> int:
         state = load_checkpoint(path or self.run_dir / CHECKPOINT, map_location=self.device)
-        load_module_state(self.renderer, state, "renderer")
+        load_particles(self.particles, state)
         load_module_state(self.optimizer, state, "optimizer")
+        load_module_state(self.guidance, state, "guidance")
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step
@@ -90,12 +115,15 @@ class SDSTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step (``step`` counts from 1). Returns scalar stats."""
         cfg, t = self.cfg, self.cfg.train
-        self.renderer.train()
-        self.renderer.update_occupancy(step)
+        index = int(torch.randint(len(self.particles), ())) if len(self.particles) > 1 else 0
+        renderer = self.particles[index]
+        renderer.train()
+        renderer.update_occupancy(step)
         cameras = sample_cameras(cfg.camera, t.batch_size).to(self.device)
         shading = self.choose_shading(step)
         light = jittered_light_dirs(cameras, t.light_jitter_deg)
-        out = self.renderer(cameras, t.resolution, t.resolution, shading=shading, light_dirs=light, ambient=t.ambient)
+        res = render_resolution(t, step)
+        out = renderer(cameras, res, res, shading=shading, light_dirs=light, ambient=t.ambient)
         prompts = prompts_for_cameras(cfg.prompt, cameras, cfg.prompts, cfg.camera)
         g = self.guidance(out["rgb"], prompts, progress=(step - 1) / max(1, t.steps), cameras=cameras)
         loss = g.loss
@@ -116,6 +144,7 @@ class SDSTrainer:
         self._nonfinite_run = 0
         self.optimizer.step()
         stats["grad"] = g.grad_norm
+        stats.update(self.guidance.update(g, prompts, cameras))
         return stats
 
     def _nonfinite(self, step: int, stats: dict, what: str) -> dict:
@@ -146,7 +175,7 @@ class SDSTrainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def fit(self, callbacks: Iterable[Callable[["SDSTrainer", int, dict], None]] = ()) -> int:
+    def fit(self, callbacks: Iterable[Callable[["AssetTrainer", int, dict], None]] = ()) -> int:
         """Run from ``self.step + 1`` to ``train.steps``; returns the last completed step."""
         t = self.cfg.train
         start = self.step
@@ -155,7 +184,7 @@ class SDSTrainer:
                 stats = self.train_step(step)
                 self.step = step
                 if step % t.log_every == 0 or step == t.steps:
-                    bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "t", "grad")})
+                    bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "t", "grad", "lora_loss")})
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     self.save()
                 if step % t.preview_every == 0:
@@ -170,4 +199,4 @@ class SDSTrainer:
 
     # --------------------------------------------------------------- preview
     def preview(self, path: Path) -> Path:
-        return save_run_preview(self.renderer, self.cfg, self.device, path)
+        return save_run_preview(self.particles, self.cfg, self.device, path)

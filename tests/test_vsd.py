@@ -1,0 +1,175 @@
+"""VSD: the LoRA score network starts at the teacher, the gradient is w(t)(eps_cfg - eps_lora), the LoRA
+learns, particles are independent, and a resumed VSD run is bit-identical to an uninterrupted one."""
+
+import pytest
+import torch
+
+from tests.helpers import FAST, assert_same_state, checkpoint_state
+from text3d.cameras import CameraSamplerConfig, sample_cameras
+from text3d.config import load_config
+from text3d.guidance import VSDConfig, VSDGuidance
+from text3d.guidance.lora import LoRAScoreNetwork
+from text3d.guidance.vsd import camera_features
+from text3d.teacher import load_teacher
+from text3d.training.generate import generate, resume
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def teacher(tiny_teacher_dir):
+    return load_teacher(str(tiny_teacher_dir), torch.device("cpu"))
+
+
+def _perturb(network: LoRAScoreNetwork, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_fresh_lora_predicts_the_teachers_conditional_eps(teacher):
+    torch.manual_seed(0)
+    lora = LoRAScoreNetwork(teacher, rank=4, condition_dim=16)
+    latents = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([50, 900])
+    cond = teacher.encode_prompts(["a red cube, front view", "a blue torus"])
+    cams = sample_cameras(CameraSamplerConfig(), 2)
+    with torch.no_grad():
+        plain = teacher.predict_eps(latents, t, cond)
+        adapted = lora.predict_eps(latents, t, cond, camera_features(cams))
+    assert torch.equal(plain, adapted)
+    # once trained (here: perturbed), the adapters and the camera change the prediction, and only inside
+    _perturb(lora)
+    with torch.no_grad():
+        moved = lora.predict_eps(latents, t, cond, camera_features(cams))
+        other_camera = lora.predict_eps(latents, t, cond, torch.zeros(2, 16))
+        after = teacher.predict_eps(latents, t, cond)
+    assert (moved - plain).abs().max() > 1e-4
+    assert (moved - other_camera).abs().max() > 1e-6
+    assert torch.equal(after, plain)  # the teacher itself is untouched outside `active()`
+    lora.remove()
+
+
+def test_vsd_gradient_reaching_latents(teacher):
+    torch.manual_seed(1)
+    scale = 7.5
+    guidance = VSDGuidance(teacher, VSDConfig(guidance_scale=scale))
+    _perturb(guidance.lora, seed=3)  # a non-trivial LoRA so the baseline differs from the teacher
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    latents = teacher.encode_images(images)
+    latents.retain_grad()
+    t = torch.tensor([120, 640])
+    noise = torch.randn(latents.shape)
+    cams = sample_cameras(CameraSamplerConfig(), 2)
+    prompts = ["a red cube, front view", "a red cube, back view"]
+    out = guidance.guide_latents(latents, prompts, cameras=cams, t=t, noise=noise)
+    out.loss.backward()
+
+    with torch.no_grad():  # written out: CFG on two plain teacher calls, LoRA call with adapters on
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        cond = teacher.encode_prompts(prompts)
+        eps_c = teacher.unet(noisy, t, encoder_hidden_states=cond).sample
+        eps_u = teacher.unet(noisy, t, encoder_hidden_states=teacher.encode_prompts(["", ""])).sample
+        eps_cfg = eps_u + scale * (eps_c - eps_u)
+        with guidance.lora.active(camera_features(cams)):
+            eps_lora = teacher.unet(noisy, t, encoder_hidden_states=cond).sample
+        expected = (1 - ab) * (eps_cfg - eps_lora)
+    assert (eps_lora - eps_c).abs().max() > 1e-4
+    assert torch.allclose(latents.grad, expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(out.grad, expected, atol=1e-5, rtol=1e-4)
+    guidance.lora.remove()
+
+
+def test_one_lora_step_lowers_its_loss_on_a_fixed_batch(teacher):
+    torch.manual_seed(2)
+    guidance = VSDGuidance(teacher, VSDConfig(lora_lr=1e-2, camera_drop=0.0))
+    latents = teacher.encode_images(torch.rand(4, 3, 64, 64)).detach()
+    cond = teacher.encode_prompts(["a red cube"] * 4)
+    t = torch.tensor([100, 300, 500, 700])
+    noise = torch.randn(latents.shape)
+    cams = camera_features(sample_cameras(CameraSamplerConfig(), 4))
+    before = guidance.lora.denoising_loss(latents, cond, t, noise, cams)
+    guidance.optimizer.zero_grad()
+    before.backward()
+    guidance.optimizer.step()
+    with torch.no_grad():
+        after = guidance.lora.denoising_loss(latents, cond, t, noise, cams)
+    assert float(after) < float(before.detach())
+    assert all(p.grad is None for p in teacher.unet.parameters() if not p.requires_grad)  # base stays frozen
+    guidance.lora.remove()
+
+
+def _vsd_cfg(teacher_dir, steps, particles=2):
+    cfg = load_config(overrides=FAST + [f"teacher.name_or_path={teacher_dir}", f"train.steps={steps}", "seed=3",
+                                        "guidance=vsd", f"train.particles={particles}", "vsd.lora_lr=0.01",
+                                        "train.albedo_warmup=0.2"])
+    cfg.prompt = "a blue torus"
+    return cfg
+
+
+def test_particles_do_not_share_parameters(tiny_teacher_dir, tmp_path):
+    from text3d.training.trainer import AssetTrainer
+
+    cfg = _vsd_cfg(tiny_teacher_dir, 1)
+    teacher = load_teacher(str(tiny_teacher_dir), "cpu")
+    trainer = AssetTrainer(cfg, teacher, torch.device("cpu"), tmp_path)
+    a, b = trainer.particles
+    ptrs_a = {p.data_ptr() for p in a.parameters()}
+    assert ptrs_a.isdisjoint(p.data_ptr() for p in b.parameters())
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # a step updates exactly the particle it drew
+    before = [{k: v.clone() for k, v in r.state_dict().items()} for r in trainer.particles]
+    torch.manual_seed(0)
+    drawn = int(torch.randint(2, ()))
+    torch.manual_seed(0)
+    trainer.train_step(1)
+    changed = [any(not torch.equal(v, r.state_dict()[k]) for k, v in s.items() if v.is_floating_point())
+               for r, s in zip(trainer.particles, before)]
+    assert changed == [i == drawn for i in range(2)]
+    trainer.guidance.lora.remove()
+
+
+def test_vsd_resume_restores_lora_and_particles_bit_for_bit(tiny_teacher_dir, tmp_path):
+    full = generate(_vsd_cfg(tiny_teacher_dir, 6), out=tmp_path / "full", show_progress=False, video=False)
+
+    class Kill(Exception):
+        pass
+
+    def crash(trainer, step, stats):
+        if step == 4:
+            raise Kill
+
+    with pytest.raises(Kill):
+        generate(_vsd_cfg(tiny_teacher_dir, 6), out=tmp_path / "crashed", show_progress=False, callbacks=[crash])
+    crashed = checkpoint_state(tmp_path / "crashed")
+    assert crashed["step"] == 3 and len(crashed["particles"]) == 2
+    initial = generate(_vsd_cfg(tiny_teacher_dir, 1), out=tmp_path / "one", show_progress=False, video=False)
+    lora_start = checkpoint_state(initial.run_dir)["guidance"]["lora"]
+    assert any(not torch.equal(crashed["guidance"]["lora"][k], lora_start[k]) for k in lora_start)  # it trained
+    resume(tmp_path / "crashed", show_progress=False, video=False)
+    assert_same_state(checkpoint_state(full.run_dir), checkpoint_state(tmp_path / "crashed"))
+    for i in range(2):  # both particles exported
+        assert list((full.run_dir / f"particle_{i}").glob("*.glb"))
+    assert (full.run_dir / "preview.png").is_file()
+
+
+def test_cli_vsd_with_two_particles_then_eval(tiny_teacher_dir, tmp_path):
+    import json
+
+    from tests.helpers import run_cli
+
+    out = tmp_path / "run"
+    result = run_cli("generate", "a blue torus", "--guidance", "vsd", "--particles", "2", "--steps", "4",
+                     "--teacher", str(tiny_teacher_dir), "--out", str(out), "-q", "--no-video", *FAST)
+    assert result.returncode == 0, result.stderr
+    cfg_text = (out / "config.yaml").read_text()
+    assert "guidance: vsd" in cfg_text and "t_max_end: 0.5" in cfg_text  # configs/vsd.yaml was applied
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["particles"] == 2 and set(summary["files"]) >= {"particle_0", "particle_1", "preview"}
+    scored = run_cli("eval", "run", str(out))
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["per_particle"]) == 2 and report["diversity"]["rgb_rms"] is not None
+    assert "2 particles" in scored.stdout

@@ -1,0 +1,175 @@
+"""A LoRA score network on the frozen teacher's UNet (ProlificDreamer's variational score, and the
+"fake"/LoRA teacher of SwiftBrush and DMD).
+
+peft LoRA adapters are added to the attention projections (``to_q``, ``to_k``, ``to_v``,
+``to_out.0``) of the teacher's own UNet: the base weights are shared, and the adapters are
+switched on only inside :meth:`LoRAScoreNetwork.active`, so every other call of the teacher sees
+the unmodified frozen model. An optional condition vector (the flattened camera-to-world matrix
+for 3D) goes through a small MLP whose output is added to the UNet's timestep embedding by a
+forward hook. The MLP's last layer and peft's LoRA ``B`` matrices start at zero, so a fresh
+network predicts exactly what the teacher predicts.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+ADAPTER_NAME = "text3d_lora"
+TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def _time_embedding_dim(unet) -> int:
+    return int(unet.time_embedding.linear_2.out_features)
+
+
+class ConditionMLP(nn.Module):
+    """condition [B, in_dim] -> [B, out_dim], zero at initialisation."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.net(condition)
+
+
+class LoRAScoreNetwork(nn.Module):
+    """LoRA adapters on ``teacher.unet`` plus an optional condition MLP; trainable parts in fp32.
+
+    One network per teacher: building a second one replaces the first's adapters.
+    """
+
+    def __init__(self, teacher, rank: int = 4, alpha: float | None = None, condition_dim: int = 0,
+                 condition_hidden: int = 64):
+        super().__init__()
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.teacher = teacher
+        unet = teacher.unet
+        if ADAPTER_NAME in getattr(unet, "peft_config", {}):
+            unet.delete_adapters(ADAPTER_NAME)
+        config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), init_lora_weights=True,
+                            target_modules=list(TARGET_MODULES))
+        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+        self._lora_params = {name: p for name, p in unet.named_parameters() if "lora_" in name}
+        if not self._lora_params:
+            raise ValueError("the teacher UNet has no attention projections (to_q/to_k/to_v/to_out.0) for LoRA")
+        for p in self._lora_params.values():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        unet.disable_adapters()
+        self.condition_dim = int(condition_dim)
+        self.condition_mlp = (ConditionMLP(condition_dim, _time_embedding_dim(unet), condition_hidden).to(teacher.device)
+                              if condition_dim > 0 else None)
+        self._condition_embedding: Optional[torch.Tensor] = None
+        self._hook = unet.time_embedding.register_forward_hook(self._add_condition)
+        self._active = False
+
+    # ----------------------------------------------------------- parameters
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return list(self._lora_params.values())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        extra = list(self.condition_mlp.parameters()) if self.condition_mlp is not None else []
+        return self.lora_parameters() + extra
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"lora.{k}": v.detach().clone() for k, v in self._lora_params.items()}
+        if self.condition_mlp is not None:
+            state.update({f"condition.{k}": v.detach().clone() for k, v in self.condition_mlp.state_dict().items()})
+        return state
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.lora_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+            raise RuntimeError(f"LoRA state mismatch (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for k, p in self._lora_params.items():
+                p.copy_(state[f"lora.{k}"])
+        if self.condition_mlp is not None:
+            self.condition_mlp.load_state_dict({k[len("condition."):]: v for k, v in state.items()
+                                                if k.startswith("condition.")})
+
+    # ---------------------------------------------------------------- calls
+    def _add_condition(self, module, inputs, output):
+        if self._active and self._condition_embedding is not None:
+            return output + self._condition_embedding.to(output.dtype)
+        return output
+
+    @contextmanager
+    def active(self, condition: torch.Tensor | None = None) -> Iterator[None]:
+        """Adapters on (and ``condition`` [B, condition_dim] added to the time embedding) inside the block.
+
+        The UNet batch must be ``B`` (no CFG doubling inside): the LoRA branch is conditional only.
+        """
+        unet = self.teacher.unet
+        if self.condition_mlp is not None and condition is not None:
+            self._condition_embedding = self.condition_mlp(condition.to(self.teacher.device, torch.float32))
+        unet.enable_adapters()
+        self._active = True
+        try:
+            autocast = (torch.autocast(self.teacher.device.type, dtype=self.teacher.dtype)
+                        if self.teacher.dtype in (torch.float16, torch.bfloat16) else _null())
+            with autocast:
+                yield
+        finally:
+            self._active = False
+            self._condition_embedding = None
+            unet.disable_adapters()
+
+    def predict_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                    condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The LoRA network's noise prediction (float32), conditional only."""
+        with self.active(condition):
+            out = self.teacher.unet_output(latents_noisy, t, embeddings)
+        return self.teacher.to_eps(out, latents_noisy, t)
+
+    def raw_output(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                   condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted UNet's raw output (eps, v or x0 like the teacher), float32."""
+        with self.active(condition):
+            return self.teacher.unet_output(latents_noisy, t, embeddings)
+
+    def denoising_loss(self, latents: torch.Tensor, embeddings: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor, condition: torch.Tensor | None = None,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The standard diffusion loss on clean ``latents`` (detached) in the teacher's prediction
+        space (eps, v or x0), optionally weighted per sample by ``weights`` [B]."""
+        latents = latents.detach().float()
+        noisy = self.teacher.add_noise(latents, noise, t)
+        out = self.raw_output(noisy, t, embeddings, condition)
+        target = self.target(latents, noise, t)
+        per_sample = (out - target).pow(2).flatten(1).mean(dim=1)
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample)
+        return per_sample.mean()
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = self.teacher.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return latents
+        ab = self.teacher.alpha_bar(t)
+        return ab.sqrt() * noise - (1.0 - ab).sqrt() * latents  # v
+
+    def remove(self) -> None:
+        """Take the adapters and the hook off the teacher's UNet."""
+        self._hook.remove()
+        unet = self.teacher.unet
+        if ADAPTER_NAME in getattr(unet, "peft_config", {}):
+            unet.delete_adapters(ADAPTER_NAME)
+
+
+@contextmanager
+def _null():
+    yield
