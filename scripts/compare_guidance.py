@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Run `text3d generate` for a list of embedded-world prompts with SDS and/or VSD, score every run with
+`text3d eval run`, and print (and write) a table side by side.
+
+    python scripts/compare_guidance.py --out runs/compare                 # 12 prompts, SDS and VSD
+    python scripts/compare_guidance.py --methods sds --out runs/compare  # only SDS
+    python scripts/compare_guidance.py --teacher /tmp/tiny --steps 5 ... # a smoke run
+
+Each method's settings are its config file (configs/default.yaml for SDS, configs/vsd.yaml for VSD)
+plus the flags below. Finished runs (those with an eval.json) are reused, so an interrupted
+comparison continues where it stopped. Results go to OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# 12 prompts: 9 primitives-and-colours, 3 with a distinct front and back (Janus-prone)
+DEFAULT_PROMPTS = ["a red cube", "a blue torus", "a green sphere", "a yellow cone", "a purple cylinder",
+                   "a orange pyramid", "a pink capsule", "a cyan octahedron", "a grey cube",
+                   "a yellow house", "a blue mug", "a red car"]
+METHOD_CONFIG = {"sds": None, "vsd": "vsd.yaml"}
+
+
+def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
+    from text3d.config import CONFIG_DIR, load_config
+    from text3d.eval.score_run import score_run
+    from text3d.training.generate import generate
+
+    eval_path = out_dir / "eval.json"
+    if eval_path.is_file() and (out_dir / "run.json").is_file():
+        return _row(json.loads(eval_path.read_text()), json.loads((out_dir / "run.json").read_text()))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)  # an unfinished run: start it again
+    files = [CONFIG_DIR / METHOD_CONFIG[method]] if METHOD_CONFIG[method] else []
+    overrides = [f"guidance={method}", f"seed={args.seed}"]
+    if args.teacher:
+        overrides.append(f"teacher.name_or_path={args.teacher}")
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    particles = args.vsd_particles if method == "vsd" else args.sds_particles
+    overrides.append(f"train.particles={particles}")
+    overrides += args.override
+    cfg = load_config(files=files, overrides=overrides)
+    cfg.prompt = prompt
+    generate(cfg, out=out_dir, show_progress=not args.quiet, video=False)
+    result = score_run(out_dir)
+    return _row(result, json.loads((out_dir / "run.json").read_text()))
+
+
+def _row(result: dict, summary: dict) -> dict:
+    diversity = result.get("diversity") or {}
+    return {"prompt": result["prompt"], "guidance": result.get("guidance", summary.get("guidance")),
+            "particles": result.get("particles", 1), "object": result["object_accuracy"],
+            "colour": result["colour_accuracy"], "view": result["view_accuracy"], "iou": result["silhouette_iou"],
+            "saturation": result.get("saturation"), "janus": result.get("janus_rate"),
+            "diversity_rgb": diversity.get("rgb_rms"), "diversity_silhouette": diversity.get("silhouette_disagreement"),
+            "steps": summary["steps"], "seconds": summary["train_seconds"],
+            "ms_per_step": 1000.0 * summary["train_seconds"] / max(1, summary["steps"])}
+
+
+def _mean(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _fmt(value, pct=False):
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f}%" if pct else f"{value:.3f}" if value < 10 else f"{value:.0f}"
+
+
+def table(rows: list[dict], methods: list[str]) -> str:
+    lines = ["| prompt | " + " | ".join(f"{m} obj / col / IoU / sat" for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        cells = []
+        for m in methods:
+            r = next((r for r in rows if r["prompt"] == prompt and r["guidance"] == m), None)
+            cells.append("-" if r is None else f"{_fmt(r['object'], True)} / {_fmt(r['colour'], True)} / "
+                                               f"{_fmt(r['iou'])} / {_fmt(r['saturation'])}")
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | runs | particles | object acc | colour acc | view acc | silhouette IoU | saturation | "
+                  "Janus rate | particle diversity (RGB RMS / 1-IoU) | ms per step |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for m in methods:
+        rs = [r for r in rows if r["guidance"] == m]
+        if not rs:
+            continue
+        div = (f"{_fmt(_mean(rs, 'diversity_rgb'))} / {_fmt(_mean(rs, 'diversity_silhouette'))}"
+               if _mean(rs, "diversity_rgb") is not None else "-")
+        lines.append(f"| {m} | {len(rs)} | {rs[0]['particles']} | {_fmt(_mean(rs, 'object'), True)} | "
+                     f"{_fmt(_mean(rs, 'colour'), True)} | {_fmt(_mean(rs, 'view'), True)} | {_fmt(_mean(rs, 'iou'))} | "
+                     f"{_fmt(_mean(rs, 'saturation'))} | {_fmt(_mean(rs, 'janus'), True)} | {div} | "
+                     f"{statistics.median(r['ms_per_step'] for r in rs):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--methods", default="sds,vsd", help="comma-separated: sds, vsd")
+    p.add_argument("--prompts", type=Path, help="a file with one prompt per line (default: 12 built-in prompts)")
+    p.add_argument("--teacher", help="teacher folder or hub id (default: the embedded teacher)")
+    p.add_argument("--steps", type=int, help="train.steps (default: each method's config)")
+    p.add_argument("--sds-particles", type=int, default=1)
+    p.add_argument("--vsd-particles", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", action="append", default=[], help="extra key=value config override (repeatable)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from text3d.errors import UserError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_CONFIG]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}")
+    prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+               if args.prompts else DEFAULT_PROMPTS)
+    rows = []
+    start = time.perf_counter()
+    try:
+        for prompt in prompts:
+            for method in methods:
+                out_dir = args.out / method / prompt.replace(" ", "_")
+                row = run_one(prompt, method, out_dir, args)
+                rows.append(row)
+                print(f"[{time.perf_counter() - start:7.0f}s] {method} {prompt!r}: object {_fmt(row['object'], True)}, "
+                      f"colour {_fmt(row['colour'], True)}, IoU {_fmt(row['iou'])}, "
+                      f"{row['ms_per_step']:.0f} ms/step", flush=True)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are kept and reused next time", file=sys.stderr)
+        return 130
+    from text3d.utils.atomic import atomic_write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
+    text = table(rows, methods)
+    atomic_write_text(args.out / "results.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
