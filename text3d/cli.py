@@ -111,11 +111,13 @@ def doctor():
 
 
 def _register_subcommands() -> None:
+    from text3d.distill2d.cli import distill2d
     from text3d.eval.cli import eval_app
     from text3d.teacher.sample_cli import sample
     from text3d.toyworld.cli import toyworld_app
 
     app.command("sample")(sample)
+    app.command("distill2d", context_settings={"allow_interspersed_args": True})(distill2d)
     app.add_typer(eval_app, name="eval", help="Score sampled images and generated assets with the judge.")
     app.add_typer(toyworld_app, name="toyworld", help="The embedded synthetic world: render datasets, list objects.")
 

@@ -92,13 +92,11 @@ def _merge(base, other, where: str):
         raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from None
 
 
-def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base=None,
-                use_default_file: bool = True) -> RunConfig:
-    """Build a :class:`RunConfig` from the defaults, YAML files and ``key=value`` overrides."""
-    cfg = OmegaConf.structured(RunConfig) if base is None else OmegaConf.structured(base)
-    paths = [CONFIG_DIR / "default.yaml"] if (use_default_file and base is None) else []
-    paths += [Path(f) for f in files]
-    for path in paths:
+def load_structured(schema, paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()):
+    """A typed dataclass instance from ``schema`` (a dataclass type or instance), YAML ``paths`` merged
+    in order, then ``key=value`` overrides; every failure is a one-line ConfigError."""
+    cfg = OmegaConf.structured(schema)
+    for path in [Path(f) for f in paths]:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -118,9 +116,16 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
             raise ConfigError(f"override {item!r} could not be parsed") from None
         cfg = _merge(cfg, dotted, f"override {item!r}")
     try:
-        run: RunConfig = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad config: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base=None,
+                use_default_file: bool = True) -> RunConfig:
+    """Build a :class:`RunConfig` from the defaults, YAML files and ``key=value`` overrides."""
+    paths = [CONFIG_DIR / "default.yaml"] if (use_default_file and base is None) else []
+    run: RunConfig = load_structured(RunConfig if base is None else base, paths + list(files), overrides)
     validate(run)
     return run
 

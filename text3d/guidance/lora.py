@@ -102,15 +102,17 @@ class LoRAScoreNetwork(nn.Module):
     # ---------------------------------------------------------------- calls
     def _add_condition(self, module, inputs, output):
         if self._active and self._condition_embedding is not None:
-            return output + self._condition_embedding.to(output.dtype)
+            emb = self._condition_embedding.to(output.dtype)
+            if output.shape[0] != emb.shape[0]:  # a CFG-doubled batch [uncond, cond]
+                emb = emb.repeat(output.shape[0] // emb.shape[0], 1)
+            return output + emb
         return output
 
     @contextmanager
     def active(self, condition: torch.Tensor | None = None) -> Iterator[None]:
         """Adapters on (and ``condition`` [B, condition_dim] added to the time embedding) inside the block.
 
-        The UNet batch must be ``B`` (no CFG doubling inside): the LoRA branch is conditional only.
-        """
+        The UNet batch may be ``B`` or a CFG-doubled ``2B`` (the condition is repeated)."""
         unet = self.teacher.unet
         if self.condition_mlp is not None and condition is not None:
             self._condition_embedding = self.condition_mlp(condition.to(self.teacher.device, torch.float32))
@@ -127,11 +129,12 @@ class LoRAScoreNetwork(nn.Module):
             unet.disable_adapters()
 
     def predict_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
-                    condition: torch.Tensor | None = None) -> torch.Tensor:
-        """The LoRA network's noise prediction (float32), conditional only."""
+                    condition: torch.Tensor | None = None, uncond_embeddings: torch.Tensor | None = None,
+                    guidance_scale: float = 1.0) -> torch.Tensor:
+        """The LoRA network's noise prediction (float32): conditional only, or with the teacher's CFG
+        formula when ``uncond_embeddings`` are given and ``guidance_scale != 1``."""
         with self.active(condition):
-            out = self.teacher.unet_output(latents_noisy, t, embeddings)
-        return self.teacher.to_eps(out, latents_noisy, t)
+            return self.teacher.predict_eps(latents_noisy, t, embeddings, uncond_embeddings, guidance_scale)
 
     def raw_output(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
                    condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -89,13 +90,18 @@ def _save_png(image, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps: int = 50, n: int = 16,
-               guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 16, device: str = "auto",
+def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps: Optional[int] = None, n: int = 16,
+               guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 16, device: str = "auto",
                teacher=None, progress: bool = True) -> dict:
     """Sample ``n`` images per prompt into ``out``; returns the prompts.json record.
 
-    ``teacher`` may be an already loaded Teacher (then ``model`` and ``device`` are ignored).
+    ``teacher`` may be an already loaded Teacher (then ``model`` and ``device`` are ignored). A
+    distilled student folder (with ``student.json``) is sampled with its own timesteps and sampler:
+    ``steps`` (default all of them) takes the first ``steps`` of its timesteps, and the guidance
+    scale defaults to the student's (1: its CFG is distilled in). A teacher defaults to 50 DDIM steps
+    at guidance scale 7.5.
     """
+    from text3d.distill2d.student import read_student_card
     import torch
 
     from text3d.teacher import load_teacher
@@ -107,11 +113,23 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
         raise UserError(f"-n must be at least 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if not math.isfinite(guidance_scale):
-        raise UserError(f"--guidance-scale must be a finite number, got {guidance_scale}")
     out = _check_out(out)
     if teacher is None:
         teacher = load_teacher(model, device)
+    card = read_student_card(teacher.source if teacher.source and os.path.isdir(str(teacher.source)) else None)
+    timesteps, sampler = None, "ddim"
+    if card is not None:
+        student_steps = list(card["timesteps"])
+        steps = len(student_steps) if steps is None else steps
+        if not 1 <= steps <= len(student_steps):
+            raise UserError(f"this student samples in 1 to {len(student_steps)} step(s) (timesteps {student_steps}), "
+                            f"got --steps {steps}")
+        timesteps, sampler = student_steps[:steps], str(card.get("sampler", "renoise"))
+        guidance_scale = float(card.get("guidance_scale", 1.0)) if guidance_scale is None else guidance_scale
+    steps = 50 if steps is None else steps
+    guidance_scale = 7.5 if guidance_scale is None else guidance_scale
+    if not math.isfinite(guidance_scale):
+        raise UserError(f"--guidance-scale must be a finite number, got {guidance_scale}")
     if not 1 <= steps <= teacher.num_train_timesteps:
         raise UserError(f"--steps must be between 1 and {teacher.num_train_timesteps}, got {steps}")
 
@@ -120,6 +138,7 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
     noise = initial_latents(teacher, len(items), generator).cpu()  # all starting noise up front
     batches = range(0, len(items), batch_size)
     images = []
+    started = time.perf_counter()
     with LoopProgress(total=len(batches) * steps, description="sampling", enabled=progress) as bar:
         for b, start in enumerate(batches):
             chunk = items[start:start + batch_size]
@@ -129,9 +148,11 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
                 bar.update(done + i + 1, {"batch": b + 1})
 
             imgs = sample_images(teacher, chunk, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                                 latents=noise[start:start + len(chunk)], callback=report)
+                                 latents=noise[start:start + len(chunk)], callback=report, timesteps=timesteps,
+                                 sampler=sampler)
             images.append(imgs.cpu())
     images = torch.cat(images)
+    seconds = time.perf_counter() - started
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
@@ -144,8 +165,10 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
         save_grid(images, grid_columns(len(prompts), n), staging / "grid.png")
         record = {"images": records, "model": teacher.source, "steps": int(steps),
                   "guidance_scale": float(guidance_scale), "seed": int(seed), "n_per_prompt": int(n),
-                  "prompts": list(prompts), "sampler": "ddim", "eta": 0.0, "timestep_spacing": "trailing",
-                  "image_size": int(images.shape[-1])}
+                  "prompts": list(prompts), "sampler": sampler, "eta": 0.0,
+                  "timestep_spacing": "trailing" if timesteps is None else "student", "timesteps": timesteps,
+                  "image_size": int(images.shape[-1]), "seconds": round(seconds, 3),
+                  "images_per_second": round(len(items) / max(seconds, 1e-9), 3), "batch_size": int(batch_size)}
         # swap in: remove our old entries, move the new ones in, prompts.json last
         (out / "prompts.json").unlink(missing_ok=True)
         (out / "scores.json").unlink(missing_ok=True)
@@ -163,9 +186,11 @@ def sample(
     prompt: Optional[str] = typer.Argument(None, help="What to draw, e.g. \"a red cube, front view\"."),
     model: Optional[Path] = typer.Option(None, "--model", help="Teacher: diffusers folder or hub id "
                                          "(default: the project's teacher)."),
-    steps: int = typer.Option(50, help="DDIM steps (1 = one-step x0 prediction from pure noise)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps: DDIM steps for a teacher (default 50; 1 = one-step "
+                                        "x0 prediction), the first N of a distilled student's timesteps (default all)."),
     n: int = typer.Option(16, "-n", "--n", help="Images per prompt."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale "
+                                                   "(default 7.5; a distilled student's own, usually 1)."),
     seed: int = typer.Option(0, help="Random seed; a seed fixes the output."),
     out: Path = typer.Option(..., "--out", help="Output folder (grid.png, images/, prompts.json)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line; "

@@ -110,13 +110,19 @@ def initial_latents(teacher, batch: int, generator: torch.Generator | None = Non
 def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 7.5,
                    generator: torch.Generator | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
                    progress: bool = False, negative: str = "", spacing: str = "trailing",
-                   callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """DDIM samples [B, C, h, w] (float32) for ``prompts``, one per prompt.
+                   callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                   timesteps: Sequence[int] | None = None, sampler: str = "ddim") -> torch.Tensor:
+    """Samples [B, C, h, w] (float32) for ``prompts``, one per prompt.
 
     ``latents`` is the starting noise x_T (default: drawn from ``generator``); ``negative`` is the
     prompt of the unconditional CFG branch; ``guidance_scale = 1`` runs the conditional branch only.
     ``callback(i, t, x)`` is called after each step i (0-based) with the new latents.
+    ``timesteps`` (descending) replaces the ``steps``/``spacing`` grid. ``sampler`` is ``ddim``
+    (deterministic DDIM) or ``renoise`` (few-step students: predict x0, then noise it afresh to the
+    next timestep; the last x0 is the sample).
     """
+    if sampler not in ("ddim", "renoise"):
+        raise ValueError(f"unknown sampler {sampler!r}; expected ddim or renoise")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("sample_latents needs at least one prompt")
@@ -129,7 +135,8 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
         x = latents.to(teacher.device, torch.float32)
     cond = teacher.encode_prompts(prompts)
     uncond = teacher.encode_prompts([negative]).expand(batch, -1, -1)
-    timesteps = ddim_timesteps(teacher.num_train_timesteps, steps, spacing).tolist()
+    timesteps = (list(timesteps) if timesteps is not None
+                 else ddim_timesteps(teacher.num_train_timesteps, steps, spacing).tolist())
     bar = None
     if progress:
         from text3d.training.progress import LoopProgress
@@ -139,7 +146,12 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             eps = teacher.predict_eps(x, t, cond, uncond, guidance_scale=guidance_scale)
-            x = ddim_step(teacher, x, eps, t, t_prev, eta=eta, generator=generator)
+            if sampler == "renoise":
+                x = predict_x0(teacher, x, eps, t)
+                if t_prev >= 0:
+                    x = teacher.add_noise(x, initial_latents(teacher, batch, generator), torch.tensor(t_prev))
+            else:
+                x = ddim_step(teacher, x, eps, t, t_prev, eta=eta, generator=generator)
             if callback is not None:
                 callback(i, t, x)
             if bar is not None:
@@ -154,8 +166,10 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
 def sample_images(teacher, prompts: str | Sequence[str], steps: int = 50, guidance_scale: float = 7.5,
                   generator: torch.Generator | None = None, eta: float = 0.0, latents: torch.Tensor | None = None,
                   progress: bool = False, negative: str = "", spacing: str = "trailing",
-                  callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                  callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                  timesteps: Sequence[int] | None = None, sampler: str = "ddim") -> torch.Tensor:
     """:func:`sample_latents` decoded by the teacher's VAE: images [B, 3, H, W] in [0, 1] (float32)."""
     z = sample_latents(teacher, prompts, steps=steps, guidance_scale=guidance_scale, generator=generator, eta=eta,
-                       latents=latents, progress=progress, negative=negative, spacing=spacing, callback=callback)
+                       latents=latents, progress=progress, negative=negative, spacing=spacing, callback=callback,
+                       timesteps=timesteps, sampler=sampler)
     return teacher.decode_latents(z)

@@ -12,9 +12,6 @@ continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import math
-import signal
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,15 +27,10 @@ from text3d.training.checkpoint import load_checkpoint, load_module_state, save_
 from text3d.training.preview import save_run_preview
 from text3d.training.progress import LoopProgress
 from text3d.training.run_folder import CHECKPOINT
+from text3d.training.signals import Interrupted, StopRequest  # noqa: F401  (Interrupted is part of this API)
 from text3d.utils.seed import rng_state, set_rng_state
 
 SHADINGS = ("albedo", "lambertian", "textureless")
-
-
-class Interrupted(UserError):
-    """Ctrl-C or SIGTERM: the run stopped after a checkpoint was saved."""
-
-    exit_code = 130
 
 
 def build_guidance(cfg: RunConfig, teacher):
@@ -78,7 +70,6 @@ class AssetTrainer:
                 groups.append({"params": background, "lr": cfg.train.lr_background})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
-        self._stop_signal: str | None = None
         self._nonfinite_run = 0
 
     @property
@@ -157,29 +148,11 @@ class AssetTrainer:
         return stats
 
     # ------------------------------------------------------------------ loop
-    @contextmanager
-    def _stop_on_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:  # second Ctrl-C: stop at once
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     def fit(self, callbacks: Iterable[Callable[["AssetTrainer", int, dict], None]] = ()) -> int:
         """Run from ``self.step + 1`` to ``train.steps``; returns the last completed step."""
         t = self.cfg.train
         start = self.step
-        with self._stop_on_signals(), LoopProgress(t.steps, start, "optimising", self.show_progress) as bar:
+        with StopRequest() as stop, LoopProgress(t.steps, start, "optimising", self.show_progress) as bar:
             for step in range(start + 1, t.steps + 1):
                 stats = self.train_step(step)
                 self.step = step
@@ -191,9 +164,9 @@ class AssetTrainer:
                     self.preview(self.run_dir / "previews" / f"step_{step:06d}.png")
                 for callback in callbacks:
                     callback(self, step, stats)
-                if self._stop_signal is not None:
+                if stop.signal is not None:
                     path = self.save()
-                    raise Interrupted(f"stopped by {self._stop_signal} after step {step}; checkpoint saved to {path}; "
+                    raise Interrupted(f"stopped by {stop.signal} after step {step}; checkpoint saved to {path}; "
                                       f"continue with: text3d generate --resume {self.run_dir}")
         return self.step
 

@@ -53,15 +53,20 @@ def check_output_folder(out: Path) -> None:
         raise UserError(f"cannot write into {parent}")
 
 
-def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir: Path, scheduler) -> None:
-    """save_pretrained of every component (fp32, on the CPU) plus model_index.json."""
+def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, scheduler) -> None:
+    """save_pretrained of every component (fp32, on the CPU) plus model_index.json.
+
+    ``tokenizer_dir`` is a saved tokenizer folder to copy, or a tokenizer object to save."""
     from text3d.teacher.loader import quiet_hf
     from text3d.teacher.tiny import model_index
 
     with quiet_hf():
         for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
             copy.deepcopy(module).to("cpu", torch.float32).save_pretrained(folder / name)
-        shutil.copytree(tokenizer_dir, folder / "tokenizer")
+        if hasattr(tokenizer_dir, "save_pretrained"):
+            tokenizer_dir.save_pretrained(folder / "tokenizer")
+        else:
+            shutil.copytree(tokenizer_dir, folder / "tokenizer")
         scheduler.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 

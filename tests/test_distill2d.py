@@ -1,0 +1,181 @@
+"""2D distillation: the shared score-difference core gives SwiftBrush's and DMD's gradients exactly, a
+DMD2 iteration steps the fake score N times per student step, a resumed run matches an uninterrupted
+one, and the saved student loads through the SD loading path and samples in one step."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import run_cli
+from text3d.distill2d.config import ScoreCoreConfig, load_distill_config
+from text3d.distill2d.run import distill, resume_distill
+from text3d.distill2d.score_core import ScoreDifferenceCore
+from text3d.distill2d.student import Student
+from text3d.distill2d.trainer import Distill2DTrainer
+from text3d.errors import ConfigError
+from text3d.guidance.lora import LoRAScoreNetwork
+from text3d.teacher import load_teacher
+from text3d.teacher.sampling import predict_x0
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["batch_size=2", "regression.pairs=4", "regression.sampler_steps=2", "gan.real_images=8",
+         "sample_every=1000", "checkpoint_every=2", "log_every=1"]
+
+
+@pytest.fixture()
+def teacher(tiny_teacher_dir):
+    return load_teacher(str(tiny_teacher_dir), torch.device("cpu"))
+
+
+def _perturbed_lora(teacher, seed=0):
+    lora = LoRAScoreNetwork(teacher, rank=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.lora_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return lora
+
+
+def _plain_eps(teacher, noisy, t, cond, uncond, scale, lora=None):
+    """eps with the CFG formula written out, from plain UNet calls (adapters on for the LoRA)."""
+    def unet(emb):
+        return teacher.unet(noisy, t, encoder_hidden_states=emb).sample
+
+    if lora is None:
+        e_c, e_u = unet(cond), unet(uncond)
+    else:
+        with lora.active():
+            e_c, e_u = unet(cond), unet(uncond)
+    return e_u + scale * (e_c - e_u)
+
+
+def _student_x0(teacher):
+    torch.manual_seed(0)
+    student = Student(teacher)
+    cond = teacher.encode_prompts(["a red cube", "a blue torus, side view"])
+    x0 = student.x0(torch.randn(2, 4, 16, 16), 999, cond)
+    x0.retain_grad()
+    return student, x0, cond
+
+
+def test_swiftbrush_gradient_is_sigma2_times_score_difference(teacher):
+    student, x0, cond = _student_x0(teacher)
+    lora = _perturbed_lora(teacher)
+    uncond = teacher.encode_prompts(["", ""])
+    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(4.5, 4.5, "sigma2", reduction="sum"))
+    t, noise = torch.tensor([200, 800]), torch.randn(2, 4, 16, 16)
+    out = core(x0, cond, uncond, t=t, noise=noise)
+    out.loss.backward()
+    with torch.no_grad():
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        expected = (1 - ab) * (_plain_eps(teacher, noisy, t, cond, uncond, 4.5)
+                               - _plain_eps(teacher, noisy, t, cond, uncond, 4.5, lora))
+    assert expected.abs().max() > 1e-4
+    assert torch.allclose(x0.grad, expected, atol=1e-5, rtol=1e-4)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.unet.parameters())  # reaches the student
+    lora.remove()
+
+
+def test_dmd_gradient_is_the_normalised_x0_difference(teacher):
+    student, x0, cond = _student_x0(teacher)
+    lora = _perturbed_lora(teacher, seed=1)
+    uncond = teacher.encode_prompts(["", ""])
+    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(3.0, 1.0, "dmd", reduction="sum"))
+    t, noise = torch.tensor([300, 600]), torch.randn(2, 4, 16, 16)
+    out = core(x0, cond, uncond, t=t, noise=noise)
+    out.loss.backward()
+    with torch.no_grad():
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        real = (noisy - (1 - ab).sqrt() * _plain_eps(teacher, noisy, t, cond, uncond, 3.0)) / ab.sqrt()
+        with lora.active():
+            eps_fake = teacher.unet(noisy, t, encoder_hidden_states=cond).sample  # fake score without CFG
+        fake = (noisy - (1 - ab).sqrt() * eps_fake) / ab.sqrt()
+        norm = (x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        expected = (fake - real) / norm
+    assert torch.allclose(x0.grad, expected, atol=1e-4, rtol=1e-4)
+    lora.remove()
+
+
+def test_dmd_gradient_vanishes_when_fake_score_is_the_teacher_without_cfg(teacher):
+    _, x0, cond = _student_x0(teacher)
+    lora = LoRAScoreNetwork(teacher, rank=4)  # fresh: B = 0, so exactly the teacher
+    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(1.0, 1.0, "dmd", reduction="sum"))
+    out = core(x0, cond, teacher.encode_prompts(["", ""]))
+    assert out.grad.abs().max() == 0.0
+    # and with CFG on the real branch it does not vanish
+    core.cfg = ScoreCoreConfig(4.0, 1.0, "dmd", reduction="sum")
+    assert core(x0, cond, teacher.encode_prompts(["", ""])).grad.abs().max() > 0
+    lora.remove()
+
+
+def test_student_x0_uses_the_schedules_alpha_bar(teacher):
+    student = Student(teacher, timesteps=[999, 499])
+    z, cond = torch.randn(1, 4, 16, 16), teacher.encode_prompts(["a red cube"])
+    with torch.no_grad():
+        eps = student.unet(z, torch.tensor([499]), encoder_hidden_states=cond).sample
+        assert torch.allclose(student.x0(z, 499, cond), predict_x0(teacher, z, eps, 499), atol=1e-6)
+
+
+def test_one_ttur_iteration_steps_the_fake_score_n_times_and_the_student_once(tiny_teacher_dir, tmp_path):
+    cfg = load_distill_config("dmd2", overrides=[*SMALL, f"teacher={tiny_teacher_dir}", "fake.steps_per_student_step=3"])
+    trainer = Distill2DTrainer(cfg, tmp_path, show_progress=False)
+    student_before = [p.detach().clone() for p in trainer.student.unet.parameters()]
+    trainer.train_step()
+    assert trainer.counts == {"student_steps": 1, "fake_steps": 3}
+    fake_steps = {int(s["step"]) for s in trainer.fake_optimizer.state.values()}
+    student_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert fake_steps == {3} and student_steps == {1}
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, trainer.student.unet.parameters()))
+    trainer.fake.remove()
+
+
+def test_resume_matches_uninterrupted_run_and_student_reloads(tiny_teacher_dir, tmp_path):
+    base = [*SMALL, f"teacher={tiny_teacher_dir}"]
+    full = distill(load_distill_config("swiftbrush", overrides=[*base, "steps=4"]), tmp_path / "full",
+                   show_progress=False, evaluate=False)
+    distill(load_distill_config("swiftbrush", overrides=[*base, "steps=2"]), tmp_path / "part", show_progress=False,
+            evaluate=False)
+    resumed = resume_distill(tmp_path / "part", ["steps=4"], show_progress=False, evaluate=False)
+    assert resumed.steps == 4
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("student", "fake"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+    # the saved student is a Stable Diffusion folder: the SD loading path loads it, one step samples
+    model = load_teacher(str(full.student), "cpu")
+    assert all(torch.equal(model.unet.state_dict()[k].float(), v.float()) for k, v in a["student"].items())
+    card = json.loads((full.student / "student.json").read_text())
+    assert card["timesteps"] == [999] and card["guidance_scale"] == 1.0
+    result = run_cli("sample", "a red cube", "--model", str(full.student), "--steps", "1", "-n", "2", "--out",
+                     str(tmp_path / "samples"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "samples" / "prompts.json").read_text())
+    assert record["steps"] == 1 and record["timesteps"] == [999] and len(record["images"]) == 2
+
+
+def test_cli_trains_each_method_briefly_and_scores_it(tiny_teacher_dir, tmp_path):
+    for method in ("swiftbrush", "dmd", "dmd2"):
+        out = tmp_path / method
+        result = run_cli("distill2d", "--method", method, "--teacher", str(tiny_teacher_dir), "--steps", "2",
+                         "--out", str(out), "-q", *SMALL)
+        assert result.returncode == 0, result.stderr
+        assert "judge on 540" in result.stdout
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["scores"]["n_images"] == 540 and (out / "student" / "unet").is_dir()
+        assert summary["fake_steps"] == 2 * (5 if method == "dmd2" else 1)
+
+
+def test_bad_config_is_one_line(tiny_teacher_dir, tmp_path):
+    with pytest.raises(ConfigError, match="timesteps"):
+        load_distill_config("dmd2", overrides=["timesteps=[249,999]"])
+    with pytest.raises(ConfigError, match="method"):
+        load_distill_config("gan")
+    result = run_cli("distill2d", "--method", "dmd", "core.weighting=foo", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "core.weighting" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()

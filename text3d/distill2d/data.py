@@ -1,0 +1,116 @@
+"""Inputs of 2D distillation: prompts, real latents for DMD2's GAN, and DMD's cached regression pairs.
+
+Prompts default to the embedded world's captions (every object and colour, plain and with each
+view suffix). Real images are a toyworld dataset, a folder of images, or -- by default -- a small
+set of embedded-world renders made on the spot. Regression pairs (noise, teacher DDIM sample) are
+made once with a progress bar and cached in the output folder, keyed by what made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from text3d.errors import UserError
+from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+from text3d.training.progress import LoopProgress
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def default_prompts() -> list[str]:
+    from text3d.prompts import VIEW_SUFFIXES
+    from text3d.toyworld.catalog import all_captions
+
+    captions = all_captions()
+    return captions + [c + suffix for c in captions for suffix in VIEW_SUFFIXES.values()]
+
+
+def load_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return default_prompts()
+    from text3d.teacher.sample_cli import read_prompts_file
+
+    return read_prompts_file(Path(path))
+
+
+def _image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no toyworld meta.json")
+    images, captions = [], []
+    for path in files:
+        try:
+            img = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        except OSError as exc:
+            raise UserError(f"cannot read image {path} ({exc})") from None
+        images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255.0)
+        caption = path.with_suffix(".txt")
+        captions.append(caption.read_text().strip() if caption.is_file() else "")
+    return torch.stack(images), captions
+
+
+def real_images(cfg_gan, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """([N, 3, R, R] in [0, 1], captions) for the GAN's real branch."""
+    if cfg_gan.real_data:
+        folder = Path(cfg_gan.real_data)
+        if not folder.is_dir():
+            raise UserError(f"gan.real_data {folder} is not a folder")
+        if (folder / "meta.json").is_file():
+            from text3d.toyworld.dataset import ToyworldDataset
+
+            data = ToyworldDataset.load(folder)
+            n = min(len(data), cfg_gan.real_images)
+            idx = np.random.default_rng(seed).choice(len(data), n, replace=False)
+            return data.images(idx), [str(data.arrays["captions"][i]) for i in idx]
+        return _image_folder(folder, resolution)
+    from text3d.toyworld.generate import render_shard
+
+    arrays = render_shard(seed, 0, cfg_gan.real_images, cfg_gan.real_images, resolution=resolution)
+    images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float() / 255.0
+    return images, [str(c) for c in arrays["captions"]]
+
+
+@torch.no_grad()
+def encode_images(teacher, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    return torch.cat([teacher.encode_images(images[i:i + batch].to(teacher.device)).cpu()
+                      for i in range(0, len(images), batch)])
+
+
+def _key(teacher, prompts: Sequence[str], cfg_reg, seed: int) -> str:
+    blob = json.dumps({"teacher": str(teacher.source), "prompts": list(prompts), "n": cfg_reg.pairs,
+                       "steps": cfg_reg.sampler_steps, "cfg": cfg_reg.guidance_scale, "seed": seed})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def regression_pairs(teacher, prompts: Sequence[str], cfg_reg, seed: int, cache: Path,
+                     show_progress: bool = True) -> dict:
+    """{"noise", "latents", "prompts"}: ``cfg_reg.pairs`` teacher DDIM samples from fixed noise, cached in ``cache``."""
+    from text3d.teacher.sampling import initial_latents, sample_latents
+
+    key = _key(teacher, prompts, cfg_reg, seed)
+    if cache.is_file():
+        state = load_checkpoint(cache)
+        if state.get("key") == key:
+            return state
+    g = torch.Generator("cpu").manual_seed(seed)
+    order = torch.randint(len(prompts), (cfg_reg.pairs,), generator=g).tolist()
+    chosen = [prompts[i] for i in order]
+    noise = initial_latents(teacher, cfg_reg.pairs, g).cpu()
+    latents = []
+    with LoopProgress(cfg_reg.pairs, description="regression pairs", enabled=show_progress) as bar:
+        for start in range(0, cfg_reg.pairs, cfg_reg.batch_size):
+            stop = min(cfg_reg.pairs, start + cfg_reg.batch_size)
+            latents.append(sample_latents(teacher, chosen[start:stop], steps=cfg_reg.sampler_steps,
+                                          guidance_scale=cfg_reg.guidance_scale, latents=noise[start:stop]).cpu())
+            bar.update(stop, {})
+    state = {"key": key, "noise": noise, "latents": torch.cat(latents), "prompts": chosen}
+    save_checkpoint(cache, state)
+    return state

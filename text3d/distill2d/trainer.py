@@ -1,0 +1,342 @@
+"""The `text3d distill2d` training loop, one for every method.
+
+One iteration = one student step (score-difference gradient from the shared core, plus DMD's
+regression and DMD2's generator GAN term when enabled) followed by ``fake.steps_per_student_step``
+updates of the fake score (the LoRA's diffusion loss on detached student samples, plus DMD2's
+discriminator loss). The student runs under `accelerate` (DDP across processes, mixed precision on
+CUDA); the LoRA and the GAN head average their gradients across processes by hand. All
+randomness comes from torch's global RNG, saved in every checkpoint, so a resumed run continues
+like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from text3d.distill2d.config import Distill2DConfig
+from text3d.distill2d.data import encode_images, load_prompts, real_images, regression_pairs
+from text3d.distill2d.gan import FakeScoreDiscriminator, discriminator_loss, generator_loss
+from text3d.distill2d.score_core import ScoreDifferenceCore
+from text3d.distill2d.student import Student, save_student, student_card
+from text3d.errors import NumericalError, UserError
+from text3d.guidance.lora import LoRAScoreNetwork
+from text3d.training.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from text3d.training.preview import save_preview
+from text3d.training.progress import LoopProgress
+from text3d.training.signals import Interrupted, StopRequest
+from text3d.utils.atomic import atomic_write_text
+from text3d.utils.seed import rng_state, seed_everything, set_rng_state
+
+CHECKPOINT = "checkpoints/last.pt"
+CONFIG_NAME = "config.yaml"
+STUDENT_DIR = "student"
+PREVIEW_PROMPTS = 8
+
+
+def _accelerator(cfg: Distill2DConfig):
+    from accelerate import Accelerator
+
+    from text3d.utils.backends import resolve_device
+
+    device = resolve_device(cfg.device)
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if device.type != "cuda":
+        precision = "no"
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
+class Distill2DTrainer:
+    def __init__(self, cfg: Distill2DConfig, out: Path, teacher=None, show_progress: bool = True):
+        from text3d.teacher import load_teacher
+
+        self.cfg, self.out, self.show_progress = cfg, Path(out), show_progress
+        self.accelerator = _accelerator(cfg)
+        self.device = self.accelerator.device
+        seed_everything(cfg.seed + self.accelerator.process_index)
+        self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, self.device)
+        self.prompts = load_prompts(cfg.prompts_file)
+        if not self.prompts:
+            raise UserError("the prompts file holds no prompts")
+        self.student = Student(self.teacher, cfg.timesteps)  # before the LoRA touches the teacher's UNet
+        if cfg.gradient_checkpointing:
+            self.student.unet.enable_gradient_checkpointing()
+        self.fake = LoRAScoreNetwork(self.teacher, rank=cfg.fake.rank, alpha=cfg.fake.alpha)
+        self.core = ScoreDifferenceCore(self.teacher, self.fake, cfg.core)
+        self.disc = FakeScoreDiscriminator(self.fake, self.teacher) if cfg.gan.generator_weight > 0 else None
+        fake_groups = [{"params": self.fake.trainable_parameters(), "lr": cfg.fake.lr}]
+        if self.disc is not None:
+            fake_groups.append({"params": list(self.disc.head.parameters()), "lr": cfg.gan.lr})
+        self.fake_optimizer = torch.optim.AdamW(fake_groups, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(self.student.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.student.unet, self.optimizer = self.accelerator.prepare(self.student.unet, optimizer)
+        self.ema = ({k: v.detach().clone() for k, v in self._student_unet().state_dict().items()}
+                    if cfg.ema_decay > 0 else None)
+        self.step = 0
+        self.counts = {"student_steps": 0, "fake_steps": 0}
+        self._pairs = None
+        self._real = None
+        self._nonfinite_run = 0
+
+    # --------------------------------------------------------------- helpers
+    def _student_unet(self):
+        return self.accelerator.unwrap_model(self.student.unet)
+
+    def _embed(self, prompts):
+        return self.teacher.encode_prompts(list(prompts))
+
+    def _uncond(self, batch: int):
+        return self.teacher.encode_prompts([self.cfg.negative_prompt] * batch)
+
+    def _noise(self, batch: int) -> torch.Tensor:
+        shape = (batch, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        return torch.randn(shape, dtype=torch.float32).to(self.device)
+
+    def draw_prompts(self, batch: int) -> list[str]:
+        return [self.prompts[int(i)] for i in torch.randint(len(self.prompts), (batch,))]
+
+    def student_sample(self, prompts, grad: bool) -> torch.Tensor:
+        """x0 of a batch; multi-step students train step k (uniform) on their own earlier outputs."""
+        cond = self._embed(prompts)
+        k = int(torch.randint(len(self.cfg.timesteps), ())) if len(self.cfg.timesteps) > 1 else 0
+        with torch.set_grad_enabled(grad):
+            return self.student.generate(self._noise(len(prompts)), cond, steps=k + 1, grad_last=grad)
+
+    def regression_data(self) -> dict:
+        if self._pairs is None:
+            self._pairs = regression_pairs(self.teacher, self.prompts, self.cfg.regression, self.cfg.seed,
+                                           self.out / "cache" / "regression_pairs.pt", self.show_progress)
+        return self._pairs
+
+    def real_data(self) -> tuple[torch.Tensor, list[str]]:
+        if self._real is None:
+            images, captions = real_images(self.cfg.gan, self.teacher.image_size, self.cfg.seed)
+            self._real = (encode_images(self.teacher, images), captions)
+        return self._real
+
+    def _average_fake_grads(self) -> None:
+        if self.accelerator.num_processes > 1:
+            for group in self.fake_optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    # ------------------------------------------------------------------ steps
+    def student_step(self) -> tuple[dict, torch.Tensor, list[str]]:
+        cfg = self.cfg
+        prompts = self.draw_prompts(cfg.batch_size)
+        x0 = self.student_sample(prompts, grad=True)
+        cond, uncond = self._embed(prompts), self._uncond(len(prompts))
+        sd = self.core(x0, cond, uncond)
+        loss = sd.loss
+        stats = {"score_grad": float(sd.grad.flatten(1).norm(dim=1).mean())}
+        if cfg.regression.weight > 0:
+            reg = self.regression_loss()
+            stats["regression"] = float(reg.detach())
+            loss = loss + cfg.regression.weight * reg
+        if self.disc is not None:
+            t = self.core.sample_t(x0.shape[0])
+            logits = self.disc.logits(self.teacher.add_noise(x0.float(), self._noise(x0.shape[0]), t), t, cond)
+            gen = generator_loss(logits)
+            stats["gan_g"] = float(gen.detach())
+            loss = loss + cfg.gan.generator_weight * gen
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite(stats, "student loss"), x0.detach(), prompts
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.student.unet.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.counts["student_steps"] += 1
+        self._nonfinite_run = 0
+        self._update_ema()
+        stats["loss"] = float(loss.detach())
+        return stats, x0.detach(), prompts
+
+    def regression_loss(self) -> torch.Tensor:
+        data = self.regression_data()
+        idx = torch.randint(len(data["latents"]), (self.cfg.batch_size,))
+        noise = data["noise"][idx].to(self.device)
+        target = data["latents"][idx].to(self.device)
+        pred = self.student.generate(noise, self._embed([data["prompts"][int(i)] for i in idx]), grad_last=True)
+        if self.cfg.regression.metric == "lpips":
+            return self._lpips(pred, target)
+        return F.mse_loss(pred.float(), target.float())
+
+    def _lpips(self, pred, target):
+        try:
+            import lpips
+        except ImportError:
+            raise UserError("regression.metric=lpips needs the `lpips` package (pip install lpips) and its weights; "
+                            "use regression.metric=latent_l2 otherwise") from None
+        if not hasattr(self, "_lpips_net"):
+            self._lpips_net = lpips.LPIPS(net="vgg").to(self.device).eval().requires_grad_(False)
+        a = self.teacher.decode_latents(pred) * 2 - 1
+        b = self.teacher.decode_latents(target).detach() * 2 - 1
+        return self._lpips_net(a, b).mean()
+
+    def fake_step(self, x0: torch.Tensor, prompts: list[str]) -> dict:
+        cfg = self.cfg
+        batch = x0.shape[0]
+        cond, uncond = self._embed(prompts), self._uncond(batch)
+        if cfg.fake.null_prompt_prob > 0:
+            null = (torch.rand(batch) < cfg.fake.null_prompt_prob).to(self.device).view(-1, 1, 1)
+            cond = torch.where(null, uncond, cond)
+        T = self.teacher.num_train_timesteps
+        lo = int(cfg.fake.t_min * T)
+        t = torch.randint(lo, max(lo + 1, int(cfg.fake.t_max * T)), (batch,)).to(self.device)
+        weights = self.teacher.alpha_bar(t).flatten() if cfg.fake.alpha_weighted else None
+        loss = self.fake.denoising_loss(x0, cond, t, self._noise(batch), weights=weights)
+        stats = {"fake": float(loss.detach())}
+        if self.disc is not None:
+            real, captions = self.real_data()
+            idx = torch.randint(len(real), (batch,))
+            t_real, t_fake = self.core.sample_t(batch), self.core.sample_t(batch)
+            real_noisy = self.teacher.add_noise(real[idx].to(self.device), self._noise(batch), t_real)
+            fake_noisy = self.teacher.add_noise(x0.detach().float(), self._noise(batch), t_fake)
+            d_loss = discriminator_loss(self.disc.logits(real_noisy, t_real, self._embed([captions[i] for i in idx])),
+                                        self.disc.logits(fake_noisy, t_fake, self._embed(prompts)))
+            stats["gan_d"] = float(d_loss.detach())
+            loss = loss + cfg.gan.discriminator_weight * d_loss
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return self._nonfinite(stats, "fake-score loss")
+        loss.backward()
+        self._average_fake_grads()
+        params = [p for g in self.fake_optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.fake_optimizer.step()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        self.counts["fake_steps"] += 1
+        return stats
+
+    def train_step(self) -> dict:
+        """One student step, then ``fake.steps_per_student_step`` fake-score steps (the first on the
+        student step's own samples, the others on fresh ones)."""
+        stats, x0, prompts = self.student_step()
+        for i in range(self.cfg.fake.steps_per_student_step):
+            if i > 0:
+                prompts = self.draw_prompts(self.cfg.batch_size)
+                x0 = self.student_sample(prompts, grad=False)
+            stats.update(self.fake_step(x0, prompts))
+        return stats
+
+    def _nonfinite(self, stats: dict, what: str) -> dict:
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= 10:
+            raise NumericalError(f"the {what} was NaN/inf for 10 consecutive steps (at step {self.step + 1}); the last "
+                                 f"good checkpoint is {self.out / CHECKPOINT}; try a lower lr")
+        stats["skipped"] = 1.0
+        return stats
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ema_decay
+        with torch.no_grad():
+            for k, v in self._student_unet().state_dict().items():
+                if v.is_floating_point():
+                    self.ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    self.ema[k].copy_(v)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "student": self._student_unet().state_dict(), "fake": self.fake.lora_state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict(),
+                 "counts": dict(self.counts), "rng": rng_state()}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        if self.disc is not None:
+            state["head"] = self.disc.head.state_dict()
+        return state
+
+    def save(self) -> Path:
+        path = self.out / CHECKPOINT
+        if self.accelerator.is_main_process:
+            save_checkpoint(path, self.state_dict())
+        return path
+
+    def load(self) -> int:
+        state = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        load_module_state(self._student_unet(), state, "student")
+        try:
+            self.fake.load_lora_state_dict(state["fake"])
+        except (KeyError, RuntimeError) as exc:
+            from text3d.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint does not match this run's fake score ({exc})") from None
+        load_module_state(self.optimizer, state, "optimizer")
+        load_module_state(self.fake_optimizer, state, "fake_optimizer")
+        if self.disc is not None:
+            load_module_state(self.disc.head, state, "head")
+        if self.ema is not None and "ema" in state:
+            self.ema = {k: v.clone() for k, v in state["ema"].items()}
+        self.counts = dict(state.get("counts", self.counts))
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        return self.step
+
+    # ----------------------------------------------------------------- output
+    @torch.no_grad()
+    def preview(self, path: Path) -> Path:
+        """One row per student timestep count (1..K) for fixed prompts and noise."""
+        prompts = [self.prompts[i * len(self.prompts) // PREVIEW_PROMPTS] for i in range(PREVIEW_PROMPTS)]
+        g = torch.Generator("cpu").manual_seed(1234)
+        shape = (PREVIEW_PROMPTS, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        z = torch.randn(shape, generator=g).to(self.device)
+        cond = self._embed(prompts)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(99)
+            rows = [self.teacher.decode_latents(self.student.generate(z, cond, steps=k)).cpu()
+                    for k in range(1, len(self.cfg.timesteps) + 1)]
+        return save_preview(rows, path)
+
+    def export(self) -> Path:
+        unet = copy.deepcopy(self._student_unet())
+        if self.ema is not None:
+            unet.load_state_dict(self.ema)
+        card = student_card(self.cfg.timesteps, self.cfg.method, self.step, self.teacher.source)
+        return save_student(self.out / STUDENT_DIR, unet, self.teacher, card)
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        start = self.step
+        log = []
+        with StopRequest() as stop, LoopProgress(cfg.steps, start, f"distilling ({cfg.method})",
+                                                 self.show_progress) as bar:
+            for step in range(start + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                self.step = step
+                stats["seconds"] = time.perf_counter() - t0
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "fake", "gan_d", "regression")})
+                    log.append({"step": step, **{k: round(v, 6) for k, v in stats.items() if math.isfinite(v)}})
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    self.save()
+                if step % cfg.sample_every == 0 and self.accelerator.is_main_process:
+                    self.preview(self.out / "samples" / f"step_{step:06d}.png")
+                if stop.signal is not None:
+                    path = self.save()
+                    raise Interrupted(f"stopped by {stop.signal} after step {step}; checkpoint saved to {path}; "
+                                      f"continue with: text3d distill2d --resume {self.out}")
+        if log and self.accelerator.is_main_process:
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in log))
+        return self.step
+
+
+def write_config(out: Path, cfg: Distill2DConfig) -> Path:
+    from omegaconf import OmegaConf
+
+    return atomic_write_text(Path(out) / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
