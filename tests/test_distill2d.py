@@ -20,7 +20,7 @@ from text3d.teacher.sampling import predict_x0
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["batch_size=2", "regression.pairs=4", "regression.sampler_steps=2", "gan.real_images=8",
+SMALL = ["batch_size=2", "regression.pairs=4", "regression.sampler_steps=2", "real_images=8",
          "sample_every=1000", "checkpoint_every=2", "log_every=1"]
 
 

@@ -9,7 +9,8 @@ from typing import List, Optional, Sequence
 from text3d.config import CONFIG_DIR, _check, load_structured
 from text3d.errors import ConfigError
 
-METHODS = ("swiftbrush", "dmd", "dmd2")
+METHODS = ("swiftbrush", "dmd", "dmd2", "kd", "pd", "guided")
+SCORE_METHODS = ("swiftbrush", "dmd", "dmd2")  # trained by the score-difference trainer; the rest by trajectory.py
 WEIGHTINGS = ("sigma2", "dmd")
 
 
@@ -58,9 +59,22 @@ class GANConfig:
 
     generator_weight: float = 0.0  # 0 = off; DMD2 uses 1e-3
     discriminator_weight: float = 1e-2
-    real_images: int = 1024  # embedded-world renders made when no --real-data folder is given
-    real_data: Optional[str] = None  # a toyworld dataset folder or a folder of images
     lr: float = 1e-3
+
+
+@dataclass
+class TrajectoryConfig:
+    """Knowledge (KD), progressive (PD) and guided (w-conditioned) distillation (:mod:`.trajectory`)."""
+
+    loss: str = "l2"  # KD's regression loss: l2 | l1
+    start_steps: int = 64  # PD: the teacher's DDIM steps in the first round (a power of two)
+    end_steps: int = 1  # PD: the student's steps after the last round
+    round_steps: int = 200  # student updates per PD round
+    guidance_scale: float = 4.5  # CFG of the original teacher in PD's first round
+    w_min: float = 1.0  # guided: guidance scales drawn from [w_min, w_max] (diffusers' s, 1 = no guidance)
+    w_max: float = 8.0
+    w_embed_dim: int = 32  # guided: size of the guidance embedding (UNet time_cond_proj_dim)
+    stage1_steps: int = 300  # guided: steps of stage 1 (matching the teacher's CFG output for each w)
 
 
 @dataclass
@@ -72,6 +86,8 @@ class Distill2DConfig:
     teacher: Optional[str] = None  # None = the embedded teacher
     prompts_file: Optional[str] = None  # None = the embedded world's captions
     negative_prompt: str = ""
+    real_data: Optional[str] = None  # real images (DMD2's GAN, PD and guided distillation): a toyworld dataset
+    real_images: int = 1024  # folder or an image folder; without one, this many embedded-world renders are made
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-4
@@ -88,6 +104,7 @@ class Distill2DConfig:
     fake: FakeScoreConfig = field(default_factory=FakeScoreConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     gan: GANConfig = field(default_factory=GANConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
 
 
 def method_preset(method: str) -> Path:
@@ -124,9 +141,18 @@ def validate(cfg: Distill2DConfig) -> None:
            "regression.weight must be >= 0 and regression.pairs/sampler_steps/batch_size >= 1")
     _check(r.metric in ("latent_l2", "lpips"), f"regression.metric must be latent_l2 or lpips, got {r.metric!r}")
     g = cfg.gan
-    _check(g.generator_weight >= 0 and g.discriminator_weight >= 0 and g.real_images >= 1 and g.lr > 0,
-           "gan weights must be >= 0, gan.real_images >= 1 and gan.lr > 0")
+    _check(g.generator_weight >= 0 and g.discriminator_weight >= 0 and g.lr > 0, "gan weights must be >= 0 and gan.lr > 0")
+    _check(cfg.real_images >= 1, f"real_images must be at least 1, got {cfg.real_images}")
     _check(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     _check(cfg.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision must be auto, no, fp16 or bf16")
+    j = cfg.trajectory
+    _check(j.loss in ("l2", "l1"), f"trajectory.loss must be l2 or l1, got {j.loss!r}")
+    power = j.start_steps >= 2 and (j.start_steps & (j.start_steps - 1)) == 0
+    _check(power and 1 <= j.end_steps < j.start_steps and (j.end_steps & (j.end_steps - 1)) == 0,
+           f"trajectory.start_steps and end_steps must be powers of two with start > end >= 1, got "
+           f"{j.start_steps} and {j.end_steps}")
+    _check(j.round_steps >= 1 and j.stage1_steps >= 0, "trajectory.round_steps must be >= 1, stage1_steps >= 0")
+    _check(1.0 <= j.w_min <= j.w_max, f"need 1 <= trajectory.w_min <= trajectory.w_max, got {j.w_min}, {j.w_max}")
+    _check(j.w_embed_dim >= 2 and j.w_embed_dim % 2 == 0, "trajectory.w_embed_dim must be even and >= 2")
     for name in ("sample_every", "checkpoint_every", "log_every"):
         _check(getattr(cfg, name) >= 1, f"{name} must be at least 1")

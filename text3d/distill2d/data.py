@@ -57,23 +57,24 @@ def _image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str
     return torch.stack(images), captions
 
 
-def real_images(cfg_gan, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """([N, 3, R, R] in [0, 1], captions) for the GAN's real branch."""
-    if cfg_gan.real_data:
-        folder = Path(cfg_gan.real_data)
+def real_images(real_data: str | None, count: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """([N, 3, R, R] in [0, 1], captions): a toyworld dataset (``count`` drawn), an image folder (captions from
+    same-named .txt files), or ``count`` fresh embedded-world renders."""
+    if real_data:
+        folder = Path(real_data)
         if not folder.is_dir():
-            raise UserError(f"gan.real_data {folder} is not a folder")
+            raise UserError(f"real_data {folder} is not a folder")
         if (folder / "meta.json").is_file():
             from text3d.toyworld.dataset import ToyworldDataset
 
             data = ToyworldDataset.load(folder)
-            n = min(len(data), cfg_gan.real_images)
+            n = min(len(data), count)
             idx = np.random.default_rng(seed).choice(len(data), n, replace=False)
             return data.images(idx), [str(data.arrays["captions"][i]) for i in idx]
         return _image_folder(folder, resolution)
     from text3d.toyworld.generate import render_shard
 
-    arrays = render_shard(seed, 0, cfg_gan.real_images, cfg_gan.real_images, resolution=resolution)
+    arrays = render_shard(seed, 0, count, count, resolution=resolution)
     images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).float() / 255.0
     return images, [str(c) for c in arrays["captions"]]
 

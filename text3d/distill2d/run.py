@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from text3d.distill2d.config import Distill2DConfig, validate
+from text3d.distill2d.config import SCORE_METHODS, Distill2DConfig, validate
 from text3d.distill2d.trainer import CHECKPOINT, CONFIG_NAME, STUDENT_DIR, Distill2DTrainer, write_config
 from text3d.errors import UserError
 from text3d.training.run_folder import probe_writable
@@ -36,7 +36,7 @@ def distill(cfg: Distill2DConfig, out: Path, show_progress: bool = True, teacher
     from text3d.distill2d.data import load_prompts
 
     load_prompts(cfg.prompts_file)  # a bad prompts file fails before any folder is made
-    trainer = Distill2DTrainer(cfg, out, teacher=teacher, show_progress=show_progress)
+    trainer = _trainer(cfg, out, teacher, show_progress)
     try:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -56,13 +56,25 @@ def resume_distill(out: Path, overrides: Sequence[str] = (), show_progress: bool
         raise UserError(f"{out} has no checkpoint to resume from ({CHECKPOINT})")
     cfg = load_structured(Distill2DConfig, [out / CONFIG_NAME], overrides)
     validate(cfg)
-    trainer = Distill2DTrainer(cfg, out, teacher=teacher, show_progress=show_progress)
+    trainer = _trainer(cfg, out, teacher, show_progress)
     trainer.load()
     write_config(out, cfg)
     return _train(trainer, evaluate)
 
 
-def _train(trainer: Distill2DTrainer, evaluate: bool) -> DistillResult:
+def _trainer(cfg: Distill2DConfig, out: Path, teacher, show_progress: bool):
+    if cfg.method in SCORE_METHODS:
+        return Distill2DTrainer(cfg, out, teacher=teacher, show_progress=show_progress)
+    from text3d.distill2d.trajectory import TrajectoryTrainer
+
+    return TrajectoryTrainer(cfg, out, teacher=teacher, show_progress=show_progress)
+
+
+def _train(trainer, evaluate: bool) -> DistillResult:
+    if not isinstance(trainer, Distill2DTrainer):
+        from text3d.distill2d.trajectory import run_trajectory
+
+        return run_trajectory(trainer, evaluate)
     start = time.perf_counter()
     steps = trainer.fit()
     seconds = time.perf_counter() - start

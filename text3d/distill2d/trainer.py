@@ -118,7 +118,8 @@ class Distill2DTrainer:
 
     def real_data(self) -> tuple[torch.Tensor, list[str]]:
         if self._real is None:
-            images, captions = real_images(self.cfg.gan, self.teacher.image_size, self.cfg.seed)
+            images, captions = real_images(self.cfg.real_data, self.cfg.real_images, self.teacher.image_size,
+                                           self.cfg.seed)
             self._real = (encode_images(self.teacher, images), captions)
         return self._real
 

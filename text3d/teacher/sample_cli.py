@@ -92,7 +92,7 @@ def _save_png(image, path: Path) -> None:
 
 def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps: Optional[int] = None, n: int = 16,
                guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 16, device: str = "auto",
-               teacher=None, progress: bool = True) -> dict:
+               teacher=None, progress: bool = True, sampler: Optional[str] = None) -> dict:
     """Sample ``n`` images per prompt into ``out``; returns the prompts.json record.
 
     ``teacher`` may be an already loaded Teacher (then ``model`` and ``device`` are ignored). A
@@ -109,23 +109,33 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
     from text3d.training.progress import LoopProgress
     from text3d.utils.atomic import atomic_write_text
 
+    from text3d.teacher.sampling import SAMPLERS
+
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     out = _check_out(out)
     if teacher is None:
         teacher = load_teacher(model, device)
     card = read_student_card(teacher.source if teacher.source and os.path.isdir(str(teacher.source)) else None)
-    timesteps, sampler = None, "ddim"
+    timesteps = None
     if card is not None:
-        student_steps = list(card["timesteps"])
-        steps = len(student_steps) if steps is None else steps
-        if not 1 <= steps <= len(student_steps):
-            raise UserError(f"this student samples in 1 to {len(student_steps)} step(s) (timesteps {student_steps}), "
-                            f"got --steps {steps}")
-        timesteps, sampler = student_steps[:steps], str(card.get("sampler", "renoise"))
+        student_steps = card.get("timesteps")
+        card_sampler = str(card.get("sampler", "ddim"))
+        if student_steps:
+            steps = len(student_steps) if steps is None else steps
+            if card_sampler == "renoise" and not 1 <= steps <= len(student_steps):
+                raise UserError(f"this student samples in 1 to {len(student_steps)} step(s) (timesteps "
+                                f"{student_steps}), got --steps {steps}")
+            if card_sampler != "renoise" and steps != len(student_steps):
+                raise UserError(f"this student was distilled for exactly {len(student_steps)} step(s), got --steps {steps}")
+            timesteps = student_steps[:steps]
+        sampler = sampler or card_sampler
         guidance_scale = float(card.get("guidance_scale", 1.0)) if guidance_scale is None else guidance_scale
+    sampler = sampler or "ddim"
     steps = 50 if steps is None else steps
     guidance_scale = 7.5 if guidance_scale is None else guidance_scale
     if not math.isfinite(guidance_scale):
@@ -197,6 +207,8 @@ def sample(
                                                 "n images per prompt."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images sampled together."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    sampler: Optional[str] = typer.Option(None, help="ddim | renoise | stochastic (default: a student's own, else "
+                                          "ddim)."),
 ):
     """Sample images from the teacher (DDIM + classifier-free guidance) into a folder."""
     from text3d.prompts import validate_prompt
@@ -211,5 +223,5 @@ def sample(
     else:
         prompts = [validate_prompt(prompt)]
     record = run_sample(prompts, out, model=None if model is None else os.fspath(model), steps=steps, n=n,
-                        guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device)
+                        guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, sampler=sampler)
     typer.echo(f"wrote {len(record['images'])} images ({len(prompts)} prompt(s) x {n}) to {out}")

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import math
+
 import numpy as np
 import torch
 
 SPACINGS = ("trailing", "leading")
+SAMPLERS = ("ddim", "renoise", "stochastic")
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing",
@@ -99,6 +102,49 @@ def ddim_step(teacher_or_alphas, x_t: torch.Tensor, eps: torch.Tensor, t, t_prev
     return x_prev
 
 
+def progressive_target(teacher_or_alphas, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z_t: torch.Tensor,
+                       t: int, t_mid: int, t_next: int) -> torch.Tensor:
+    """Progressive distillation's x-target (Salimans & Ho): two deterministic DDIM steps of the teacher
+    ``t -> t_mid -> t_next`` (``eps_fn(z, t)`` is its noise prediction), then the x0 that takes one DDIM
+    step ``t -> t_next`` to the same point:
+
+        x~ = (z_next - (sigma_next / sigma_t) z_t) / (alpha_next - (sigma_next / sigma_t) alpha_t)
+
+    (alpha = sqrt(ab), sigma = sqrt(1 - ab); for ``t_next = -1`` it is the teacher's final x0)."""
+    alphas = _alphas(teacher_or_alphas)
+    batch = z_t.shape[0]
+    z_mid = ddim_step(alphas, z_t, eps_fn(z_t, t), t, t_mid)
+    z_next = ddim_step(alphas, z_mid, eps_fn(z_mid, t_mid), t_mid, t_next)
+    ab_t = _alpha_bar(alphas, t, batch, z_t.device)
+    ab_next = _alpha_bar(alphas, t_next, batch, z_t.device)
+    ratio = (1.0 - ab_next).sqrt() / (1.0 - ab_t).sqrt()
+    return (z_next - ratio * z_t.float()) / (ab_next.sqrt() - ratio * ab_t.sqrt())
+
+
+def renoise_step(teacher_or_alphas, z: torch.Tensor, t_from: int, t_to: int, noise: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion from ``t_from`` to the noisier ``t_to`` (``t_from = -1``: from clean data):
+    ``sqrt(ab_to / ab_from) z + sqrt(1 - ab_to / ab_from) noise``."""
+    alphas = _alphas(teacher_or_alphas)
+    ratio = _alpha_bar(alphas, t_to, z.shape[0], z.device) / _alpha_bar(alphas, t_from, z.shape[0], z.device)
+    return ratio.sqrt() * z.float() + (1.0 - ratio).clamp_min(0.0).sqrt() * noise
+
+
+def guidance_embedding(w: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of guidance scales ``w`` [B] (scaled by 1000, like a timestep), the
+    ``timestep_cond`` input of a guidance-conditioned UNet (``time_cond_proj_dim = dim``)."""
+    w = w.float().reshape(-1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=w.device) / max(1, half))
+    args = w[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim - emb.shape[1]))
+
+
+def guidance_conditioned(teacher) -> int:
+    """The guidance-embedding size of a w-conditioned UNet, 0 for an ordinary one."""
+    return int(getattr(teacher.unet.config, "time_cond_proj_dim", None) or 0)
+
+
 def initial_latents(teacher, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal latents [batch, C, h, w] for ``teacher``, drawn on the generator's device."""
     shape = (batch, teacher.latent_channels, teacher.latent_size, teacher.latent_size)
@@ -118,11 +164,14 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
     prompt of the unconditional CFG branch; ``guidance_scale = 1`` runs the conditional branch only.
     ``callback(i, t, x)`` is called after each step i (0-based) with the new latents.
     ``timesteps`` (descending) replaces the ``steps``/``spacing`` grid. ``sampler`` is ``ddim``
-    (deterministic DDIM) or ``renoise`` (few-step students: predict x0, then noise it afresh to the
-    next timestep; the last x0 is the sample).
+    (deterministic DDIM), ``renoise`` (few-step students: predict x0, then noise it afresh to the
+    next timestep; the last x0 is the sample) or ``stochastic`` (guided distillation's N-step
+    sampler: a deterministic DDIM step of twice the length, then forward noise back by one step).
+    A guidance-conditioned UNet gets ``guidance_scale`` as its ``timestep_cond`` input and runs one
+    pass per step (no CFG batch).
     """
-    if sampler not in ("ddim", "renoise"):
-        raise ValueError(f"unknown sampler {sampler!r}; expected ddim or renoise")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("sample_latents needs at least one prompt")
@@ -137,6 +186,12 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
     uncond = teacher.encode_prompts([negative]).expand(batch, -1, -1)
     timesteps = (list(timesteps) if timesteps is not None
                  else ddim_timesteps(teacher.num_train_timesteps, steps, spacing).tolist())
+    unet_kwargs = {}
+    w_dim = guidance_conditioned(teacher)
+    if w_dim:
+        w = torch.full((batch,), float(guidance_scale), device=teacher.device)
+        unet_kwargs["timestep_cond"] = guidance_embedding(w, w_dim).to(teacher.dtype)
+        guidance_scale = 1.0
     bar = None
     if progress:
         from text3d.training.progress import LoopProgress
@@ -145,8 +200,13 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
     try:
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            eps = teacher.predict_eps(x, t, cond, uncond, guidance_scale=guidance_scale)
-            if sampler == "renoise":
+            eps = teacher.predict_eps(x, t, cond, uncond, guidance_scale=guidance_scale, **unet_kwargs)
+            if sampler == "stochastic":
+                t_skip = timesteps[i + 2] if i + 2 < len(timesteps) else -1
+                x = ddim_step(teacher, x, eps, t, t_skip)
+                if t_prev >= 0:
+                    x = renoise_step(teacher, x, t_skip, t_prev, initial_latents(teacher, batch, generator))
+            elif sampler == "renoise":
                 x = predict_x0(teacher, x, eps, t)
                 if t_prev >= 0:
                     x = teacher.add_noise(x, initial_latents(teacher, batch, generator), torch.tensor(t_prev))

@@ -1,0 +1,349 @@
+"""Trajectory-based distillation: knowledge (KD), progressive (PD) and guided (w-conditioned) distillation.
+
+A run is a list of phases, each training a student UNet from a frozen phase teacher; each finished
+phase is saved as a complete SD folder in ``OUT/phases/NAME`` (a checkpoint per PD round), and the
+next phase's teacher is that student.
+
+* **kd** (Luhman & Luhman): (noise, teacher DDIM sample) pairs made once and cached, then a
+  one-step student regressed on them (L2 or L1).
+* **pd** (Salimans & Ho): rounds ``start -> start/2 -> ... -> end`` steps; the student matches two
+  teacher DDIM steps with one through the x-target of :func:`~text3d.teacher.sampling.progressive_target`,
+  weighted by the truncated SNR ``max(ab/(1-ab), 1)``; the first round's teacher uses CFG, so every
+  student runs one pass per step.
+* **guided** (Meng et al.): stage 1, a student whose UNet takes the guidance scale w as
+  ``timestep_cond`` (diffusers' ``time_cond_proj_dim``; its projection starts at zero, so the
+  student starts exactly at the teacher) learns the teacher's CFG output for w ~ U[w_min, w_max];
+  stage 2, progressive distillation of it with w kept as an input.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from text3d.distill2d.config import Distill2DConfig
+from text3d.distill2d.data import encode_images, load_prompts, real_images, regression_pairs
+from text3d.distill2d.student import save_student
+from text3d.distill2d.trainer import CHECKPOINT, _accelerator
+from text3d.errors import CheckpointError, NumericalError, UserError
+from text3d.teacher.sampling import (ddim_timesteps, guidance_embedding, guidance_conditioned, predict_x0,
+                                     progressive_target)
+from text3d.teacher.teacher import Teacher
+from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+from text3d.training.progress import LoopProgress
+from text3d.training.signals import Interrupted, StopRequest
+from text3d.utils.seed import rng_state, seed_everything, set_rng_state
+
+PHASES_DIR = "phases"
+
+
+@dataclass
+class Phase:
+    name: str  # folder name under OUT/phases
+    kind: str  # kd | w | pd
+    steps: int
+    teacher_steps: int = 0  # pd: the phase teacher's DDIM steps
+    student_steps: int = 0  # pd: the student's
+    w_conditioned: bool = False
+
+
+def pd_rounds(start: int, end: int) -> list[tuple[int, int]]:
+    """(teacher steps, student steps) of each progressive-distillation round: 64 -> 32 -> ... -> end."""
+    rounds, n = [], start
+    while n > end:
+        rounds.append((n, n // 2))
+        n //= 2
+    return rounds
+
+
+def plan(cfg: Distill2DConfig) -> list[Phase]:
+    j = cfg.trajectory
+    if cfg.method == "kd":
+        return [Phase("kd", "kd", cfg.steps)]
+    phases = []
+    if cfg.method == "guided":
+        phases.append(Phase("guided_w", "w", j.stage1_steps, w_conditioned=True))
+    prefix = "guided_pd" if cfg.method == "guided" else "pd"
+    for teacher_steps, student_steps in pd_rounds(j.start_steps, j.end_steps):
+        phases.append(Phase(f"{prefix}_{student_steps}", "pd", j.round_steps, teacher_steps, student_steps,
+                            w_conditioned=cfg.method == "guided"))
+    return [p for p in phases if p.steps > 0]
+
+
+def w_conditioned_unet(unet, dim: int):
+    """A copy of ``unet`` that also takes a guidance embedding [B, dim] as ``timestep_cond``; the new
+    projection is zero, so the copy computes exactly what ``unet`` computes."""
+    from diffusers import UNet2DConditionModel
+
+    from text3d.teacher.loader import quiet_hf
+
+    with quiet_hf():
+        new = UNet2DConditionModel.from_config({**dict(unet.config), "time_cond_proj_dim": dim})
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise ValueError(f"cannot add a guidance input to this UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    torch.nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    return new
+
+
+class TrajectoryTrainer:
+    def __init__(self, cfg: Distill2DConfig, out: Path, teacher=None, show_progress: bool = True):
+        from text3d.teacher import load_teacher
+
+        self.cfg, self.out, self.show_progress = cfg, Path(out), show_progress
+        self.accelerator = _accelerator(cfg)
+        self.device = self.accelerator.device
+        seed_everything(cfg.seed + self.accelerator.process_index)
+        self.base = teacher if teacher is not None else load_teacher(cfg.teacher, self.device)
+        self.prompts = load_prompts(cfg.prompts_file)
+        self.phases = plan(cfg)
+        self.phase_index, self.step = 0, 0  # step counts within the phase
+        self._real = None
+        self._pairs = None
+        self._nonfinite = 0
+        self.saved: list[Path] = []
+
+    # --------------------------------------------------------------- phases
+    def _phase_teacher(self, index: int) -> Teacher:
+        if index == 0:
+            return self.base
+        from text3d.teacher import load_teacher
+
+        return load_teacher(str(self.out / PHASES_DIR / self.phases[index - 1].name), self.device)
+
+    def _start_phase(self, index: int, teacher: Teacher) -> None:
+        phase = self.phases[index]
+        self.teacher = teacher
+        from text3d.teacher.loader import quiet_hf
+
+        with quiet_hf():
+            if phase.kind == "w" and not guidance_conditioned(teacher):
+                unet = w_conditioned_unet(teacher.unet, self.cfg.trajectory.w_embed_dim)
+            else:
+                unet = copy.deepcopy(teacher.unet)
+            unet = unet.to(self.device, torch.float32).requires_grad_(True).train()
+        if self.cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.phase = phase
+
+    # ----------------------------------------------------------------- data
+    def real_batch(self, batch: int) -> tuple[torch.Tensor, list[str]]:
+        if self._real is None:
+            images, captions = real_images(self.cfg.real_data, self.cfg.real_images, self.base.image_size, self.cfg.seed)
+            self._real = (encode_images(self.base, images), captions)
+        latents, captions = self._real
+        idx = torch.randint(len(latents), (batch,))
+        return latents[idx].to(self.device), [captions[int(i)] for i in idx]
+
+    def draw_w(self, batch: int) -> torch.Tensor:
+        j = self.cfg.trajectory
+        return (j.w_min + (j.w_max - j.w_min) * torch.rand(batch)).to(self.device)
+
+    def _w_kwargs(self, teacher_or_dim, w: torch.Tensor | None) -> dict:
+        dim = teacher_or_dim if isinstance(teacher_or_dim, int) else guidance_conditioned(teacher_or_dim)
+        if not dim or w is None:
+            return {}
+        return {"timestep_cond": guidance_embedding(w, dim)}
+
+    def student_eps(self, z: torch.Tensor, t, cond: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(z.shape[0])
+        dim = int(getattr(self.accelerator.unwrap_model(self.unet).config, "time_cond_proj_dim", None) or 0)
+        out = self.unet(z, t, encoder_hidden_states=cond.float(), return_dict=False, **self._w_kwargs(dim, w))[0]
+        return self.teacher.to_eps(out.float()[:, : self.teacher.latent_channels], z, t)
+
+    def teacher_eps(self, z: torch.Tensor, t, cond, uncond, w: torch.Tensor | None) -> torch.Tensor:
+        """The phase teacher: CFG at ``w`` for an ordinary UNet (the original teacher), a single pass
+        with ``w`` as input for a guidance-conditioned one, a single conditional pass otherwise."""
+        if guidance_conditioned(self.teacher):
+            return self.teacher.predict_eps(z, t, cond, **self._w_kwargs(self.teacher, w))
+        if self.teacher is self.base and w is not None:
+            return self.teacher.predict_eps(z, t, cond, uncond, guidance_scale=w.view(-1, 1, 1, 1))
+        return self.teacher.predict_eps(z, t, cond)
+
+    # ---------------------------------------------------------------- losses
+    def kd_loss(self) -> torch.Tensor:
+        if self._pairs is None:
+            self._pairs = regression_pairs(self.base, self.prompts, self.cfg.regression, self.cfg.seed,
+                                           self.out / "cache" / "kd_pairs.pt", self.show_progress)
+        idx = torch.randint(len(self._pairs["latents"]), (self.cfg.batch_size,))
+        noise = self._pairs["noise"][idx].to(self.device)
+        target = self._pairs["latents"][idx].to(self.device)
+        cond = self.base.encode_prompts([self._pairs["prompts"][int(i)] for i in idx])
+        t = self.base.num_train_timesteps - 1
+        pred = predict_x0(self.base, noise, self.student_eps(noise, t, cond), t)
+        if self.cfg.trajectory.loss == "l1":
+            return F.l1_loss(pred, target)
+        return F.mse_loss(pred, target)
+
+    def w_loss(self) -> torch.Tensor:
+        batch = self.cfg.batch_size
+        x, captions = self.real_batch(batch)
+        cond, uncond = self.base.encode_prompts(captions), self.base.encode_prompts([self.cfg.negative_prompt] * batch)
+        t = torch.randint(0, self.base.num_train_timesteps, (batch,)).to(self.device)
+        z = self.base.add_noise(x, torch.randn(x.shape).to(self.device), t)
+        w = self.draw_w(batch)
+        with torch.no_grad():
+            target = self.base.predict_eps(z, t, cond, uncond, guidance_scale=w.view(-1, 1, 1, 1))
+        return F.mse_loss(self.student_eps(z, t, cond, w), target)
+
+    def pd_loss(self) -> torch.Tensor:
+        phase, batch = self.phase, self.cfg.batch_size
+        grid = ddim_timesteps(self.base.num_train_timesteps, phase.teacher_steps).tolist()
+        i = int(torch.randint(phase.student_steps, ()))
+        t, t_mid = grid[2 * i], grid[2 * i + 1]
+        t_next = grid[2 * i + 2] if 2 * i + 2 < len(grid) else -1
+        x, captions = self.real_batch(batch)
+        cond, uncond = self.base.encode_prompts(captions), self.base.encode_prompts([self.cfg.negative_prompt] * batch)
+        z = self.base.add_noise(x, torch.randn(x.shape).to(self.device), torch.full((batch,), t, device=self.device))
+        w = self.draw_w(batch) if phase.w_conditioned else None
+        if w is None and self.teacher is self.base:  # first plain PD round: the CFG teacher at a fixed scale
+            w = torch.full((batch,), self.cfg.trajectory.guidance_scale, device=self.device)
+        with torch.no_grad():
+            target = progressive_target(self.base, lambda zz, tt: self.teacher_eps(zz, tt, cond, uncond, w), z, t,
+                                        t_mid, t_next)
+        pred = predict_x0(self.base, z, self.student_eps(z, t, cond, w if phase.w_conditioned else None), t)
+        ab = self.base.alphas_cumprod[t]
+        weight = torch.clamp(ab / (1.0 - ab), min=1.0)  # truncated SNR
+        return weight * F.mse_loss(pred, target)
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> float:
+        loss = {"kd": self.kd_loss, "w": self.w_loss, "pd": self.pd_loss}[self.phase.kind]()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self._nonfinite += 1
+            if self._nonfinite >= 10:
+                raise NumericalError(f"the {self.phase.name} loss was NaN/inf for 10 consecutive steps; try a lower lr")
+            return float("nan")
+        self._nonfinite = 0
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.unet.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def state_dict(self) -> dict:
+        return {"phase": self.phase_index, "step": self.step, "student": self.accelerator.unwrap_model(self.unet).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
+
+    def save(self) -> Path:
+        path = self.out / CHECKPOINT
+        if self.accelerator.is_main_process:
+            save_checkpoint(path, self.state_dict())
+        return path
+
+    def load(self) -> None:
+        state = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        index = int(state.get("phase", -1))
+        if not 0 <= index <= len(self.phases):
+            raise CheckpointError(f"checkpoint phase {index} does not match this run's {len(self.phases)} phases")
+        self.phase_index, self.step = index, int(state["step"])
+        if index < len(self.phases) and "student" in state:
+            self._start_phase(index, self._phase_teacher(index))
+            try:
+                self.accelerator.unwrap_model(self.unet).load_state_dict(state["student"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint does not match this run's student ({str(exc)[:160]})") from None
+        set_rng_state(state["rng"])
+
+    def finish_phase(self) -> Path:
+        phase = self.phase
+        unet = copy.deepcopy(self.accelerator.unwrap_model(self.unet))
+        card = phase_card(phase, self.cfg, self.base.num_train_timesteps, self.base.source)
+        path = save_student(self.out / PHASES_DIR / phase.name, unet, self.base, card)
+        self.saved.append(path)
+        return path
+
+    def fit(self) -> list[Path]:
+        total = sum(p.steps for p in self.phases)
+        done = sum(p.steps for p in self.phases[: self.phase_index]) + self.step
+        log = []
+        with StopRequest() as stop, LoopProgress(total, done, f"distilling ({self.cfg.method})",
+                                                 self.show_progress) as bar:
+            while self.phase_index < len(self.phases):
+                if self.step == 0 or not hasattr(self, "unet"):
+                    self._start_phase(self.phase_index, self._phase_teacher(self.phase_index))
+                phase = self.phases[self.phase_index]
+                while self.step < phase.steps:
+                    loss = self.train_step()
+                    self.step += 1
+                    done += 1
+                    if self.step % self.cfg.log_every == 0 or self.step == phase.steps:
+                        bar.update(done, {"round": self.phase_index + 1, "loss": loss})
+                        log.append({"phase": phase.name, "step": self.step, "loss": loss})
+                    if self.step % self.cfg.checkpoint_every == 0:
+                        self.save()
+                    if stop.signal is not None:
+                        path = self.save()
+                        raise Interrupted(f"stopped by {stop.signal} in phase {phase.name} at step {self.step}; "
+                                          f"checkpoint saved to {path}; continue with: text3d distill2d --resume "
+                                          f"{self.out}")
+                if self.accelerator.is_main_process:
+                    self.finish_phase()
+                self.phase_index, self.step = self.phase_index + 1, 0
+                del self.unet
+                self.save_boundary()
+        if log and self.accelerator.is_main_process:
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in log))
+        return self.saved
+
+    def save_boundary(self) -> None:
+        """A checkpoint between phases: the next phase starts from the saved folder of the last one."""
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.out / CHECKPOINT, {"phase": self.phase_index, "step": 0, "rng": rng_state()})
+
+
+def phase_card(phase: Phase, cfg: Distill2DConfig, T: int, teacher_source) -> dict:
+    card = {"kind": "text3d distilled student", "method": cfg.method, "phase": phase.name,
+            "steps_trained": phase.steps, "teacher": str(teacher_source)}
+    if phase.kind == "kd":
+        card.update(timesteps=[T - 1], sampler="renoise", guidance_scale=1.0)
+    elif phase.kind == "w":
+        card.update(timesteps=None, sampler="ddim", guidance_scale=cfg.trajectory.guidance_scale,
+                    guidance_conditioned=True, w_range=[cfg.trajectory.w_min, cfg.trajectory.w_max])
+    else:
+        card.update(timesteps=ddim_timesteps(T, phase.student_steps).tolist(), sampler="ddim",
+                    guidance_scale=cfg.trajectory.guidance_scale if phase.w_conditioned else 1.0,
+                    guidance_conditioned=phase.w_conditioned)
+    return card
+
+
+def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
+    from text3d.distill2d.run import SUMMARY, DistillResult, evaluate_student
+    from text3d.utils.atomic import atomic_write_text
+
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    final = trainer.out / PHASES_DIR / trainer.phases[-1].name
+    if not final.is_dir():
+        raise UserError(f"the run ended without its final student {final}")
+    student = trainer.out / "student"
+    if trainer.accelerator.is_main_process:
+        import shutil
+
+        tmp = trainer.out / ".student.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(final, tmp)
+        shutil.rmtree(student, ignore_errors=True)
+        tmp.rename(student)
+    scores = evaluate_student(student, trainer.out / "eval_samples", trainer.prompts,
+                              show_progress=trainer.show_progress) if evaluate else None
+    summary = {"method": trainer.cfg.method, "phases": [p.name for p in trainer.phases],
+               "train_seconds_this_session": round(seconds, 2), "teacher": str(trainer.base.source),
+               "student": str(student), "scores": scores}
+    atomic_write_text(trainer.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    steps = sum(p.steps for p in trainer.phases)
+    return DistillResult(trainer.out, steps, seconds, student, scores)
+
+
