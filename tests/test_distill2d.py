@@ -179,3 +179,22 @@ def test_bad_config_is_one_line(tiny_teacher_dir, tmp_path):
     result = run_cli("distill2d", "--method", "dmd", "core.weighting=foo", "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "core.weighting" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_runs_data_parallel_under_torchrun_unchanged(tiny_teacher_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "text3d",
+                             "distill2d", "--method", "swiftbrush", "--teacher", str(tiny_teacher_dir), "--steps", "2",
+                             "--out", str(out), "-q", "--no-eval", "device=cpu", *SMALL],
+                            capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["student_steps"] == 2
+    assert (out / "student" / "unet").is_dir()

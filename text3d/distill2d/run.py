@@ -4,6 +4,7 @@ embedded-world prompts, the judge's scores of its samples."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ class DistillResult:
 def distill(cfg: Distill2DConfig, out: Path, show_progress: bool = True, teacher=None,
             evaluate: bool = True) -> DistillResult:
     out = Path(out)
-    probe_writable(out)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch only the main process checks
+        probe_writable(out)
     from text3d.distill2d.data import load_prompts
 
     load_prompts(cfg.prompts_file)  # a bad prompts file fails before any folder is made
@@ -87,6 +89,7 @@ def _train(trainer, evaluate: bool) -> DistillResult:
     summary = {"method": trainer.cfg.method, "steps": steps, "train_seconds_this_session": round(seconds, 2),
                "student_steps": trainer.counts["student_steps"], "fake_steps": trainer.counts["fake_steps"],
                "timesteps": list(trainer.cfg.timesteps), "teacher": str(trainer.teacher.source),
+               "processes": trainer.accelerator.num_processes,
                "student": str(student), "scores": scores}
     atomic_write_text(trainer.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return DistillResult(trainer.out, steps, seconds, student, scores)
