@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Score a teacher at several DDIM step counts and distilled students side by side with the judge.
+
+    python scripts/distill_table.py --out runs/distill-table \\
+        --teacher-steps 50,4,1 \\
+        --student swiftbrush=runs/d2-swiftbrush/student --student dmd=runs/d2-dmd/student \\
+        --student "pd 8=runs/d2-pd/phases/pd_8" --student "guided 4 w=2=runs/d2-guided/phases/guided_pd_4@2"
+
+Every model samples one image per prompt of ``--prompts`` (default assets/eval/prompts_216.txt: every
+object and colour, plain and with a view suffix) from the same seed; a student samples with its own
+timesteps (its ``student.json``), a teacher with DDIM and CFG ``--guidance-scale``. A trailing ``@W``
+on a student path sets its guidance scale (w-conditioned students). The table (object / colour / view
+accuracy, Fréchet distance of judge features against ``--reference`` renders, images per second on
+this machine) is printed and written to OUT/table.md and OUT/table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--teacher", help="teacher folder (default: the embedded teacher)")
+    p.add_argument("--teacher-steps", default="50,4,1", help="comma-separated DDIM step counts ('' for none)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="the teacher's CFG")
+    p.add_argument("--student", action="append", default=[], help="NAME=FOLDER[@W] (repeatable)")
+    p.add_argument("--prompts", type=Path, default=REPO / "assets" / "eval" / "prompts_216.txt")
+    p.add_argument("--reference", type=Path, help="toyworld dataset for the Fréchet distance")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from text3d.errors import UserError
+    from text3d.eval.score_images import score_folder
+    from text3d.teacher import load_teacher
+    from text3d.teacher.sample_cli import read_prompts_file, run_sample
+    from text3d.utils.atomic import atomic_write_text
+
+    prompts = read_prompts_file(args.prompts)
+    entries = [(f"teacher, {s} DDIM steps", args.teacher, int(s), args.guidance_scale)
+               for s in args.teacher_steps.split(",") if s.strip()]
+    for item in args.student:
+        if "=" not in item:
+            p.error(f"--student {item!r} is not NAME=FOLDER[@W]")
+        name, folder = item.split("=", 1)
+        w = None
+        if "@" in folder:
+            folder, w_text = folder.rsplit("@", 1)
+            w = float(w_text)
+        entries.append((name, folder, None, w))
+    rows = []
+    try:
+        for name, folder, steps, w in entries:
+            model = load_teacher(folder, "cpu")
+            out = args.out / name.replace(" ", "_").replace(",", "").replace("=", "")
+            record = run_sample(prompts, out, teacher=model, steps=steps, n=1, guidance_scale=w, seed=args.seed,
+                                batch_size=args.batch_size, progress=False)
+            scores = score_folder(out, reference=args.reference)
+            row = {"model": name, "folder": str(folder or "embedded teacher"), "steps": record["steps"],
+                   "guidance_scale": record["guidance_scale"], "sampler": record["sampler"],
+                   "object": scores["object_accuracy"], "colour": scores["colour_accuracy"],
+                   "view": scores["view_accuracy"], "frechet": scores.get("frechet_distance"),
+                   "images_per_second": record["images_per_second"], "n": len(record["images"])}
+            rows.append(row)
+            print(f"{name}: object {100 * row['object']:.1f}%, colour {100 * row['colour']:.1f}%, "
+                  f"{row['images_per_second']:.1f} img/s", flush=True)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    lines = ["| model | steps | CFG / w | object acc | colour acc | view acc | Fréchet (judge features) | images/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        fd = "-" if r["frechet"] is None else f"{r['frechet']:.2f}"
+        view = "-" if r["view"] is None else f"{100 * r['view']:.1f}%"
+        lines.append(f"| {r['model']} | {r['steps']} | {r['guidance_scale']:g} | {100 * r['object']:.1f}% | "
+                     f"{100 * r['colour']:.1f}% | {view} | {fd} | {r['images_per_second']:.1f} |")
+    table = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "table.md", table)
+    atomic_write_text(args.out / "table.json", json.dumps(rows, indent=2) + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
