@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -92,18 +90,12 @@ def save_student(out: str | os.PathLike, unet, teacher, card: dict) -> Path:
     """Write a complete SD folder (the student UNet with the teacher's other components) atomically."""
     from text3d.teacher.train.export import save_components
 
+    from text3d.utils.atomic import atomic_dir
+
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_components(tmp, teacher.vae, unet, teacher.text_encoder, teacher.tokenizer, teacher.scheduler)
         (tmp / STUDENT_CARD).write_text(json.dumps(card, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -332,11 +332,10 @@ def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
     if trainer.accelerator.is_main_process:
         import shutil
 
-        tmp = trainer.out / ".student.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(final, tmp)
-        shutil.rmtree(student, ignore_errors=True)
-        tmp.rename(student)
+        from text3d.utils.atomic import atomic_dir
+
+        with atomic_dir(student) as tmp:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
     scores = evaluate_student(student, trainer.out / "eval_samples", trainer.prompts,
                               show_progress=trainer.show_progress) if evaluate else None
     summary = {"method": trainer.cfg.method, "phases": [p.name for p in trainer.phases],

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -140,15 +138,8 @@ def build_tiny_teacher(out_dir: str | os.PathLike, seed: int = 0, words: Iterabl
         raise UserError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another folder or allow overwriting")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with quiet_hf():
-            _write_folder(tmp, seed, words)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from text3d.utils.atomic import atomic_dir
+
+    with atomic_dir(out) as tmp, quiet_hf():
+        _write_folder(tmp, seed, words)
     return out

@@ -15,13 +15,13 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from text3d.errors import UserError
+from text3d.utils.atomic import atomic_dir
 
 JUDGE_BEGIN = "<!-- judge-scores:begin -->"
 JUDGE_END = "<!-- judge-scores:end -->"
@@ -148,34 +148,13 @@ def write_teacher(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, sched
     """
     out = Path(out).expanduser().resolve()
     check_output_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = None
-    try:
+    with atomic_dir(out) as tmp:
         save_components(tmp, vae, unet, text_encoder, tokenizer_dir, scheduler)
         checks = verify_teacher(tmp, images, captions)
         size = folder_size(tmp)
         card_info = {**card_info, "checks": checks, "size_bytes": size}
         (tmp / CARD_NAME).write_text(render_model_card(card_info))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return {**checks, "size_bytes": size}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------ model card
@@ -249,8 +228,8 @@ def render_model_card(info: dict) -> str:
         "",
         "Final losses (mean of the last 100 steps):",
         "",
-        f"- VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in r['vae_losses'].items()),
-        f"- UNet: " + ", ".join(f"{k} {v:.4g}" for k, v in r['unet_losses'].items()),
+        "- VAE: " + ", ".join(f"{k} {v:.4g}" for k, v in r['vae_losses'].items()),
+        "- UNet: " + ", ".join(f"{k} {v:.4g}" for k, v in r['unet_losses'].items()),
     ]
     if checks:
         lines += [
