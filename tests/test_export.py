@@ -344,3 +344,14 @@ def test_turntable_gif_fallback(tmp_path, monkeypatch):
     frames = iio.mimread(path)
     assert len(frames) == 10 and frames[0].shape[:2] == (50, 70)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.gif", "forced.gif"]
+
+
+@pytest.mark.skipif(__import__("text3d.export.validate", fromlist=["x"]).validator_node_path() is None,
+                    reason="the Khronos glTF validator (node + npm gltf-validator) is not installed here")
+def test_exported_glb_passes_the_khronos_gltf_validator(tmp_path):
+    from text3d.export.validate import validate_gltf
+
+    cfg = ExportConfig(grid_resolution=32, threshold=0.0, texture_size=128, seam_padding=4)
+    out = export_asset(sphere_density(radius=0.6), position_color, 1.0, tmp_path, "ball", cfg, formats=("glb",))
+    report = validate_gltf([out["glb"]])[0]
+    assert report["errors"] == 0, report["messages"]

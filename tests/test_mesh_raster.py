@@ -94,3 +94,73 @@ def test_sphere_silhouette_and_orientation():
     assert rgb[0, 48, 60] > 0.9 and rgb[2, 48, 36] > 0.9
     # from the back, +X is on the left
     assert out["rgb"][1][0, 48, 36] > 0.9
+
+
+def _aa_coverage(pts, res):
+    from text3d.renderers.mesh import antialias
+
+    faces = torch.tensor([[0, 1, 2]])
+    rast = rasterize(pts, faces, res, res)
+    return antialias(rast.mask.permute(0, 2, 3, 1).to(pts.dtype), rast, pts, faces)
+
+
+def test_antialiased_coverage_is_closer_to_the_analytic_area_at_low_resolution():
+    res = 24
+    pts = _clip([[-0.83, -0.71, 0.0], [0.87, -0.57, 0.0], [0.13, 0.79, 0.0]])
+    x, y = pts[0, :, 0], pts[0, :, 1]
+    expected = 0.5 * abs(float((x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])))
+    expected *= res * res / 4.0
+    hard = float(rasterize(pts, torch.tensor([[0, 1, 2]]), res, res).face.ge(0).sum())
+    soft = float(_aa_coverage(pts, res).sum())
+    assert abs(soft - expected) / expected < 0.01
+    assert abs(soft - expected) < abs(hard - expected)
+
+
+def test_antialiased_coverage_gradient_wrt_vertices_matches_finite_differences():
+    res = 32
+    base = torch.tensor([[-0.7, -0.6, 0.0, 1.0], [0.8, -0.5, 0.0, 1.0], [0.05, 0.7, 0.0, 1.0]], dtype=torch.float64)
+
+    def coverage(p):
+        return _aa_coverage(p.unsqueeze(0), res).sum()
+
+    def area(p):  # analytic, in pixels
+        x, y = p[:, 0], p[:, 1]
+        return 0.5 * abs((x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0])) * res * res / 4
+
+    pts = base.clone().requires_grad_(True)
+    coverage(pts).backward()
+    exact = base.clone().requires_grad_(True)
+    area(exact).backward()
+    eps = 0.06  # about one pixel in NDC: steps over the coverage jumps at pixel centres
+    for v, axis in ((0, 0), (0, 1), (1, 1), (2, 0), (2, 1)):
+        plus, minus = base.clone(), base.clone()
+        plus[v, axis] += eps
+        minus[v, axis] -= eps
+        fd = float(coverage(plus) - coverage(minus)) / (2 * eps)
+        grad = float(pts.grad[v, axis])
+        assert abs(grad - fd) <= 0.15 * abs(fd) + 3.0, (v, axis, grad, fd)
+        assert abs(grad - float(exact.grad[v, axis])) <= 0.15 * abs(float(exact.grad[v, axis])) + 3.0
+    # without antialiasing the silhouette gives no gradient at all
+    plain = base.clone().requires_grad_(True)
+    rast = rasterize(plain.unsqueeze(0), torch.tensor([[0, 1, 2]]), res, res)
+    assert not rast.mask.requires_grad
+
+
+def test_texture_gradient_matches_finite_differences():
+    cams = spherical_cameras(torch.tensor([20.0]), torch.tensor([30.0]), 2.5, 45.0)
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    uv = torch.rand(len(box.vertices), 2, generator=torch.Generator().manual_seed(0))
+    tex = torch.rand(8, 8, 3, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+    asset = MeshAsset(torch.as_tensor(box.vertices, dtype=torch.float32), torch.as_tensor(box.faces), uv,
+                      tex.clone().requires_grad_(True))
+    w = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    (render_mesh(asset, cams, 24, 24, shading="albedo")["rgb"] * w).sum().backward()
+    for (i, j, c) in ((3, 4, 0), (5, 2, 1), (0, 7, 2)):
+        plus, minus = tex.clone(), tex.clone()
+        plus[i, j, c] += 0.05
+        minus[i, j, c] -= 0.05
+        def value(t):
+            a = MeshAsset(asset.vertices, asset.faces, uv, t)
+            return float((render_mesh(a, cams, 24, 24, shading="albedo")["rgb"] * w).sum())
+        fd = (value(plus) - value(minus)) / 0.1
+        assert abs(float(asset.texture.grad[i, j, c]) - fd) < 1e-3 + 1e-3 * abs(fd)

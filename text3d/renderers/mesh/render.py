@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from text3d.cameras import Cameras
+from text3d.renderers.mesh.antialias import antialias as antialias_image
 from text3d.renderers.mesh.rasterize import interpolate, project, rasterize, sample_texture
 from text3d.renderers.shading import shade
 
@@ -50,29 +51,73 @@ class MeshAsset:
         return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+MESH_BACKENDS = ("auto", "torch", "nvdiffrast")
+
+
+def resolve_mesh_backend(name: str, device: torch.device) -> str:
+    """``auto``: nvdiffrast on CUDA when it is installed, else the pure-PyTorch rasteriser."""
+    from text3d.utils.backends import has_nvdiffrast
+
+    if name not in MESH_BACKENDS:
+        raise ValueError(f"unknown mesh backend {name!r}; expected one of {', '.join(MESH_BACKENDS)}")
+    if name == "auto":
+        return "nvdiffrast" if device.type == "cuda" and has_nvdiffrast() else "torch"
+    if name == "nvdiffrast" and (device.type != "cuda" or not has_nvdiffrast()):
+        raise ValueError("the nvdiffrast backend needs CUDA and the nvdiffrast package (pip install it from its "
+                         "GitHub repository); use backend torch")
+    return name
+
+
+def _albedo(asset: MeshAsset, interpolate_fn, texture_fn, B: int, H: int, W: int, device) -> torch.Tensor:
+    if asset.texture is not None and asset.uvs is not None:
+        return texture_fn(asset.texture, interpolate_fn(asset.uvs))
+    if asset.vertex_colors is not None:
+        return interpolate_fn(asset.vertex_colors)
+    return torch.full((B, H, W, 3), 0.8, device=device)
+
+
 def render_mesh(asset: MeshAsset, cameras: Cameras, height: int, width: int, shading: str = "lambertian",
                 light_dirs: Optional[torch.Tensor] = None, ambient: float = 0.3,
-                background: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
-    """Outputs as the NeRF renderer's: rgb [B,3,H,W], opacity [B,1,H,W], depth [B,1,H,W], normal [B,3,H,W]."""
+                background: tuple[float, float, float] = (1.0, 1.0, 1.0), antialias: bool = True,
+                backend: str = "auto") -> dict[str, torch.Tensor]:
+    """Outputs as the NeRF renderer's: rgb [B,3,H,W], opacity [B,1,H,W], depth [B,1,H,W], normal [B,3,H,W].
+
+    rasterise -> interpolate -> texture -> shade -> composite over ``background`` -> antialias (RGB and
+    opacity), differentiable with respect to vertex positions, UVs, vertex colours and the texture.
+    """
     device = asset.vertices.device
-    clip = project(asset.vertices, cameras.to(device))
-    rast = rasterize(clip, asset.faces, height, width)
+    cameras = cameras.to(device)
+    clip = project(asset.vertices, cameras)
     B = len(cameras)
-    if asset.texture is not None and asset.uvs is not None:
-        uv = interpolate(asset.uvs, rast, asset.faces)
-        albedo = sample_texture(asset.texture, uv)
-    elif asset.vertex_colors is not None:
-        albedo = interpolate(asset.vertex_colors, rast, asset.faces)
+    normals_v = asset.vertex_normals()
+    if resolve_mesh_backend(backend, device) == "nvdiffrast":
+        from text3d.renderers.mesh.nvdiffrast_backend import render_nvdiffrast
+
+        albedo, normal, mask, depth, aa = render_nvdiffrast(
+            clip, asset.faces, height, width,
+            lambda interp, tex: _albedo(asset, interp, tex, B, height, width, device), normals_v, antialias)
     else:
-        albedo = torch.full((B, height, width, 3), 0.8, device=device)
-    normal = interpolate(asset.vertex_normals(), rast, asset.faces)
+        rast = rasterize(clip, asset.faces, height, width)
+
+        def interp(attr):
+            return interpolate(attr, rast, asset.faces)
+
+        albedo = _albedo(asset, interp, sample_texture, B, height, width, device)
+        normal = interp(normals_v)
+        mask, depth = rast.mask.permute(0, 2, 3, 1), rast.depth
+
+        def aa(image):
+            return antialias_image(image, rast, clip, asset.faces) if antialias else image
+
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if light_dirs is None:
-        light_dirs = cameras.position.to(device) / cameras.position.to(device).norm(dim=-1, keepdim=True)
+        light_dirs = cameras.position / cameras.position.norm(dim=-1, keepdim=True)
     light = light_dirs.to(device)[:, None, None, :].expand(B, height, width, 3)
     color = shade(albedo.reshape(-1, 3), normal.reshape(-1, 3), light.reshape(-1, 3), shading, ambient)
-    mask = rast.mask  # [B,1,H,W]
-    color = color.view(B, height, width, 3).permute(0, 3, 1, 2)
-    bg = torch.tensor(background, dtype=color.dtype, device=device).view(1, 3, 1, 1)
-    return {"rgb": color * mask + bg * (1 - mask), "opacity": mask, "depth": rast.depth.unsqueeze(1),
-            "normal": normal.permute(0, 3, 1, 2) * mask}
+    color = color.view(B, height, width, 3)
+    bg = torch.tensor(background, dtype=color.dtype, device=device)
+    composite = torch.cat([color * mask + bg * (1 - mask), mask], dim=-1)  # [B, H, W, 4]
+    composite = aa(composite)
+    rgb, opacity = composite[..., :3], composite[..., 3:].clamp(0.0, 1.0)
+    return {"rgb": rgb.permute(0, 3, 1, 2), "opacity": opacity.permute(0, 3, 1, 2),
+            "depth": depth.unsqueeze(1), "normal": (normal * mask).permute(0, 3, 1, 2)}
