@@ -37,6 +37,9 @@ def generate(
                                            "--config is given)."),
     particles: Optional[int] = typer.Option(None, help="Independent assets optimised together (train.particles); "
                                             "with VSD they share one LoRA."),
+    stages: Optional[str] = typer.Option(None, help="Stages to run, in order: nerf,geometry,texture (default nerf)."),
+    from_run: Optional[Path] = typer.Option(None, "--from", help="Start from the earlier stages of this run folder "
+                                            "(with --stages geometry or texture)."),
     teacher: Optional[str] = typer.Option(None, help="Diffusers Stable Diffusion folder or hub id."),
     config: Optional[List[Path]] = typer.Option(None, "--config", help="YAML config file(s) merged over configs/default.yaml."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps (train.steps)."),
@@ -57,7 +60,11 @@ def generate(
                        ("train.particles", particles), ("seed", seed), ("device", device)):
         if value is not None:
             flags.append(f"{key}={value}")
+    if stages is not None:
+        flags.append(f"stages=[{stages}]")
     if resume is not None:
+        if from_run is not None:
+            raise UserError("--from cannot be combined with --resume")
         if config:
             raise UserError("--config cannot be combined with --resume (the run folder has its config)")
         result = run_resume(resume, flags + extra, show_progress=not quiet, video=video)
@@ -70,7 +77,7 @@ def generate(
             config = [CONFIG_DIR / "vsd.yaml"]
         cfg = load_config(files=config or (), overrides=flags + extra)
         cfg.prompt = prompt
-        result = run_generate(cfg, out=out, show_progress=not quiet, video=video)
+        result = run_generate(cfg, out=out, show_progress=not quiet, video=video, from_dir=from_run)
     typer.echo(f"done: {result.steps} steps in {result.seconds:.1f}s; files in {result.run_dir}")
     for key, value in result.files.items():
         if isinstance(value, (str, Path)):

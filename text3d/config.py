@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -57,6 +57,22 @@ class TrainConfig:
     preview_views: int = 4
 
 
+STAGES = ("nerf", "geometry", "texture")
+
+
+@dataclass
+class MeshStageConfig:
+    """A mesh stage (geometry: DMTet refinement; texture: albedo on the frozen surface)."""
+
+    steps: int = 300
+    resolution: int = 64  # render side
+    lr: float = 0.005
+    grid_resolution: int = 64  # geometry: DMTet cubes per side
+    lambda_laplacian: float = 10.0  # geometry: uniform-Laplacian smoothness
+    lambda_normal_consistency: float = 0.1  # geometry: adjacent face normals agree
+    shadings: List[str] = field(default_factory=lambda: ["lambertian", "textureless"])
+
+
 @dataclass
 class RunConfig:
     prompt: str = ""
@@ -72,6 +88,11 @@ class RunConfig:
     vsd: VSDConfig = field(default_factory=VSDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    stages: List[str] = field(default_factory=lambda: ["nerf"])  # nerf[,geometry][,texture]
+    geometry: MeshStageConfig = field(default_factory=MeshStageConfig)
+    texture: MeshStageConfig = field(default_factory=lambda: MeshStageConfig(
+        steps=300, resolution=128, lr=0.005, lambda_laplacian=0.0, lambda_normal_consistency=0.0,
+        shadings=["albedo", "lambertian"]))
 
 
 def render_resolution(t: TrainConfig, step: int) -> int:
@@ -161,6 +182,15 @@ def validate(cfg: RunConfig) -> None:
     _check(t.particles >= 1, f"train.particles must be at least 1, got {t.particles}")
     for name in ("sds", "vsd"):
         _check_guidance(getattr(cfg, name), name)
+    _check(len(cfg.stages) >= 1 and all(s in STAGES for s in cfg.stages) and len(set(cfg.stages)) == len(cfg.stages)
+           and list(cfg.stages) == [s for s in STAGES if s in cfg.stages],
+           f"stages must be an ordered subset of {', '.join(STAGES)}, got {list(cfg.stages)}")
+    for name in ("geometry", "texture"):
+        m = getattr(cfg, name)
+        _check(m.steps >= 1 and m.lr > 0 and m.resolution >= 16 and m.resolution % 8 == 0 and m.grid_resolution >= 4,
+               f"{name}.steps/lr/resolution/grid_resolution out of range")
+        _check(len(m.shadings) >= 1 and all(x in SHADINGS for x in m.shadings),
+               f"{name}.shadings must be among {', '.join(SHADINGS)}")
     v = cfg.vsd
     _check(v.lora_rank >= 1 and v.lora_alpha > 0, "vsd.lora_rank must be >= 1 and vsd.lora_alpha > 0")
     _check(v.lora_lr > 0 and v.lora_steps >= 0, "vsd.lora_lr must be > 0 and vsd.lora_steps >= 0")

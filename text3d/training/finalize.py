@@ -32,12 +32,26 @@ def particle_dir(run_dir: Path, index: int, count: int) -> Path:
 
 def export_particle(renderer, cfg: RunConfig, device: torch.device, out_dir: Path,
                     formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
-    """Mesh files (and the turntable video) of one trained renderer in ``out_dir``."""
-    field = renderer.field
+    """Mesh files (and the turntable video) of one trained renderer in ``out_dir``: a NeRF through marching
+    cubes, a mesh-stage model through its own surface; the albedo is baked into a UV atlas either way."""
     renderer.eval()
     with torch.no_grad():
-        files: dict[str, object] = dict(export_asset(field.query_density, field.query_albedo, cfg.nerf.bound,
-                                                     out_dir, cfg.run_name, cfg.export, formats=tuple(formats)))
+        if hasattr(renderer, "surface"):
+            import trimesh
+
+            from text3d.export import export_textured_mesh
+
+            surface = renderer.surface()
+            mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
+            field = getattr(renderer, "albedo_field", None) or renderer.field
+            device = surface.vertices.device
+            files: dict[str, object] = dict(export_textured_mesh(
+                mesh, lambda p: field.query_albedo(p.to(device)).float(), out_dir, cfg.run_name, cfg.export,
+                formats=tuple(formats), bound=cfg.nerf.bound))
+        else:
+            field = renderer.field
+            files = dict(export_asset(field.query_density, field.query_albedo, cfg.nerf.bound, out_dir, cfg.run_name,
+                                      cfg.export, formats=tuple(formats)))
     if video:
         files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
                                          cfg.export.video_fps)

@@ -16,12 +16,10 @@ from omegaconf import OmegaConf
 from text3d.config import RunConfig, load_config, to_yaml
 from text3d.errors import UserError
 from text3d.prompts import validate_prompt
-from text3d.renderers.nerf import NeRFRenderer
-from text3d.training.checkpoint import load_checkpoint
 from text3d.training.finalize import export_run, write_summary
 from text3d.training.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
                                         probe_writable, require_run_dir)
-from text3d.training.trainer import AssetTrainer, load_particles
+from text3d.training.trainer import STAGE_CHECKPOINTS, AssetTrainer
 from text3d.utils.atomic import atomic_write_text
 from text3d.utils.backends import resolve_device
 from text3d.utils.seed import seed_everything
@@ -52,7 +50,7 @@ def unknown_words(teacher, prompt: str) -> list[str]:
 
 
 def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True, teacher=None,
-             callbacks: Sequence[Callable] = (), video: bool = True) -> GenerateResult:
+             callbacks: Sequence[Callable] = (), video: bool = True, from_dir: Path | None = None) -> GenerateResult:
     """A new run: validates, loads the teacher, creates ``out`` and optimises, then exports."""
     cfg.prompt = validate_prompt(cfg.prompt)
     run_dir = Path(out) if out is not None else default_run_dir(cfg.prompt)
@@ -65,11 +63,59 @@ def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True
                       f"--teacher with a real Stable Diffusion model (see text3d toyworld list for known words)",
                       stacklevel=2)
     cfg.run_name = cfg.run_name or new_run_name(cfg.prompt)
+    sources = _from_run(from_dir, cfg, device) if from_dir is not None else None
     create_run_dir(run_dir)
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
     seed_everything(cfg.seed)
-    trainer = AssetTrainer(cfg, teacher, device, run_dir, show_progress=show_progress)
-    return _train_and_export(trainer, callbacks, video)
+    return _run_stages(cfg, teacher, device, run_dir, show_progress, callbacks, video, sources)
+
+
+def _from_run(from_dir: Path, cfg: RunConfig, device: torch.device) -> list:
+    """The particles of the last stage of ``from_dir`` that comes before this run's first stage."""
+    from text3d.config import STAGES
+
+    source_cfg = load_run_config(from_dir)
+    before = [s for s in STAGES[: STAGES.index(cfg.stages[0])] if s in source_cfg.stages]
+    if not before:
+        raise UserError(f"--from {from_dir}: it ran no stage before {cfg.stages[0]} (its stages: "
+                        f"{','.join(source_cfg.stages)})")
+    cfg.nerf, cfg.train.particles = source_cfg.nerf, source_cfg.train.particles
+    return load_stage_particles(Path(from_dir), source_cfg, device, before)
+
+
+def load_stage_particles(run_dir: Path, cfg: RunConfig, device: torch.device, stages: Sequence[str]) -> list:
+    """Rebuild ``stages`` of a run in order from their checkpoints; the particles of the last one."""
+    sources = None
+    for stage in stages:
+        path = Path(run_dir) / STAGE_CHECKPOINTS[stage]
+        if not path.is_file():
+            raise UserError(f"{run_dir} has no checkpoint of its {stage} stage ({STAGE_CHECKPOINTS[stage]})")
+        holder = AssetTrainer(cfg, None, device, Path(run_dir), show_progress=False, stage=stage, sources=sources,
+                              with_guidance=False)
+        holder.load()
+        sources = holder.particles
+    return sources
+
+
+def _run_stages(cfg: RunConfig, teacher, device, run_dir: Path, show_progress: bool, callbacks, video: bool,
+                sources: list | None = None) -> GenerateResult:
+    """Each stage in order: resume it from its checkpoint when there is one, skip it when it is finished."""
+    start = time.perf_counter()
+    trainer = None
+    step = 0
+    for stage in cfg.stages:
+        trainer = AssetTrainer(cfg, teacher, device, run_dir, show_progress=show_progress, stage=stage,
+                               sources=sources)
+        if trainer.checkpoint_path.is_file():
+            trainer.load()
+        if not trainer.finished:
+            trainer.fit(callbacks)
+        step += trainer.step
+        sources = trainer.particles
+    seconds = time.perf_counter() - start
+    files = export_run(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, video=video)
+    write_summary(trainer.run_dir, trainer.cfg, step, seconds, files)
+    return GenerateResult(trainer.run_dir, step, seconds, files)
 
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -85,32 +131,21 @@ def resume(run_dir: Path, overrides: Sequence[str] = (), show_progress: bool = T
     cfg = load_run_config(run_dir, overrides)
     if device:
         cfg.device = device
-    if not (run_dir / CHECKPOINT).is_file():
+    if not any((run_dir / STAGE_CHECKPOINTS[stage]).is_file() for stage in cfg.stages):
         raise UserError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT})")
     torch_device = resolve_device(cfg.device)
     teacher = teacher if teacher is not None else load_teacher_for(cfg, torch_device)
-    trainer = AssetTrainer(cfg, teacher, torch_device, run_dir, show_progress=show_progress)
-    trainer.load()
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
-    return _train_and_export(trainer, callbacks, video)
-
-
-def _train_and_export(trainer: AssetTrainer, callbacks, video: bool) -> GenerateResult:
-    start = time.perf_counter()
-    step = trainer.fit(callbacks)
-    seconds = time.perf_counter() - start
-    files = export_run(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, video=video)
-    write_summary(trainer.run_dir, trainer.cfg, step, seconds, files)
-    return GenerateResult(trainer.run_dir, step, seconds, files)
+    return _run_stages(cfg, teacher, torch_device, run_dir, show_progress, callbacks, video)
 
 
 def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, device: str = "cpu") -> dict:
     """Re-export a run folder from its last checkpoint (no teacher needed)."""
     cfg = load_run_config(run_dir)
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
+    done = [s for s in cfg.stages if (run_dir / STAGE_CHECKPOINTS[s]).is_file()]
+    if not done:
         raise UserError(f"{run_dir} has no checkpoint to export ({CHECKPOINT})")
     torch_device = resolve_device(device)
-    particles = [NeRFRenderer(cfg.nerf).to(torch_device) for _ in range(cfg.train.particles)]
-    load_particles(particles, load_checkpoint(run_dir / CHECKPOINT, map_location=torch_device))
+    particles = load_stage_particles(run_dir, cfg, torch_device, cfg.stages[: cfg.stages.index(done[-1]) + 1])
     return export_run(particles, cfg, torch_device, run_dir, formats=formats, video=video)

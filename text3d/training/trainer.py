@@ -12,13 +12,14 @@ continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
-from text3d.config import RunConfig, render_resolution, to_yaml
+from text3d.config import RunConfig, TrainConfig, render_resolution, to_yaml
 from text3d.errors import CheckpointError, NumericalError, UserError
 from text3d.guidance import SDSGuidance, VSDGuidance
 from text3d.prompts import prompts_for_cameras
@@ -51,23 +52,65 @@ def load_particles(particles: list, state: dict) -> None:
         load_module_state(renderer, {"renderer": particle_state}, "renderer")
 
 
+STAGE_CHECKPOINTS = {"nerf": CHECKPOINT, "geometry": Path("checkpoints/geometry.pt"),
+                     "texture": Path("checkpoints/texture.pt")}
+
+
+def stage_train_config(cfg: RunConfig, stage: str) -> TrainConfig:
+    """The loop settings of a stage: ``train`` for the NeRF, the stage's own steps/resolution/lr for meshes."""
+    if stage == "nerf":
+        return cfg.train
+    m = getattr(cfg, stage)
+    return replace(cfg.train, steps=m.steps, resolution=m.resolution, high_resolution=None, lr=m.lr,
+                   lr_background=0.0, albedo_warmup=0.0, lambda_orientation=0.0, lambda_sparsity=0.0)
+
+
+def build_stage_particles(stage: str, cfg: RunConfig, device: torch.device, sources: list | None) -> list:
+    """Fresh NeRFs for stage 1; mesh-stage models built from the previous stage's particles otherwise."""
+    if stage == "nerf":
+        return [NeRFRenderer(cfg.nerf).to(device) for _ in range(cfg.train.particles)]
+    from text3d.renderers.mesh_stages import GeometryStageModel, TextureStageModel
+
+    if not sources:
+        raise UserError(f"the {stage} stage needs the particles of an earlier stage")
+    if stage == "geometry":
+        return [GeometryStageModel(src, cfg.geometry.grid_resolution).to(device) for src in sources]
+    models = []
+    for src in sources:
+        if hasattr(src, "surface"):  # a geometry-stage model: its surface and the NeRF albedo it carries
+            mesh = src.surface()
+            field = getattr(src, "albedo_field", None) or src.field
+            models.append(TextureStageModel(mesh.vertices, mesh.faces, field, src.background).to(device))
+        else:  # straight from the NeRF: its marching-cubes surface
+            from text3d.export import extract_mesh
+
+            mesh = extract_mesh(src.field.query_density, cfg.nerf.bound, cfg.export, device=device)
+            models.append(TextureStageModel(torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                                            torch.as_tensor(mesh.faces), src.field, src.background).to(device))
+    return models
+
+
 class AssetTrainer:
-    """Optimises ``train.particles`` NeRF assets against one guidance (SDS or VSD)."""
+    """Optimises ``train.particles`` assets of one stage (NeRF, DMTet geometry or surface texture) against one
+    guidance (SDS or VSD)."""
 
     def __init__(self, cfg: RunConfig, teacher, device: torch.device, run_dir: Path,
-                 show_progress: bool = True):
+                 show_progress: bool = True, stage: str = "nerf", sources: list | None = None,
+                 with_guidance: bool = True):
         self.cfg, self.teacher, self.device, self.run_dir = cfg, teacher, device, Path(run_dir)
-        self.show_progress = show_progress
-        self.particles = [NeRFRenderer(cfg.nerf).to(device) for _ in range(cfg.train.particles)]
-        self.guidance = build_guidance(cfg, teacher)
+        self.show_progress, self.stage = show_progress, stage
+        self.train_cfg = stage_train_config(cfg, stage)
+        self.checkpoint_path = self.run_dir / STAGE_CHECKPOINTS[stage]
+        self.particles = build_stage_particles(stage, cfg, device, sources)
+        self.guidance = build_guidance(cfg, teacher) if with_guidance else None
         groups = []
         for renderer in self.particles:
-            background = list(renderer.background.parameters())
+            background = [p for p in renderer.background.parameters() if p.requires_grad]
             background_ids = {id(p) for p in background}
-            groups.append({"params": [p for p in renderer.parameters() if id(p) not in background_ids],
-                           "lr": cfg.train.lr})
-            if background and cfg.train.lr_background > 0:
-                groups.append({"params": background, "lr": cfg.train.lr_background})
+            groups.append({"params": [p for p in renderer.parameters() if id(p) not in background_ids
+                                      and p.requires_grad], "lr": self.train_cfg.lr})
+            if background and self.train_cfg.lr_background > 0:
+                groups.append({"params": background, "lr": self.train_cfg.lr_background})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
         self._nonfinite_run = 0
@@ -80,24 +123,33 @@ class AssetTrainer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"step": self.step, "particles": [r.state_dict() for r in self.particles],
-                "optimizer": self.optimizer.state_dict(), "guidance": self.guidance.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "guidance": self.guidance.state_dict() if self.guidance is not None else {},
                 "rng": rng_state(), "config": to_yaml(self.cfg)}
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        return save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.train_cfg.steps
 
     def load(self, path: Path | None = None) -> int:
-        state = load_checkpoint(path or self.run_dir / CHECKPOINT, map_location=self.device)
+        state = load_checkpoint(path or self.checkpoint_path, map_location=self.device)
         load_particles(self.particles, state)
         load_module_state(self.optimizer, state, "optimizer")
-        load_module_state(self.guidance, state, "guidance")
+        if self.guidance is not None:
+            load_module_state(self.guidance, state, "guidance")
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step
 
     # ------------------------------------------------------------------ step
     def choose_shading(self, step: int) -> str:
-        t = self.cfg.train
+        t = self.train_cfg
+        if self.stage != "nerf":
+            shadings = getattr(self.cfg, self.stage).shadings
+            return shadings[int(torch.randint(len(shadings), ()))]
         if step <= t.albedo_warmup * t.steps:
             return "albedo"
         probs = torch.tensor([t.p_albedo, t.p_lambertian, t.p_textureless], dtype=torch.float64)
@@ -105,7 +157,7 @@ class AssetTrainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step (``step`` counts from 1). Returns scalar stats."""
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t = self.cfg, self.train_cfg
         index = int(torch.randint(len(self.particles), ())) if len(self.particles) > 1 else 0
         renderer = self.particles[index]
         renderer.train()
@@ -122,6 +174,9 @@ class AssetTrainer:
             loss = loss + t.lambda_orientation * out["orientation_loss"]
         if t.lambda_sparsity > 0:
             loss = loss + t.lambda_sparsity * out["opacity_sparsity"]
+        if self.stage == "geometry":
+            m = cfg.geometry
+            loss = loss + m.lambda_laplacian * out["laplacian"] + m.lambda_normal_consistency * out["normal_consistency"]
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": float(loss.detach()), "t": float(g.t.float().mean())}
         if not math.isfinite(stats["loss"]):
@@ -143,16 +198,17 @@ class AssetTrainer:
         if self._nonfinite_run >= self.cfg.train.max_nonfinite_steps:
             raise NumericalError(
                 f"the {what} was NaN/inf for {self._nonfinite_run} consecutive steps (at step {step}); the last good "
-                f"checkpoint is {self.run_dir / CHECKPOINT}; try a lower train.lr or sds.guidance_scale")
+                f"checkpoint is {self.checkpoint_path}; try a lower train.lr or sds.guidance_scale")
         stats["skipped"] = 1.0
         return stats
 
     # ------------------------------------------------------------------ loop
     def fit(self, callbacks: Iterable[Callable[["AssetTrainer", int, dict], None]] = ()) -> int:
         """Run from ``self.step + 1`` to ``train.steps``; returns the last completed step."""
-        t = self.cfg.train
+        t = self.train_cfg
         start = self.step
-        with StopRequest() as stop, LoopProgress(t.steps, start, "optimising", self.show_progress) as bar:
+        with StopRequest() as stop, LoopProgress(t.steps, start, f"optimising ({self.stage})" if self.stage != "nerf" else "optimising",
+                                                 self.show_progress) as bar:
             for step in range(start + 1, t.steps + 1):
                 stats = self.train_step(step)
                 self.step = step
@@ -161,7 +217,8 @@ class AssetTrainer:
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     self.save()
                 if step % t.preview_every == 0:
-                    self.preview(self.run_dir / "previews" / f"step_{step:06d}.png")
+                    prefix = "" if self.stage == "nerf" else f"{self.stage}_"
+                    self.preview(self.run_dir / "previews" / f"{prefix}step_{step:06d}.png")
                 for callback in callbacks:
                     callback(self, step, stats)
                 if stop.signal is not None:

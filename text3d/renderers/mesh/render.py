@@ -68,7 +68,11 @@ def resolve_mesh_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def _albedo(asset: MeshAsset, interpolate_fn, texture_fn, B: int, H: int, W: int, device) -> torch.Tensor:
+def _albedo(asset: MeshAsset, interpolate_fn, texture_fn, B: int, H: int, W: int, device,
+            albedo_fn=None) -> torch.Tensor:
+    if albedo_fn is not None:
+        points = interpolate_fn(asset.vertices)  # [B, H, W, 3]
+        return albedo_fn(points.reshape(-1, 3)).reshape(B, H, W, 3)
     if asset.texture is not None and asset.uvs is not None:
         return texture_fn(asset.texture, interpolate_fn(asset.uvs))
     if asset.vertex_colors is not None:
@@ -79,11 +83,14 @@ def _albedo(asset: MeshAsset, interpolate_fn, texture_fn, B: int, H: int, W: int
 def render_mesh(asset: MeshAsset, cameras: Cameras, height: int, width: int, shading: str = "lambertian",
                 light_dirs: Optional[torch.Tensor] = None, ambient: float = 0.3,
                 background: tuple[float, float, float] = (1.0, 1.0, 1.0), antialias: bool = True,
-                backend: str = "auto") -> dict[str, torch.Tensor]:
+                backend: str = "auto", albedo_fn=None) -> dict[str, torch.Tensor]:
     """Outputs as the NeRF renderer's: rgb [B,3,H,W], opacity [B,1,H,W], depth [B,1,H,W], normal [B,3,H,W].
 
     rasterise -> interpolate -> texture -> shade -> composite over ``background`` -> antialias (RGB and
     opacity), differentiable with respect to vertex positions, UVs, vertex colours and the texture.
+    ``albedo_fn(points [N, 3]) -> [N, 3]`` (e.g. a hash-grid albedo field) replaces the asset's texture: it is
+    evaluated at the interpolated surface point of every covered pixel. ``background=(0, 0, 0)`` gives
+    premultiplied colour for compositing over another background.
     """
     device = asset.vertices.device
     cameras = cameras.to(device)
@@ -95,14 +102,14 @@ def render_mesh(asset: MeshAsset, cameras: Cameras, height: int, width: int, sha
 
         albedo, normal, mask, depth, aa = render_nvdiffrast(
             clip, asset.faces, height, width,
-            lambda interp, tex: _albedo(asset, interp, tex, B, height, width, device), normals_v, antialias)
+            lambda interp, tex: _albedo(asset, interp, tex, B, height, width, device, albedo_fn), normals_v, antialias)
     else:
         rast = rasterize(clip, asset.faces, height, width)
 
         def interp(attr):
             return interpolate(attr, rast, asset.faces)
 
-        albedo = _albedo(asset, interp, sample_texture, B, height, width, device)
+        albedo = _albedo(asset, interp, sample_texture, B, height, width, device, albedo_fn)
         normal = interp(normals_v)
         mask, depth = rast.mask.permute(0, 2, 3, 1), rast.depth
 

@@ -1,0 +1,93 @@
+"""The renderers of the mesh stages (Magic3D / ProlificDreamer stages 2 and 3), with the NeRF's interface.
+
+* :class:`GeometryStageModel`: a DMTet surface initialised from the stage-1 NeRF's density (SDF =
+  iso-level minus density), shaded with the NeRF's frozen albedo field; guidance moves the SDF and the
+  vertex offsets, regularised by normal consistency and a Laplacian (returned as scalars).
+* :class:`TextureStageModel`: the geometry frozen as a triangle mesh, a hash-grid albedo field (the
+  NeRF's, fine-tuned) evaluated on the surface under every pixel; guidance trains the field, which is
+  then baked into a UV atlas at export.
+
+Both render through :func:`text3d.renderers.mesh.render_mesh` (antialiased, nvdiffrast on CUDA) and
+composite over the NeRF's background, so the trainer and guidance do not care which stage runs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from text3d.cameras import Cameras
+from text3d.renderers.dmtet import DMTet, SurfaceMesh, laplacian_loss, normal_consistency_loss
+from text3d.renderers.mesh.render import MeshAsset, render_mesh
+
+
+def density_iso_level(density_fn, bound: float, resolution: int = 64) -> float:
+    """The export's automatic iso-level (Otsu on log-density) of a density field."""
+    from text3d.export.marching import auto_threshold, sample_density_grid
+
+    return auto_threshold(sample_density_grid(density_fn, bound, resolution))
+
+
+def _composite(out: dict, background: nn.Module, cameras: Cameras, height: int, width: int) -> dict:
+    """Premultiplied mesh colour over the NeRF background module (evaluated along each pixel's ray)."""
+    _, dirs = cameras.rays(height, width)
+    bg = background(dirs.reshape(-1, 3).float(), None).view(len(cameras), height, width, 3).permute(0, 3, 1, 2)
+    out["rgb"] = out["rgb"] + (1.0 - out["opacity"]) * bg
+    out["opacity_sparsity"] = out["opacity"].mean()
+    return out
+
+
+class GeometryStageModel(nn.Module):
+    def __init__(self, nerf, grid_resolution: int = 64, iso_level: float | None = None):
+        super().__init__()
+        bound = float(nerf.cfg.bound)
+        self.dmtet = DMTet(grid_resolution, bound)
+        level = density_iso_level(nerf.field.query_density, bound) if iso_level is None else iso_level
+        self.register_buffer("iso_level", torch.tensor(float(level)))
+        self.albedo_field = copy.deepcopy(nerf.field).requires_grad_(False)
+        self.background = copy.deepcopy(nerf.background).requires_grad_(False)
+        with torch.no_grad():
+            self.dmtet.init_sdf(lambda p: level - self.albedo_field.query_density(p.to(self.dmtet.grid.device)).float())
+
+    def update_occupancy(self, step: int) -> None:  # the NeRF's interface; nothing to do for a surface
+        return None
+
+    def surface(self) -> SurfaceMesh:
+        return self.dmtet()
+
+    def forward(self, cameras: Cameras, height: int, width: int, shading: str = "lambertian",
+                light_dirs=None, ambient: float = 0.3, **_) -> dict:
+        mesh = self.surface()
+        if mesh.faces.numel() == 0:
+            raise ValueError("the DMTet surface is empty (the SDF has no zero crossing)")
+        asset = MeshAsset(mesh.vertices, mesh.faces)
+        out = render_mesh(asset, cameras, height, width, shading, light_dirs, ambient, background=(0.0, 0.0, 0.0),
+                          albedo_fn=lambda p: self.albedo_field.query_albedo(p).float())
+        out = _composite(out, self.background, cameras.to(mesh.vertices.device), height, width)
+        out["laplacian"] = laplacian_loss(mesh)
+        out["normal_consistency"] = normal_consistency_loss(mesh)
+        return out
+
+
+class TextureStageModel(nn.Module):
+    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, field: nn.Module, background: nn.Module):
+        super().__init__()
+        self.register_buffer("vertices", vertices.detach().float().clone())
+        self.register_buffer("faces", faces.detach().long().clone())
+        self.field = copy.deepcopy(field).requires_grad_(True)
+        self.background = copy.deepcopy(background).requires_grad_(False)
+
+    def update_occupancy(self, step: int) -> None:
+        return None
+
+    def surface(self) -> SurfaceMesh:
+        return SurfaceMesh(self.vertices, self.faces)
+
+    def forward(self, cameras: Cameras, height: int, width: int, shading: str = "albedo",
+                light_dirs=None, ambient: float = 0.3, **_) -> dict:
+        asset = MeshAsset(self.vertices, self.faces)
+        out = render_mesh(asset, cameras, height, width, shading, light_dirs, ambient, background=(0.0, 0.0, 0.0),
+                          albedo_fn=lambda p: self.field.query_albedo(p).float())
+        return _composite(out, self.background, cameras.to(self.vertices.device), height, width)
