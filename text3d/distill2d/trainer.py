@@ -54,18 +54,23 @@ def _accelerator(cfg: Distill2DConfig):
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
 
 
+def setup_run(trainer, cfg: Distill2DConfig, out: Path, teacher, show_progress: bool):
+    """What every 2D trainer starts with: accelerator, seed (per process), teacher and prompts; returns the teacher."""
+    from text3d.teacher import load_teacher
+
+    trainer.cfg, trainer.out, trainer.show_progress = cfg, Path(out), show_progress
+    trainer.accelerator = _accelerator(cfg)
+    trainer.device = trainer.accelerator.device
+    seed_everything(cfg.seed + trainer.accelerator.process_index)
+    trainer.prompts = load_prompts(cfg.prompts_file)
+    if not trainer.prompts:
+        raise UserError("the prompts file holds no prompts")
+    return teacher if teacher is not None else load_teacher(cfg.teacher, trainer.device)
+
+
 class Distill2DTrainer:
     def __init__(self, cfg: Distill2DConfig, out: Path, teacher=None, show_progress: bool = True):
-        from text3d.teacher import load_teacher
-
-        self.cfg, self.out, self.show_progress = cfg, Path(out), show_progress
-        self.accelerator = _accelerator(cfg)
-        self.device = self.accelerator.device
-        seed_everything(cfg.seed + self.accelerator.process_index)
-        self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, self.device)
-        self.prompts = load_prompts(cfg.prompts_file)
-        if not self.prompts:
-            raise UserError("the prompts file holds no prompts")
+        self.teacher = setup_run(self, cfg, out, teacher, show_progress)
         self.student = Student(self.teacher, cfg.timesteps)  # before the LoRA touches the teacher's UNet
         if cfg.gradient_checkpointing:
             self.student.unet.enable_gradient_checkpointing()

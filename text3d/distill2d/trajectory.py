@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from text3d.distill2d.config import Distill2DConfig
-from text3d.distill2d.data import encode_images, load_prompts, real_images, regression_pairs
+from text3d.distill2d.data import encode_images, real_images, regression_pairs
 from text3d.distill2d.student import save_student
-from text3d.distill2d.trainer import CHECKPOINT, _accelerator
+from text3d.distill2d.trainer import CHECKPOINT, setup_run
 from text3d.errors import CheckpointError, NumericalError, UserError
 from text3d.teacher.sampling import (ddim_timesteps, guidance_embedding, guidance_conditioned, predict_x0,
                                      progressive_target)
@@ -38,7 +38,7 @@ from text3d.teacher.teacher import Teacher
 from text3d.training.checkpoint import load_checkpoint, save_checkpoint
 from text3d.training.progress import LoopProgress
 from text3d.training.signals import Interrupted, StopRequest
-from text3d.utils.seed import rng_state, seed_everything, set_rng_state
+from text3d.utils.seed import rng_state, set_rng_state
 
 PHASES_DIR = "phases"
 
@@ -94,14 +94,7 @@ def w_conditioned_unet(unet, dim: int):
 
 class TrajectoryTrainer:
     def __init__(self, cfg: Distill2DConfig, out: Path, teacher=None, show_progress: bool = True):
-        from text3d.teacher import load_teacher
-
-        self.cfg, self.out, self.show_progress = cfg, Path(out), show_progress
-        self.accelerator = _accelerator(cfg)
-        self.device = self.accelerator.device
-        seed_everything(cfg.seed + self.accelerator.process_index)
-        self.base = teacher if teacher is not None else load_teacher(cfg.teacher, self.device)
-        self.prompts = load_prompts(cfg.prompts_file)
+        self.base = setup_run(self, cfg, out, teacher, show_progress)
         self.phases = plan(cfg)
         self.phase_index, self.step = 0, 0  # step counts within the phase
         self._real = None
