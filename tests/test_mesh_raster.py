@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import trimesh
 
@@ -164,3 +165,19 @@ def test_texture_gradient_matches_finite_differences():
             return float((render_mesh(a, cams, 24, 24, shading="albedo")["rgb"] * w).sum())
         fd = (value(plus) - value(minus)) / 0.1
         assert abs(float(asset.texture.grad[i, j, c]) - fd) < 1e-3 + 1e-3 * abs(fd)
+
+
+@pytest.mark.skipif(not __import__("text3d.utils.backends", fromlist=["x"]).has_nvdiffrast(),
+                    reason="needs CUDA and nvdiffrast (not on the CPU machines)")
+def test_nvdiffrast_and_torch_backends_give_the_same_image():
+    cams = spherical_cameras(torch.tensor([20.0, 35.0]), torch.tensor([30.0, 150.0]), 2.5, 45.0)
+    box = trimesh.creation.icosphere(subdivisions=3, radius=0.8)
+    uv = torch.rand(len(box.vertices), 2, generator=torch.Generator().manual_seed(0))
+    tex = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1))
+    asset = MeshAsset(torch.as_tensor(box.vertices, dtype=torch.float32).cuda(), torch.as_tensor(box.faces).cuda(),
+                      uv.cuda(), tex.cuda())
+    a = render_mesh(asset, cams, 96, 96, shading="lambertian", backend="torch")
+    b = render_mesh(asset, cams, 96, 96, shading="lambertian", backend="nvdiffrast")
+    inside = (a["opacity"] > 0.99) & (b["opacity"] > 0.99)
+    assert float((a["rgb"] - b["rgb"]).abs().amax(dim=1, keepdim=True)[inside].mean()) < 0.01
+    assert float((a["opacity"] - b["opacity"]).abs().mean()) < 0.01
