@@ -221,9 +221,10 @@ def test_unreachable_hub_id_is_a_teacher_error(monkeypatch, tmp_path):
     assert "text3d-tests/no-such-teacher" in msg and "local" in msg
 
 
-def test_no_teacher_and_bad_dtype():
+def test_no_teacher_and_bad_dtype(monkeypatch):
     from text3d.errors import ConfigError
 
+    monkeypatch.setenv("TEXT3D_DEFAULT_TEACHER", "")  # as if no embedded teacher were installed
     with pytest.raises(TeacherError):
         load_teacher(None, "cpu")
     with pytest.raises(ConfigError):
