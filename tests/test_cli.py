@@ -1,6 +1,7 @@
 """The command line: help, doctor, and one-line errors with no partial files for bad input."""
 
 import pytest
+import trimesh
 
 from tests.helpers import FAST, run_cli
 
@@ -56,5 +57,10 @@ def test_export_command_rewrites_files(tiny_teacher_dir, tmp_path):
     again = run_cli("export", str(out), "--format", "glb", "--no-video")
     assert again.returncode == 0, again.stderr
     assert len(list(out.glob("*.glb"))) == 1
+    ply = run_cli("export", str(out), "--format", "ply", "--faces", "300", "--no-video")
+    assert ply.returncode == 0, ply.stderr
+    plys = sorted(out.glob("*.ply"))
+    assert len(plys) == 1 and 0 < len(trimesh.load(plys[0], force="mesh").faces) <= 300
     bad = run_cli("export", str(tmp_path / "missing"))
     _assert_clean_failure(bad, "does not exist")
+    _assert_clean_failure(run_cli("export", str(out), "--faces", "2"), "--faces")

@@ -133,10 +133,31 @@ def test_small_components_removed():
     assert len(both.split(only_watertight=False)) == 2
 
 
-def test_max_faces_coarsens():
-    cfg = ExportConfig(grid_resolution=48, threshold=0.0, max_faces=2000)
-    mesh = extract_mesh(sphere_density(), 1.0, cfg)
-    assert 200 < len(mesh.faces) <= 2000 and mesh.is_watertight
+def test_decimate_keeps_the_sphere_closed_and_round():
+    from text3d.export.decimate import decimate
+
+    full = extract_mesh(sphere_density(radius=0.5), 1.0, ExportConfig(grid_resolution=64, threshold=0.0, max_faces=0))
+    small = decimate(full, 1500)
+    assert len(full.faces) > 8000
+    assert 1200 <= len(small.faces) <= 1500
+    assert small.is_watertight and small.volume > 0
+    radii = np.linalg.norm(small.vertices, axis=1)
+    assert np.abs(radii - 0.5).max() < 0.02  # quadric collapse keeps vertices on the surface
+    assert abs(small.volume / full.volume - 1.0) < 0.03
+    assert decimate(small, 10_000) is small  # under the target: untouched
+
+
+def test_export_decimates_to_max_faces_and_writes_vertex_colour_ply(tmp_path):
+    cfg = ExportConfig(grid_resolution=48, threshold=0.0, texture_size=64, max_faces=800)
+    files = export_asset(sphere_density(), position_color, 1.0, tmp_path, "ball", cfg, formats=("glb", "ply"))
+    assert files["faces"] <= 800 + 8  # seams of the atlas do not add faces; the decimator may overshoot slightly
+    ply = trimesh.load(files["ply"], force="mesh", process=False)
+    assert len(ply.faces) <= 800 and ply.is_watertight
+    colours = np.asarray(ply.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
+    expected = ((ply.vertices + 1.0) / 2.0).clip(0, 1)
+    assert np.abs(colours - expected).max() < 1.0 / 255.0 + 1e-6  # each vertex carries the albedo at its position
+    with pytest.raises(UserError):
+        export_asset(sphere_density(), position_color, 1.0, tmp_path, "ball", cfg, formats=("stl",))
 
 
 def test_export_config_from_yaml_and_checks():

@@ -91,17 +91,21 @@ def generate(
 @app.command("export")
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="A run folder made by text3d generate."),
-    format: str = typer.Option("both", "--format", help="obj | glb | both"),
+    format: str = typer.Option("both", "--format", help="obj | glb | ply | both (obj + glb) | all"),
+    faces: Optional[int] = typer.Option(None, "--faces", help="Decimate to at most this many faces "
+                                        "(quadric edge collapse; default: the run's export.max_faces, 0 = keep all)."),
     video: bool = typer.Option(True, help="Also write the turntable video."),
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
 ):
-    """Re-export a run's last checkpoint as .obj/.glb (and a turntable video)."""
+    """Re-export a run's last checkpoint as .obj/.glb/.ply (and a turntable video)."""
     from text3d.training.finalize import FORMATS
     from text3d.training.generate import export_existing
 
     if format not in FORMATS:
-        raise UserError(f"--format must be obj, glb or both, got {format!r}")
-    files = export_existing(run_dir, FORMATS[format], video=video, device=device)
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if faces is not None and faces != 0 and faces < 4:
+        raise UserError(f"--faces must be 0 (keep all) or at least 4, got {faces}")
+    files = export_existing(run_dir, FORMATS[format], video=video, device=device, max_faces=faces)
     for key, value in files.items():
         if isinstance(value, (str, Path)):
             typer.echo(f"{key}: {value}")

@@ -1,4 +1,5 @@
-"""One call from a trained field to files: extract the mesh, unwrap it, bake the albedo, write OBJ/GLB."""
+"""One call from a trained field to files: extract the mesh, decimate it, unwrap it, bake the albedo, write
+OBJ/GLB (textured) and PLY (vertex colours)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import torch
 import trimesh
 
 from text3d.errors import UserError
-from text3d.export.bake import bake_texture
+from text3d.export.bake import bake_texture, evaluate_colors
 from text3d.export.config import ExportConfig, check_export_config
+from text3d.export.decimate import decimate
 from text3d.export.marching import extract_mesh
 from text3d.export.uv_atlas import atlas_padding, unwrap_uv_mapped
-from text3d.export.writers import write_glb, write_obj
+from text3d.export.writers import write_glb, write_obj, write_ply
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("obj", "glb")
+FORMATS = ("obj", "glb", "ply")
+DEFAULT_FORMATS = ("obj", "glb")
 _BAD_NAME_CHARS = set('/\\:*?"<>|')
 
 
@@ -45,9 +48,10 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 def export_textured_mesh(mesh: trimesh.Trimesh, albedo_fn: Callable[[torch.Tensor], torch.Tensor],
                          out_dir: str | os.PathLike, name: str, cfg: ExportConfig,
-                         formats: Sequence[str] = FORMATS, bound: Optional[float] = None,
+                         formats: Sequence[str] = DEFAULT_FORMATS, bound: Optional[float] = None,
                          device: Optional[torch.device | str] = None) -> dict:
-    """Unwrap ``mesh``, bake ``albedo_fn`` into a ``cfg.texture_size`` texture and write the requested formats.
+    """Decimate ``mesh`` to ``cfg.max_faces`` (when above it), unwrap it, bake ``albedo_fn`` into a
+    ``cfg.texture_size`` texture and write the requested formats (``ply``: the albedo at each vertex).
 
     Bake points are clamped to [-bound, bound]^3 when ``bound`` is given (marching cubes can close a
     surface up to half a voxel outside it). Normals are the welded mesh's smooth vertex normals, so
@@ -59,21 +63,30 @@ def export_textured_mesh(mesh: trimesh.Trimesh, albedo_fn: Callable[[torch.Tenso
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    t0 = time.perf_counter()
-    uv = unwrap_uv_mapped(mesh, int(cfg.texture_size), atlas_padding(int(cfg.seam_padding)))
-    normals = np.asarray(mesh.vertex_normals, dtype=np.float32)[uv.vmapping]
-    t1 = time.perf_counter()
-
     def color_fn(points: torch.Tensor) -> torch.Tensor:
         if bound is not None:
             points = points.clamp(-float(bound), float(bound))
         return albedo_fn(points)
 
+    t0 = time.perf_counter()
+    if int(cfg.max_faces) > 0:
+        mesh = decimate(mesh, int(cfg.max_faces))
+    result: dict = {}
+    if "ply" in fmts:
+        colors = evaluate_colors(color_fn, np.asarray(mesh.vertices, dtype=np.float32), device=device)
+        result["ply"] = write_ply(out_dir / f"{name}.ply", mesh.vertices, mesh.faces,
+                                  np.clip(colors * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if fmts == ("ply",):
+            result.update(faces=int(len(mesh.faces)), vertices=int(len(mesh.vertices)))
+            return result
+    uv = unwrap_uv_mapped(mesh, int(cfg.texture_size), atlas_padding(int(cfg.seam_padding)))
+    normals = np.asarray(mesh.vertex_normals, dtype=np.float32)[uv.vmapping]
+    t1 = time.perf_counter()
+
     texture = bake_texture(uv.vertices, uv.faces, uv.uvs, color_fn, int(cfg.texture_size), int(cfg.seam_padding),
                            device=device)
     t2 = time.perf_counter()
 
-    result: dict = {}
     if "obj" in fmts:
         result.update(write_obj(out_dir, name, uv.vertices, uv.faces, uv.uvs, texture, normals))
     if "glb" in fmts:
@@ -81,20 +94,21 @@ def export_textured_mesh(mesh: trimesh.Trimesh, albedo_fn: Callable[[torch.Tenso
     t3 = time.perf_counter()
     result["faces"] = int(len(uv.faces))
     result["vertices"] = int(len(uv.vertices))
-    log.info("export: %d faces, %d vertices; unwrap %.1fs, bake %.1fs, write %.1fs", result["faces"],
+    log.info("export: %d faces, %d vertices; decimate + unwrap %.1fs, bake %.1fs, write %.1fs", result["faces"],
              result["vertices"], t1 - t0, t2 - t1, t3 - t2)
     return result
 
 
 def export_asset(density_fn: Callable[[torch.Tensor], torch.Tensor],
                  albedo_fn: Callable[[torch.Tensor], torch.Tensor], bound: float, out_dir: str | os.PathLike,
-                 name: str, cfg: ExportConfig, formats: Sequence[str] = FORMATS,
+                 name: str, cfg: ExportConfig, formats: Sequence[str] = DEFAULT_FORMATS,
                  device: Optional[torch.device | str] = None) -> dict:
-    """Density + albedo fields -> ``out_dir/{name}.obj`` + ``{name}.mtl`` + ``{name}_albedo.png`` and/or ``{name}.glb``.
+    """Density + albedo fields -> ``out_dir/{name}.obj`` + ``{name}.mtl`` + ``{name}_albedo.png``, ``{name}.glb``
+    and/or ``{name}.ply``.
 
     ``density_fn`` and ``albedo_fn`` take world points torch[N, 3] (N <= 65536, no grad) and return
     torch[N] densities and torch[N, 3] colours in [0, 1]. Every file is written atomically. Returns
-    ``{"obj", "mtl", "texture", "glb": Path (those written), "faces": int, "vertices": int}``; the counts
+    ``{"obj", "mtl", "texture", "glb", "ply": Path (those written), "faces": int, "vertices": int}``; the counts
     are those in the files (seam vertices counted once per chart).
     """
     check_export_config(cfg)

@@ -14,6 +14,7 @@ class ExportConfig:
 
     ``threshold`` is the density iso-level of the surface (inside = density above it). ``None``
     picks it automatically from the density grid, see :func:`text3d.export.marching.auto_threshold`.
+    ``max_faces`` is the decimation target of every exported mesh (quadric edge collapse, 0 = keep all).
     """
 
     grid_resolution: int = 128
@@ -40,7 +41,7 @@ def check_export_config(cfg: Any) -> None:
     need(0.0 <= float(cfg.min_component_fraction) <= 1.0, "min_component_fraction", "must be in [0, 1]")
     need(8 <= int(cfg.texture_size) <= 8192, "texture_size", "must be between 8 and 8192")
     need(0 <= int(cfg.seam_padding) <= 64, "seam_padding", "must be between 0 and 64")
-    need(int(cfg.max_faces) >= 0, "max_faces", "must be >= 0 (0 = never simplify)")
+    need(int(cfg.max_faces) == 0 or int(cfg.max_faces) >= 4, "max_faces", "must be 0 (never decimate) or >= 4")
     need(int(cfg.video_frames) >= 1, "video_frames", "must be >= 1")
     need(int(cfg.video_fps) >= 1, "video_fps", "must be >= 1")
     need(16 <= int(cfg.video_resolution) <= 4096, "video_resolution", "must be between 16 and 4096")

@@ -8,7 +8,6 @@ Grid convention: ``grid[i, j, k]`` is the density at ``(x_i, y_j, z_k)`` with ea
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -123,23 +122,13 @@ def _marching_cubes(grid: np.ndarray, bound: float, level: float) -> trimesh.Tri
     return mesh
 
 
-def _coarsen(grid: np.ndarray, resolution: int) -> np.ndarray:
-    """Trilinear resample of the grid to ``resolution`` samples per axis over the same [-bound, bound]."""
-    from scipy.ndimage import zoom
-
-    factor = (resolution - 1) / (grid.shape[0] - 1)
-    out = zoom(grid, factor, order=1, mode="nearest", grid_mode=False)
-    return out.astype(np.float32)
-
-
 def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) -> trimesh.Trimesh:
     """Marching cubes on a precomputed density grid; returns a closed, outward-wound mesh in world units.
 
     Surface = ``{density == level}`` with the inside where density > level; ``level`` is
     ``cfg.threshold`` or :func:`auto_threshold`. Components smaller than ``cfg.min_component_fraction``
-    of the largest (in faces) are removed. Above ``cfg.max_faces`` the grid is resampled coarser and
-    the surface extracted again (cheap, keeps the mesh closed). Raises :class:`UserError` when no
-    surface exists at the level.
+    of the largest (in faces) are removed; decimation to ``cfg.max_faces`` happens at export
+    (:func:`text3d.export.decimate.decimate`). Raises :class:`UserError` when no surface exists at the level.
     """
     check_export_config(cfg)
     grid = np.asarray(grid, dtype=np.float32)
@@ -157,21 +146,6 @@ def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) ->
                         f"export bound ranges over [{lo:.4g}, {hi:.4g}] (set export.threshold inside that range)")
 
     mesh = _marching_cubes(grid, bound, level)
-    max_faces = int(cfg.max_faces)
-    res = grid.shape[0]
-    for _ in range(3):  # faces scale with res^2: one or two coarser passes reach the budget
-        if max_faces <= 0 or len(mesh.faces) <= max_faces or res <= 16:
-            break
-        res = max(16, int(res * math.sqrt(max_faces / len(mesh.faces)) * 0.95))
-        log.info("export: %d faces > max_faces=%d, re-extracting on a %d^3 grid", len(mesh.faces), max_faces, res)
-        coarse = _coarsen(grid, res)
-        if not float(coarse.min()) < level < float(coarse.max()):
-            break
-        candidate = _marching_cubes(coarse, bound, level)
-        if len(candidate.faces) == 0:
-            break
-        mesh = candidate
-
     if len(mesh.faces) == 0:
         raise UserError(f"cannot export a mesh: marching cubes found no surface at density level {level:.4g}")
     mesh = remove_small_components(mesh, float(cfg.min_component_fraction))

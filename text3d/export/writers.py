@@ -1,4 +1,5 @@
-"""Atomic writers for textured meshes: OBJ + MTL + PNG, and binary glTF (.glb) with a PBR material.
+"""Atomic writers for meshes: OBJ + MTL + PNG and binary glTF (.glb) with a PBR material (textured), and
+PLY with per-vertex colours.
 
 trimesh builds the file contents; every file is written through :mod:`text3d.utils.atomic` and the
 result is read back with trimesh before it is renamed into place. Coordinates are written as they
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import trimesh
@@ -63,6 +65,19 @@ def _check_reload(path: Path, n_faces: int, texture_shape: tuple[int, int], kind
         problems.append(f"{len(loaded.faces)} faces read back, {n_faces} written")
     if problems:
         raise RuntimeError(f"{kind} export check failed for {path.name}: " + "; ".join(problems))
+
+
+def _write_checked(path: str | os.PathLike, data: bytes, check: Callable[[Path], None] | None) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, run ``check(tmp)``, then rename."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if check is not None:
+            check(tmp)
+    return path
 
 
 def write_obj(out_dir: str | os.PathLike, name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
@@ -119,13 +134,26 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
               texture: np.ndarray, normals: np.ndarray | None = None, name: str = "asset",
               verify: bool = True) -> Path:
     """Write :func:`glb_bytes` to ``path`` atomically (checked by reloading the temporary file first)."""
-    path = Path(path)
     data = glb_bytes(vertices, faces, uvs, texture, normals, name)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if verify:
-            _check_reload(tmp, len(faces), texture.shape[:2], "GLB")
-    return path
+    return _write_checked(path, data, (lambda tmp: _check_reload(tmp, len(faces), texture.shape[:2], "GLB"))
+                          if verify else None)
+
+
+def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray,
+              verify: bool = True) -> Path:
+    """Write a binary PLY with per-vertex RGB colours (``colors`` uint8 [V, 3]) to ``path`` atomically,
+    checked by reloading the temporary file first."""
+    colors = np.asarray(colors, dtype=np.uint8)
+    if colors.shape != (len(vertices), 3):
+        raise ValueError(f"colors must be [{len(vertices)}, 3], got {colors.shape}")
+    mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64),
+                           vertex_colors=np.concatenate([colors, np.full((len(colors), 1), 255, np.uint8)], 1),
+                           process=False)
+
+    def check(tmp: Path) -> None:
+        loaded = trimesh.load(tmp, force="mesh", process=False)
+        got = np.asarray(loaded.visual.vertex_colors)[:, :3]
+        if len(loaded.faces) != len(faces) or got.shape != colors.shape or not np.array_equal(got, colors):
+            raise RuntimeError(f"PLY export check failed for {Path(path).name}: faces or vertex colours differ on reload")
+
+    return _write_checked(path, mesh.export(file_type="ply", encoding="binary"), check if verify else None)

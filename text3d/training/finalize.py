@@ -16,7 +16,7 @@ from text3d.training.preview import render_views, save_run_preview
 from text3d.training.run_folder import SUMMARY_NAME
 from text3d.utils.atomic import atomic_write_text
 
-FORMATS = {"obj": ("obj",), "glb": ("glb",), "both": ("obj", "glb")}
+FORMATS = {"obj": ("obj",), "glb": ("glb",), "ply": ("ply",), "both": ("obj", "glb"), "all": ("obj", "glb", "ply")}
 
 
 def turntable_frames(renderer, cfg: RunConfig, device: torch.device) -> list[np.ndarray]:

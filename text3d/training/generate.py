@@ -8,7 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -139,9 +139,13 @@ def resume(run_dir: Path, overrides: Sequence[str] = (), show_progress: bool = T
     return _run_stages(cfg, teacher, torch_device, run_dir, show_progress, callbacks, video)
 
 
-def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, device: str = "cpu") -> dict:
-    """Re-export a run folder from its last checkpoint (no teacher needed)."""
+def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, device: str = "cpu",
+                    max_faces: Optional[int] = None) -> dict:
+    """Re-export a run folder from its last checkpoint (no teacher needed); ``max_faces`` overrides the
+    run's ``export.max_faces`` (decimation target, 0 = keep every face)."""
     cfg = load_run_config(run_dir)
+    if max_faces is not None:
+        cfg.export.max_faces = int(max_faces)
     run_dir = Path(run_dir)
     done = [s for s in cfg.stages if (run_dir / STAGE_CHECKPOINTS[s]).is_file()]
     if not done:
