@@ -68,7 +68,18 @@ def setup_run(trainer, cfg: Distill2DConfig, out: Path, teacher, show_progress: 
     return teacher if teacher is not None else load_teacher(cfg.teacher, trainer.device)
 
 
-class Distill2DTrainer:
+class RunCheckpoint:
+    """What the 2D trainers share once :func:`setup_run` has run: the run folder's checkpoint, written by the
+    main process only (``self.state_dict()`` is each trainer's own)."""
+
+    def save(self) -> Path:
+        path = self.out / CHECKPOINT
+        if self.accelerator.is_main_process:
+            save_checkpoint(path, self.state_dict())
+        return path
+
+
+class Distill2DTrainer(RunCheckpoint):
     def __init__(self, cfg: Distill2DConfig, out: Path, teacher=None, show_progress: bool = True):
         self.teacher = setup_run(self, cfg, out, teacher, show_progress)
         self.student = Student(self.teacher, cfg.timesteps)  # before the LoRA touches the teacher's UNet
@@ -265,12 +276,6 @@ class Distill2DTrainer:
         if self.disc is not None:
             state["head"] = self.disc.head.state_dict()
         return state
-
-    def save(self) -> Path:
-        path = self.out / CHECKPOINT
-        if self.accelerator.is_main_process:
-            save_checkpoint(path, self.state_dict())
-        return path
 
     def load(self) -> int:
         state = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)

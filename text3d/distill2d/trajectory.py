@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from text3d.distill2d.config import Distill2DConfig
 from text3d.distill2d.data import encode_images, real_images, regression_pairs
 from text3d.distill2d.student import save_student
-from text3d.distill2d.trainer import CHECKPOINT, setup_run
+from text3d.distill2d.trainer import CHECKPOINT, RunCheckpoint, setup_run
 from text3d.errors import CheckpointError, NumericalError, UserError
 from text3d.teacher.sampling import (ddim_timesteps, guidance_embedding, guidance_conditioned, predict_x0,
                                      progressive_target)
@@ -92,7 +92,7 @@ def w_conditioned_unet(unet, dim: int):
     return new
 
 
-class TrajectoryTrainer:
+class TrajectoryTrainer(RunCheckpoint):
     def __init__(self, cfg: Distill2DConfig, out: Path, teacher=None, show_progress: bool = True):
         self.base = setup_run(self, cfg, out, teacher, show_progress)
         self.phases = plan(cfg)
@@ -226,12 +226,6 @@ class TrajectoryTrainer:
     def state_dict(self) -> dict:
         return {"phase": self.phase_index, "step": self.step, "student": self.accelerator.unwrap_model(self.unet).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
-
-    def save(self) -> Path:
-        path = self.out / CHECKPOINT
-        if self.accelerator.is_main_process:
-            save_checkpoint(path, self.state_dict())
-        return path
 
     def load(self) -> None:
         state = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)

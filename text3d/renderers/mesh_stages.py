@@ -57,6 +57,10 @@ class GeometryStageModel(nn.Module):
     def surface(self) -> SurfaceMesh:
         return self.dmtet()
 
+    def colour_field(self) -> nn.Module:
+        """The field whose ``query_albedo`` colours this surface (the frozen NeRF's)."""
+        return self.albedo_field
+
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "lambertian",
                 light_dirs=None, ambient: float = 0.3, **_) -> dict:
         mesh = self.surface()
@@ -84,6 +88,10 @@ class TextureStageModel(nn.Module):
 
     def surface(self) -> SurfaceMesh:
         return SurfaceMesh(self.vertices, self.faces)
+
+    def colour_field(self) -> nn.Module:
+        """The field whose ``query_albedo`` colours this surface (the one this stage trains)."""
+        return self.field
 
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "albedo",
                 light_dirs=None, ambient: float = 0.3, **_) -> dict:

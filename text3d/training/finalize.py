@@ -43,7 +43,7 @@ def export_particle(renderer, cfg: RunConfig, device: torch.device, out_dir: Pat
 
             surface = renderer.surface()
             mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
-            field = getattr(renderer, "albedo_field", None) or renderer.field
+            field = renderer.colour_field()
             device = surface.vertices.device
             files: dict[str, object] = dict(export_textured_mesh(
                 mesh, lambda p: field.query_albedo(p.to(device)).float(), out_dir, cfg.run_name, cfg.export,

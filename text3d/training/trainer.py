@@ -79,7 +79,7 @@ def build_stage_particles(stage: str, cfg: RunConfig, device: torch.device, sour
     for src in sources:
         if hasattr(src, "surface"):  # a geometry-stage model: its surface and the NeRF albedo it carries
             mesh = src.surface()
-            field = getattr(src, "albedo_field", None) or src.field
+            field = src.colour_field()
             models.append(TextureStageModel(mesh.vertices, mesh.faces, field, src.background).to(device))
         else:  # straight from the NeRF: its marching-cubes surface
             from text3d.export import extract_mesh
