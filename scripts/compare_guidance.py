@@ -5,6 +5,8 @@
     python scripts/compare_guidance.py --out runs/compare                 # 12 prompts, SDS and VSD
     python scripts/compare_guidance.py --methods sds --out runs/compare  # only SDS
     python scripts/compare_guidance.py --teacher /tmp/tiny --steps 5 ... # a smoke run
+    python scripts/compare_guidance.py --methods sds --stages geometry,texture --from-runs runs/compare/sds \
+        --label sds+mesh --out runs/compare                              # mesh stages on the SDS NeRFs
 
 Each method's settings are its config file (configs/default.yaml for SDS, configs/vsd.yaml for VSD)
 plus the flags below. Finished runs (those with an eval.json) are reused, so an interrupted
@@ -36,7 +38,7 @@ def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
 
     eval_path = out_dir / "eval.json"
     if eval_path.is_file() and (out_dir / "run.json").is_file():
-        return _row(json.loads(eval_path.read_text()), json.loads((out_dir / "run.json").read_text()))
+        return _row(json.loads(eval_path.read_text()), json.loads((out_dir / "run.json").read_text()), args.label)
     if out_dir.exists():
         import shutil
 
@@ -49,17 +51,20 @@ def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
         overrides.append(f"train.steps={args.steps}")
     particles = args.vsd_particles if method == "vsd" else args.sds_particles
     overrides.append(f"train.particles={particles}")
+    if args.stages:
+        overrides.append(f"stages=[{args.stages}]")
     overrides += args.override
     cfg = load_config(files=files, overrides=overrides)
     cfg.prompt = prompt
-    generate(cfg, out=out_dir, show_progress=not args.quiet, video=False)
+    from_dir = args.from_runs / out_dir.name if args.from_runs else None
+    generate(cfg, out=out_dir, show_progress=not args.quiet, video=False, from_dir=from_dir)
     result = score_run(out_dir)
-    return _row(result, json.loads((out_dir / "run.json").read_text()))
+    return _row(result, json.loads((out_dir / "run.json").read_text()), args.label)
 
 
-def _row(result: dict, summary: dict) -> dict:
+def _row(result: dict, summary: dict, label: str | None = None) -> dict:
     diversity = result.get("diversity") or {}
-    return {"prompt": result["prompt"], "guidance": result.get("guidance", summary.get("guidance")),
+    return {"prompt": result["prompt"], "guidance": label or result.get("guidance", summary.get("guidance")),
             "particles": result.get("particles", 1), "object": result["object_accuracy"],
             "colour": result["colour_accuracy"], "view": result["view_accuracy"], "iou": result["silhouette_iou"],
             "saturation": result.get("saturation"), "janus": result.get("janus_rate"),
@@ -116,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--sds-particles", type=int, default=1)
     p.add_argument("--vsd-particles", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", help="comma-separated stages to run, e.g. nerf,geometry,texture (default: the config's)")
+    p.add_argument("--from-runs", type=Path, help="folder of earlier runs (one per prompt, as OUT/METHOD) whose last "
+                   "stage feeds this run's first stage (with --stages geometry,texture)")
+    p.add_argument("--label", help="name of this configuration in the table and under OUT (default: the method)")
     p.add_argument("--override", action="append", default=[], help="extra key=value config override (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--quiet", action="store_true")
@@ -131,6 +140,8 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHOD_CONFIG]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}")
+    if args.label and len(methods) != 1:
+        p.error("--label names one configuration: give one method")
     prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
                if args.prompts else DEFAULT_PROMPTS)
     rows = []
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
     try:
         for prompt in prompts:
             for method in methods:
-                out_dir = args.out / method / prompt.replace(" ", "_")
+                out_dir = args.out / (args.label or method) / prompt.replace(" ", "_")
                 row = run_one(prompt, method, out_dir, args)
                 rows.append(row)
                 print(f"[{time.perf_counter() - start:7.0f}s] {method} {prompt!r}: object {_fmt(row['object'], True)}, "
@@ -153,9 +164,10 @@ def main(argv=None) -> int:
     from text3d.utils.atomic import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
-    text = table(rows, methods)
-    atomic_write_text(args.out / "results.md", text)
+    stem = f"results-{args.label}" if args.label else "results"
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(rows, indent=2) + "\n")
+    text = table(rows, [args.label] if args.label else methods)
+    atomic_write_text(args.out / f"{stem}.md", text)
     print(text)
     return 0
 
