@@ -70,25 +70,58 @@ def main(argv=None) -> int:
                    "object": scores["object_accuracy"], "colour": scores["colour_accuracy"],
                    "view": scores["view_accuracy"], "frechet": scores.get("frechet_distance"),
                    "images_per_second": record["images_per_second"], "n": len(record["images"])}
+            row.update(training_record(folder) if steps is None else {})
             rows.append(row)
             print(f"{name}: object {100 * row['object']:.1f}%, colour {100 * row['colour']:.1f}%, "
                   f"{row['images_per_second']:.1f} img/s", flush=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    lines = ["| model | steps | CFG / w | object acc | colour acc | view acc | Fréchet (judge features) | images/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | steps | CFG / w | object acc | colour acc | view acc | Fréchet (judge features) | images/s "
+             "| training steps | training time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         fd = "-" if r["frechet"] is None else f"{r['frechet']:.2f}"
         view = "-" if r["view"] is None else f"{100 * r['view']:.1f}%"
+        trained = "-" if r.get("training_steps") is None else str(r["training_steps"])
+        wall = "-" if r.get("training_seconds") is None else f"{r['training_seconds'] / 60:.1f} min"
         lines.append(f"| {r['model']} | {r['steps']} | {r['guidance_scale']:g} | {100 * r['object']:.1f}% | "
-                     f"{100 * r['colour']:.1f}% | {view} | {fd} | {r['images_per_second']:.1f} |")
+                     f"{100 * r['colour']:.1f}% | {view} | {fd} | {r['images_per_second']:.1f} | {trained} | {wall} |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "table.md", table)
     atomic_write_text(args.out / "table.json", json.dumps(rows, indent=2) + "\n")
     print(table)
     return 0
+
+
+def training_record(folder) -> dict:
+    """Training steps and wall time of a student folder, from its student.json and its run's summary.json.
+
+    A progressive-distillation phase (``RUN/phases/NAME``) counts every round up to it, and its time is the
+    sum of those rounds' times; a final student (``RUN/student``) takes the run's training time.
+    """
+    folder = Path(folder)
+    try:
+        card = json.loads((folder / "student.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    steps = card.get("steps_cumulative", card.get("steps_trained"))
+    seconds = None
+    if folder.parent.name == "phases":
+        phases = sorted(folder.parent.glob("*/student.json"))
+        cards = [json.loads(p.read_text()) for p in phases]
+        upto = [c for c in cards if c.get("steps_cumulative", 0) <= (steps or 0)]
+        if upto and all("phase_seconds_this_session" in c for c in upto):
+            seconds = sum(c["phase_seconds_this_session"] for c in upto)
+    else:
+        try:
+            summary = json.loads((folder.parent / "summary.json").read_text())
+            seconds = summary.get("train_seconds_this_session")
+            steps = summary.get("steps", steps)
+        except (OSError, ValueError):
+            pass
+    return {"training_steps": steps, "training_seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -242,10 +242,15 @@ class TrajectoryTrainer(RunCheckpoint):
                 raise CheckpointError(f"checkpoint does not match this run's student ({str(exc)[:160]})") from None
         set_rng_state(state["rng"])
 
-    def finish_phase(self) -> Path:
+    def finish_phase(self, seconds: float | None = None) -> Path:
+        """Save the phase's student; its card records the phase's wall time in this session (``seconds``)
+        and the steps of every phase up to this one (``steps_cumulative``)."""
         phase = self.phase
         unet = copy.deepcopy(self.accelerator.unwrap_model(self.unet))
         card = phase_card(phase, self.cfg, self.base.num_train_timesteps, self.base.source)
+        card["steps_cumulative"] = sum(p.steps for p in self.phases[: self.phase_index + 1])
+        if seconds is not None:
+            card["phase_seconds_this_session"] = round(float(seconds), 2)
         path = save_student(self.out / PHASES_DIR / phase.name, unet, self.base, card)
         self.saved.append(path)
         return path
@@ -260,6 +265,7 @@ class TrajectoryTrainer(RunCheckpoint):
                 if self.step == 0 or not hasattr(self, "unet"):
                     self._start_phase(self.phase_index, self._phase_teacher(self.phase_index))
                 phase = self.phases[self.phase_index]
+                phase_start = time.perf_counter()
                 while self.step < phase.steps:
                     loss = self.train_step()
                     self.step += 1
@@ -275,7 +281,7 @@ class TrajectoryTrainer(RunCheckpoint):
                                           f"checkpoint saved to {path}; continue with: text3d distill2d --resume "
                                           f"{self.out}")
                 if self.accelerator.is_main_process:
-                    self.finish_phase()
+                    self.finish_phase(time.perf_counter() - phase_start)
                 self.phase_index, self.step = self.phase_index + 1, 0
                 del self.unet
                 self.save_boundary()
