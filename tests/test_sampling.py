@@ -281,3 +281,12 @@ def test_sample_command_without_a_teacher_is_one_line(cli, tmp_path, monkeypatch
     monkeypatch.setattr("text3d.teacher.loader.DEFAULT_TEACHER_DIR", tmp_path / "no_teacher")
     r = cli("a red cube", "--out", tmp_path / "o", "--device", "cpu")
     assert isinstance(r.exception, UserError) and "\n" not in str(r.exception)
+
+
+def test_grid_layout_rows_per_prompt_or_near_square():
+    from text3d.teacher.sample_cli import grid_columns
+
+    assert grid_columns(4, 8) == 8  # one row per prompt
+    assert grid_columns(1, 16) == 4  # one prompt: a square
+    assert grid_columns(540, 1) == 24  # one image per prompt: wrapped, not a 540-high column
+    assert grid_columns(3, 1) == 2

@@ -55,10 +55,11 @@ def _check_out(out: Path) -> Path:
 
 
 def grid_columns(n_prompts: int, n_per_prompt: int) -> int:
-    """One row per prompt when several prompts (up to 16 a row), else a near-square grid."""
-    if n_prompts > 1:
+    """One row per prompt when several prompts have several images each (up to 16 a row), else a
+    near-square grid (one image per prompt: the prompts in reading order, at most 24 a row)."""
+    if n_prompts > 1 and n_per_prompt > 1:
         return min(n_per_prompt, 16)
-    return max(1, math.ceil(math.sqrt(n_per_prompt)))
+    return max(1, min(24, math.ceil(math.sqrt(n_prompts * n_per_prompt))))
 
 
 def save_grid(images, columns: int, path: Path) -> Path:
