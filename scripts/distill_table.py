@@ -9,7 +9,8 @@
 Every model samples one image per prompt of ``--prompts`` (default assets/eval/prompts_216.txt: every
 object and colour, plain and with a view suffix) from the same seed; a student samples with its own
 timesteps (its ``student.json``), a teacher with DDIM and CFG ``--guidance-scale``. A trailing ``@W``
-on a student path sets its guidance scale (w-conditioned students). The table (object / colour / view
+on a student path sets its guidance scale (w-conditioned students), a trailing ``#N`` samples with the first N
+of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
 accuracy, Fréchet distance of judge features against ``--reference`` renders, images per second on
 this machine) is printed and written to OUT/table.md and OUT/table.json.
 """
@@ -32,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", help="teacher folder (default: the embedded teacher)")
     p.add_argument("--teacher-steps", default="50,4,1", help="comma-separated DDIM step counts ('' for none)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="the teacher's CFG")
-    p.add_argument("--student", action="append", default=[], help="NAME=FOLDER[@W] (repeatable)")
+    p.add_argument("--student", action="append", default=[],
+                   help="NAME=FOLDER[@W][#STEPS] (repeatable): guidance scale W, the first STEPS of its timesteps")
     p.add_argument("--prompts", type=Path, default=REPO / "assets" / "eval" / "prompts_216.txt")
     p.add_argument("--reference", type=Path, help="toyworld dataset for the Fréchet distance")
     p.add_argument("--batch-size", type=int, default=64)
@@ -46,20 +48,23 @@ def main(argv=None) -> int:
     from text3d.utils.atomic import atomic_write_text
 
     prompts = read_prompts_file(args.prompts)
-    entries = [(f"teacher, {s} DDIM steps", args.teacher, int(s), args.guidance_scale)
+    entries = [(f"teacher, {s} DDIM steps", args.teacher, int(s), args.guidance_scale, False)
                for s in args.teacher_steps.split(",") if s.strip()]
     for item in args.student:
         if "=" not in item:
-            p.error(f"--student {item!r} is not NAME=FOLDER[@W]")
+            p.error(f"--student {item!r} is not NAME=FOLDER[@W][#STEPS]")
         name, folder = item.split("=", 1)
-        w = None
+        w = steps = None
+        if "#" in folder:
+            folder, steps_text = folder.rsplit("#", 1)
+            steps = int(steps_text)
         if "@" in folder:
             folder, w_text = folder.rsplit("@", 1)
             w = float(w_text)
-        entries.append((name, folder, None, w))
+        entries.append((name, folder, steps, w, True))
     rows = []
     try:
-        for name, folder, steps, w in entries:
+        for name, folder, steps, w, is_student in entries:
             model = load_teacher(folder, "cpu")
             out = args.out / name.replace(" ", "_").replace(",", "").replace("=", "")
             record = run_sample(prompts, out, teacher=model, steps=steps, n=1, guidance_scale=w, seed=args.seed,
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
                    "object": scores["object_accuracy"], "colour": scores["colour_accuracy"],
                    "view": scores["view_accuracy"], "frechet": scores.get("frechet_distance"),
                    "images_per_second": record["images_per_second"], "n": len(record["images"])}
-            row.update(training_record(folder) if steps is None else {})
+            row.update(training_record(folder) if is_student else {})
             rows.append(row)
             print(f"{name}: object {100 * row['object']:.1f}%, colour {100 * row['colour']:.1f}%, "
                   f"{row['images_per_second']:.1f} img/s", flush=True)
