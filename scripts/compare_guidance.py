@@ -152,7 +152,8 @@ def main(argv=None) -> int:
                 out_dir = args.out / (args.label or method) / prompt.replace(" ", "_")
                 row = run_one(prompt, method, out_dir, args)
                 rows.append(row)
-                print(f"[{time.perf_counter() - start:7.0f}s] {method} {prompt!r}: object {_fmt(row['object'], True)}, "
+                print(f"[{time.perf_counter() - start:7.0f}s] {args.label or method} {prompt!r}: "
+                      f"object {_fmt(row['object'], True)}, "
                       f"colour {_fmt(row['colour'], True)}, IoU {_fmt(row['iou'])}, "
                       f"{row['ms_per_step']:.0f} ms/step", flush=True)
     except UserError as exc:
