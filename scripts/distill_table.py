@@ -11,8 +11,9 @@ object and colour, plain and with a view suffix) from the same seed; a student s
 timesteps (its ``student.json``), a teacher with DDIM and CFG ``--guidance-scale``. A trailing ``@W``
 on a student path sets its guidance scale (w-conditioned students), a trailing ``#N`` samples with the first N
 of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
-accuracy, Fréchet distance of judge features against ``--reference`` renders, images per second on
-this machine) is printed and written to OUT/table.md and OUT/table.json.
+accuracy, the view accuracy on the objects with a distinct front and back, Fréchet distance of judge
+features against ``--reference`` renders, images per second on this machine) is printed and written to
+OUT/table.md and OUT/table.json.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
             row = {"model": name, "folder": str(folder or "embedded teacher"), "steps": record["steps"],
                    "guidance_scale": record["guidance_scale"], "sampler": record["sampler"],
                    "object": scores["object_accuracy"], "colour": scores["colour_accuracy"],
-                   "view": scores["view_accuracy"], "frechet": scores.get("frechet_distance"),
+                   "view": scores["view_accuracy"],
+                   "view_front_back": scores.get("view_accuracy_front_back"), "frechet": scores.get("frechet_distance"),
                    "images_per_second": record["images_per_second"], "n": len(record["images"])}
             row.update(training_record(folder) if is_student else {})
             rows.append(row)
@@ -82,16 +84,17 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    lines = ["| model | steps | CFG / w | object acc | colour acc | view acc | Fréchet (judge features) | images/s "
-             "| training steps | training time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | steps | CFG / w | object acc | colour acc | view acc | view acc, front/back objects "
+             "| Fréchet (judge features) | images/s | training steps | training time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         fd = "-" if r["frechet"] is None else f"{r['frechet']:.2f}"
-        view = "-" if r["view"] is None else f"{100 * r['view']:.1f}%"
+        view, view_fb = ("-" if v is None else f"{100 * v:.1f}%" for v in (r["view"], r["view_front_back"]))
         trained = "-" if r.get("training_steps") is None else str(r["training_steps"])
         wall = "-" if r.get("training_seconds") is None else f"{r['training_seconds'] / 60:.1f} min"
         lines.append(f"| {r['model']} | {r['steps']} | {r['guidance_scale']:g} | {100 * r['object']:.1f}% | "
-                     f"{100 * r['colour']:.1f}% | {view} | {fd} | {r['images_per_second']:.1f} | {trained} | {wall} |")
+                     f"{100 * r['colour']:.1f}% | {view} | {view_fb} | {fd} | {r['images_per_second']:.1f} | "
+                     f"{trained} | {wall} |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "table.md", table)

@@ -72,3 +72,17 @@ def test_view_dependent_prompts_and_validation():
     assert validate_prompt("  a   red cube ") == "a red cube"
     with pytest.raises(UserError):
         validate_prompt("   ")
+
+
+def test_reachable_view_labels_follow_the_ranges():
+    from text3d.cameras import reachable_view_labels
+
+    assert reachable_view_labels() == ["front", "side", "back"]  # the default cameras never look from overhead
+    assert reachable_view_labels(CameraSamplerConfig(elevation=(0.0, 75.0))) == ["front", "side", "back", "overhead"]
+    assert reachable_view_labels(CameraSamplerConfig(elevation=(65.0, 80.0))) == ["overhead"]
+    assert reachable_view_labels(CameraSamplerConfig(azimuth=(-30.0, 30.0))) == ["front"]
+    assert reachable_view_labels(CameraSamplerConfig(azimuth=(60.0, 150.0))) == ["side", "back"]
+    # every label a sampled camera gets is among them
+    cfg = CameraSamplerConfig(azimuth=(-100.0, 20.0))
+    sampled = set(sample_cameras(cfg, 512, torch.Generator().manual_seed(0)).view_labels(cfg))
+    assert sampled <= set(reachable_view_labels(cfg)) == {"front", "side"}

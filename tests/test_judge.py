@@ -224,6 +224,14 @@ def test_score_predictions_counts_only_what_is_expected(trained):
         score_predictions(judge, None, ["sphere"] * 3, ["red"] * 3, None, outputs=outputs)
 
 
+def test_front_back_view_accuracy_counts_only_front_back_objects():
+    from text3d.eval.score_images import front_back_view_accuracy
+
+    got = front_back_view_accuracy([True, False, True, None, False], ["house", "car", "sphere", "mug", None])
+    assert got == {"view_accuracy_front_back": 0.5, "n_view_front_back": 2}
+    assert front_back_view_accuracy([True], ["cube"]) == {"view_accuracy_front_back": None, "n_view_front_back": 0}
+
+
 def test_score_folder_ground_truth_vs_shuffled(trained, dataset_dir, tmp_path, no_catalog):
     from text3d.eval.score_images import score_folder
 

@@ -12,8 +12,8 @@ from text3d.cameras import VIEW_LABELS, CameraSamplerConfig, orbit_cameras, sphe
 from text3d.errors import UserError
 from text3d.prompts import VIEW_SUFFIXES
 from text3d.toyworld import generate
-from text3d.toyworld.catalog import (COLOURS, FRONT_BACK_OBJECTS, OBJECTS, all_captions, caption, parse_caption,
-                                     vocabulary)
+from text3d.toyworld.catalog import (COLOURS, FRONT_BACK_OBJECTS, OBJECTS, all_captions, caption, eval_prompts,
+                                     parse_caption, view_suffix_label, vocabulary)
 from text3d.toyworld.cli import toyworld_app
 from text3d.toyworld.dataset import ToyworldDataset, read_meta
 from text3d.toyworld.generate import render_dataset
@@ -337,3 +337,18 @@ def test_cli_list_and_render(tmp_path):
     assert len(ToyworldDataset.load(tmp_path / "d")) == 6
     res = runner.invoke(toyworld_app, ["render", "--n", "0", "--out", str(tmp_path / "e"), "--quiet"])
     assert isinstance(res.exception, UserError)
+
+
+def test_shipped_eval_prompts_ask_only_for_views_the_training_cameras_show():
+    from pathlib import Path
+
+    shipped = (Path(__file__).resolve().parent.parent / "assets" / "eval" / "prompts_216.txt").read_text().splitlines()
+    assert shipped == eval_prompts()
+    assert len(shipped) == 2 * len(OBJECTS) * len(COLOURS)
+    assert [parse_caption(p) for p in shipped[::2]] == [parse_caption(p) for p in shipped[1::2]]
+    labels = [view_suffix_label(p) for p in shipped[1::2]]
+    assert all(view_suffix_label(p) is None for p in shipped[::2])
+    assert set(labels) == {"front", "side", "back"}  # no "overhead": the training cameras stay below 60 degrees
+    for obj in FRONT_BACK_OBJECTS:  # each front/back object is asked for every view
+        assert {lab for p, lab in zip(shipped[1::2], labels) if parse_caption(p)[0] == obj} == set(labels)
+    assert view_suffix_label(eval_prompts(["overhead"])[1]) == "overhead"

@@ -151,6 +151,24 @@ def view_label(elevation: float, azimuth: float, cfg: CameraSamplerConfig | None
     return "side"
 
 
+def reachable_view_labels(cfg: CameraSamplerConfig | None = None) -> list[str]:
+    """The view labels that cameras drawn from ``cfg``'s ranges can get, in :data:`VIEW_LABELS` order
+    ("overhead" depends on the elevation alone, the others on the azimuth alone, which is scanned on a
+    quarter-degree grid, ends included).
+
+    With the default ranges (elevation up to 45 degrees, overhead from 60) no camera is "overhead", so
+    neither the training renders nor ``generate``'s prompts ever say "overhead view"."""
+    cfg = cfg or CameraSamplerConfig()
+    (el_lo, el_hi), (az_lo, az_hi) = cfg.elevation, cfg.azimuth
+    seen = set()
+    if el_lo < cfg.overhead_elevation:
+        grid = torch.linspace(az_lo, az_hi, max(2, int(4 * (az_hi - az_lo)) + 1)).tolist()
+        seen |= {view_label(el_lo, a, cfg) for a in grid}
+    if el_hi >= cfg.overhead_elevation:
+        seen.add("overhead")
+    return [label for label in VIEW_LABELS if label in seen]
+
+
 def jittered_light_dirs(cameras: Cameras, max_deg: float) -> torch.Tensor:
     """Unit vectors towards the light: each camera's direction tilted by a random angle up to ``max_deg``."""
     towards_camera = cameras.position / cameras.position.norm(dim=-1, keepdim=True)

@@ -150,6 +150,18 @@ def score_predictions(judge: Judge, images: torch.Tensor, expected_objects: Sequ
     return result
 
 
+def front_back_view_accuracy(view_correct: Sequence[bool | None], objects: Sequence[str | None]) -> dict:
+    """View accuracy on the images of objects with a distinct front and back (snowman, house, mug, car):
+    {"view_accuracy_front_back", "n_view_front_back"}. On a sphere or a cube the front, side and back
+    views look alike, so only these images show whether a model follows the view suffix."""
+    try:
+        from text3d.toyworld.catalog import FRONT_BACK_OBJECTS
+    except Exception:  # no toyworld: nothing to single out
+        FRONT_BACK_OBJECTS = []
+    scored = [c for c, o in zip(view_correct, objects) if c is not None and o in FRONT_BACK_OBJECTS]
+    return {"view_accuracy_front_back": float(np.mean(scored)) if scored else None, "n_view_front_back": len(scored)}
+
+
 # ---------------------------------------------------------------------- folders
 
 
@@ -241,6 +253,7 @@ def score_folder(folder: str | Path, judge: Judge | str | Path | None = None, re
         "unparsed_prompts": unparsed,
         **{k: scores[k] for k in ("object_accuracy", "colour_accuracy", "view_accuracy", "joint_accuracy",
                                   "n_object", "n_colour", "n_view")},
+        **front_back_view_accuracy(scores["correct"]["view"], [p[0] for p in parsed]),
         "frechet_distance": None, "reference": None, "n_reference": None,
     }
     if reference is not None:
@@ -269,6 +282,8 @@ def format_scores(result: dict) -> list[str]:
              f"object accuracy {pct(result['object_accuracy'])} ({result['n_object']})",
              f"colour accuracy {pct(result['colour_accuracy'])} ({result['n_colour']})",
              f"view accuracy   {pct(result['view_accuracy'])} ({result['n_view']} with a view suffix)",
+             f"  front/back    {pct(result.get('view_accuracy_front_back'))} "
+             f"({result.get('n_view_front_back', 0)} of objects with a distinct front and back)",
              f"object+colour   {pct(result['joint_accuracy'])}"]
     if result.get("frechet_distance") is not None:
         lines.append(f"Fréchet dist.   {result['frechet_distance']:.4g} (vs {result['n_reference']} renders of "

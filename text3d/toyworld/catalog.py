@@ -351,6 +351,20 @@ def all_captions() -> list[str]:
     return [caption(o, c) for o in OBJECTS for c in COLOURS]
 
 
+def eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
+    """The evaluation prompt set (``assets/eval/prompts_216.txt``): every (object, colour) pair in catalog
+    order, once plain and once with a view suffix, the suffixes taken in turn from ``view_labels``
+    (default: the labels the training cameras can get, :func:`text3d.cameras.reachable_view_labels`, so no
+    prompt asks for a view that no training image shows)."""
+    from text3d.cameras import reachable_view_labels
+
+    labels = list(view_labels) if view_labels is not None else reachable_view_labels()
+    prompts = []
+    for i, text in enumerate(all_captions()):
+        prompts += [text, text + VIEW_SUFFIXES[labels[i % len(labels)]]]
+    return prompts
+
+
 def vocabulary() -> list[str]:
     """Every word a caption can contain, view suffixes included, in first-use order; "," (the view suffix's
     separator) is listed too, as the CLIP pre-tokenizer makes it a token of its own."""
