@@ -130,6 +130,8 @@ def test_one_ttur_iteration_steps_the_fake_score_n_times_and_the_student_once(ti
     student_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
     assert fake_steps == {3} and student_steps == {1}
     assert any(not torch.equal(a, b) for a, b in zip(student_before, trainer.student.unet.parameters()))
+    lora_b = [p for n, p in trainer.fake._lora_params.items() if "lora_B" in n]  # zero at the start
+    assert lora_b and all(float(p.detach().abs().max()) > 0 for p in lora_b)  # the fake score itself learned
     trainer.fake.remove()
 
 

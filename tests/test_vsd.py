@@ -66,12 +66,16 @@ def test_vsd_gradient_reaching_latents(teacher):
     out = guidance.guide_latents(latents, prompts, cameras=cams, t=t, noise=noise)
     out.loss.backward()
 
-    with torch.no_grad():  # written out: CFG on two plain teacher calls, LoRA call with adapters on
+    # written out: CFG on a plain teacher call over the batch [uncond, cond] (one call, as SD pipelines make
+    # it: two calls of half the batch differ from it by float32 rounding that CFG 7.5 amplifies past 1e-5),
+    # then the LoRA call with the adapters on
+    with torch.no_grad():
         ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
         cond = teacher.encode_prompts(prompts)
-        eps_c = teacher.unet(noisy, t, encoder_hidden_states=cond).sample
-        eps_u = teacher.unet(noisy, t, encoder_hidden_states=teacher.encode_prompts(["", ""])).sample
+        both = teacher.unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                            encoder_hidden_states=torch.cat([teacher.encode_prompts(["", ""]), cond])).sample
+        eps_u, eps_c = both.chunk(2)
         eps_cfg = eps_u + scale * (eps_c - eps_u)
         with guidance.lora.active(camera_features(cams)):
             eps_lora = teacher.unet(noisy, t, encoder_hidden_states=cond).sample
@@ -99,6 +103,27 @@ def test_one_lora_step_lowers_its_loss_on_a_fixed_batch(teacher):
     assert float(after) < float(before.detach())
     assert all(p.grad is None for p in teacher.unet.parameters() if not p.requires_grad)  # base stays frozen
     guidance.lora.remove()
+
+
+def test_a_lora_step_trains_the_lora_weights_themselves(teacher):
+    """The adapters' own weights (not only the camera MLP) get gradients and move, also when the loss is
+    backpropagated after the adapters were switched off again (peft's switch clears requires_grad)."""
+    torch.manual_seed(3)
+    guidance = VSDGuidance(teacher, VSDConfig(lora_lr=1e-2, camera_drop=0.0))
+    lora = guidance.lora
+    b_weights = {n: p.detach().clone() for n, p in lora._lora_params.items() if "lora_B" in n}
+    assert b_weights and all(float(w.abs().max()) == 0.0 for w in b_weights.values())  # peft starts B at zero
+    latents = teacher.encode_images(torch.rand(2, 3, 64, 64)).detach()
+    loss = lora.denoising_loss(latents, teacher.encode_prompts(["a red cube"] * 2), torch.tensor([200, 600]),
+                               torch.randn(latents.shape))
+    guidance.optimizer.zero_grad()
+    loss.backward()
+    assert all(lora._lora_params[n].grad is not None and float(lora._lora_params[n].grad.abs().max()) > 0
+               for n in b_weights)
+    guidance.optimizer.step()
+    assert all(float(lora._lora_params[n].detach().abs().max()) > 0 for n in b_weights)
+    assert not any(p.requires_grad for n, p in teacher.unet.named_parameters() if "lora_" not in n)
+    lora.remove()
 
 
 def _vsd_cfg(teacher_dir, steps, particles=2):

@@ -64,8 +64,7 @@ class LoRAScoreNetwork(nn.Module):
             raise ValueError("the teacher UNet has no attention projections (to_q/to_k/to_v/to_out.0) for LoRA")
         for p in self._lora_params.values():
             p.data = p.data.float()
-            p.requires_grad_(True)
-        unet.disable_adapters()
+        self._switch_adapters(False)
         self.condition_dim = int(condition_dim)
         self.condition_mlp = (ConditionMLP(condition_dim, _time_embedding_dim(unet), condition_hidden).to(teacher.device)
                               if condition_dim > 0 else None)
@@ -113,10 +112,9 @@ class LoRAScoreNetwork(nn.Module):
         """Adapters on (and ``condition`` [B, condition_dim] added to the time embedding) inside the block.
 
         The UNet batch may be ``B`` or a CFG-doubled ``2B`` (the condition is repeated)."""
-        unet = self.teacher.unet
         if self.condition_mlp is not None and condition is not None:
             self._condition_embedding = self.condition_mlp(condition.to(self.teacher.device, torch.float32))
-        unet.enable_adapters()
+        self._switch_adapters(True)
         self._active = True
         try:
             autocast = (torch.autocast(self.teacher.device.type, dtype=self.teacher.dtype)
@@ -126,7 +124,20 @@ class LoRAScoreNetwork(nn.Module):
         finally:
             self._active = False
             self._condition_embedding = None
-            unet.disable_adapters()
+            self._switch_adapters(False)
+
+    def _switch_adapters(self, on: bool) -> None:
+        """Adapters on or off in the UNet's forward pass; the LoRA weights stay trainable either way.
+
+        peft's ``disable_adapters`` also sets ``requires_grad=False`` on the adapter weights, and autograd
+        then drops their gradients from a graph built while they were on, so a loss computed inside
+        :meth:`active` and backpropagated after it would never reach them: they are switched back on here."""
+        if on:
+            self.teacher.unet.enable_adapters()
+        else:
+            self.teacher.unet.disable_adapters()
+        for p in self._lora_params.values():
+            p.requires_grad_(True)
 
     def predict_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
                     condition: torch.Tensor | None = None, uncond_embeddings: torch.Tensor | None = None,
