@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 from text3d.cameras import spherical_cameras
 from text3d.export import ExportConfig, export_textured_mesh
 from text3d.renderers.mesh import MeshAsset, render_mesh
@@ -35,6 +35,19 @@ def test_three_stages_in_one_command_then_texture_from_that_run(tiny_teacher_dir
 
     if validator_node_path() is not None:
         assert validate_gltf([glb])[0]["errors"] == 0
+
+    # scripts/stage_table.py scores the run's NeRF stage (exported on its own) against its final stage
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_table", REPO / "scripts" / "stage_table.py")
+    stage_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage_table)
+    assert stage_table.main([str(run), "--out", str(tmp_path / "table.md")]) == 0
+    nerf_glb = next((run / "stage_nerf").glob("*.glb"))
+    assert len(trimesh.load(nerf_glb, force="mesh").faces) != len(mesh.faces)  # marching cubes, not the DMTet
+    rows = (tmp_path / "table.md").read_text().splitlines()
+    assert [r.split(" | ")[1] for r in rows[2:4]] == ["NeRF", "NeRF + geometry + texture"]
+    assert all(json.loads((d / "eval.json").read_text())["prompt"] == "a yellow house" for d in (run, run / "stage_nerf"))
 
     again = tmp_path / "again"
     result = run_cli("generate", "a yellow house", "--teacher", str(tiny_teacher_dir), "--stages", "texture",
