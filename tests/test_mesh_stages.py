@@ -3,6 +3,7 @@ another run, and a texture baked from a known function that re-renders to the sa
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import trimesh
@@ -76,3 +77,35 @@ def test_texture_baked_from_a_known_function_re_renders_to_the_same_image(tmp_pa
     inside = (truth["opacity"] > 0.99) & (again["opacity"] > 0.99)
     err = (truth["rgb"] - again["rgb"]).abs().amax(dim=1, keepdim=True)[inside]
     assert inside.sum() > 1000 and float(err.mean()) < 0.02 and float(err.quantile(0.99)) < 0.1
+
+
+def test_mesh_stage_export_drops_small_floating_pieces(tmp_path):
+    """A surface model's export drops pieces below export.min_component_fraction, as marching cubes does."""
+    from torch import nn
+
+    from text3d.config import load_config
+    from text3d.renderers.dmtet import SurfaceMesh
+    from text3d.training.finalize import export_particle
+
+    body = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    speck = trimesh.creation.icosphere(subdivisions=0, radius=0.05)  # 20 faces, under 5% of the body's 1280
+    speck.apply_translation([0.8, 0.8, 0.0])
+    both = trimesh.util.concatenate([body, speck])
+
+    class Albedo(nn.Module):
+        def query_albedo(self, points):
+            return torch.full((points.shape[0], 3), 0.5)
+
+    class SurfaceModel(nn.Module):
+        def surface(self):
+            return SurfaceMesh(torch.as_tensor(both.vertices, dtype=torch.float32), torch.as_tensor(both.faces))
+
+        def colour_field(self):
+            return Albedo()
+
+    cfg = load_config(overrides=["export.texture_size=64", "export.max_faces=0"])
+    cfg.run_name = "floater"
+    files = export_particle(SurfaceModel(), cfg, torch.device("cpu"), tmp_path, formats=("glb",), video=False)
+    mesh = trimesh.load(files["glb"], force="mesh")
+    assert len(mesh.faces) == len(body.faces)
+    assert float(np.abs(mesh.bounds).max()) < 0.55  # the speck at (0.8, 0.8, 0) is gone

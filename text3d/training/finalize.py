@@ -33,16 +33,19 @@ def particle_dir(run_dir: Path, index: int, count: int) -> Path:
 def export_particle(renderer, cfg: RunConfig, device: torch.device, out_dir: Path,
                     formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
     """Mesh files (and the turntable video) of one trained renderer in ``out_dir``: a NeRF through marching
-    cubes, a mesh-stage model through its own surface; the albedo is baked into a UV atlas either way."""
+    cubes, a mesh-stage model through its own surface; either way pieces smaller than
+    ``export.min_component_fraction`` of the largest are dropped and the albedo is baked into a UV atlas."""
     renderer.eval()
     with torch.no_grad():
         if hasattr(renderer, "surface"):
             import trimesh
 
             from text3d.export import export_textured_mesh
+            from text3d.export.marching import remove_small_components
 
             surface = renderer.surface()
             mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
+            mesh = remove_small_components(mesh, float(cfg.export.min_component_fraction))  # as marching cubes does
             field = renderer.colour_field()
             device = surface.vertices.device
             files: dict[str, object] = dict(export_textured_mesh(
