@@ -161,15 +161,25 @@ def test_resume_matches_uninterrupted_run_and_student_reloads(tiny_teacher_dir, 
     assert record["steps"] == 1 and record["timesteps"] == [999] and len(record["images"]) == 2
 
 
+def test_default_prompts_are_the_captions_the_teacher_was_trained_on():
+    from text3d.distill2d.data import default_prompts
+    from text3d.toyworld.catalog import all_captions, parse_caption, view_suffix_label
+
+    prompts = default_prompts()
+    assert len(prompts) == 4 * len(all_captions()) == 432  # plain, front, side, back; never overhead
+    assert {view_suffix_label(p) for p in prompts} == {None, "front", "side", "back"}
+    assert all(parse_caption(p) is not None for p in prompts)
+
+
 def test_cli_trains_each_method_briefly_and_scores_it(tiny_teacher_dir, tmp_path):
     for method in ("swiftbrush", "dmd", "dmd2"):
         out = tmp_path / method
         result = run_cli("distill2d", "--method", method, "--teacher", str(tiny_teacher_dir), "--steps", "2",
                          "--out", str(out), "-q", *SMALL)
         assert result.returncode == 0, result.stderr
-        assert "judge on 540" in result.stdout
+        assert "judge on 432" in result.stdout
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["scores"]["n_images"] == 540 and (out / "student" / "unet").is_dir()
+        assert summary["scores"]["n_images"] == 432 and (out / "student" / "unet").is_dir()
         assert summary["fake_steps"] == 2 * (5 if method == "dmd2" else 1)
 
 

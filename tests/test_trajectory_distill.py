@@ -139,4 +139,4 @@ def test_cli_kd_and_pd_short_runs_are_scored(tiny_teacher_dir, tmp_path):
         result = run_cli("distill2d", "--method", method, "--teacher", str(tiny_teacher_dir), "--steps", "2",
                          "--out", str(out), "-q", *SMALL)
         assert result.returncode == 0, result.stderr
-        assert "judge on 540" in result.stdout and (out / "student" / "student.json").is_file()
+        assert "judge on 432" in result.stdout and (out / "student" / "student.json").is_file()

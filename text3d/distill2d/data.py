@@ -24,11 +24,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def default_prompts() -> list[str]:
+    """Every embedded-world caption, plain and with each view suffix its training cameras can show (no
+    "overhead view": the teacher never saw one)."""
+    from text3d.cameras import reachable_view_labels
     from text3d.prompts import VIEW_SUFFIXES
     from text3d.toyworld.catalog import all_captions
 
     captions = all_captions()
-    return captions + [c + suffix for c in captions for suffix in VIEW_SUFFIXES.values()]
+    return captions + [c + VIEW_SUFFIXES[label] for c in captions for label in reachable_view_labels()]
 
 
 def load_prompts(path: str | None) -> list[str]:
