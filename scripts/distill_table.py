@@ -13,7 +13,8 @@ on a student path sets its guidance scale (w-conditioned students), a trailing `
 of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
 accuracy, the view accuracy on the objects with a distinct front and back, Fréchet distance of judge
 features against ``--reference`` renders, images per second on this machine) is printed and written to
-OUT/table.md and OUT/table.json.
+OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model, steps, w,
+seed, prompts and reference) is reused, so rows can be measured as their students finish.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
+ROW_NAME = "table_row.json"  # a measured row, reused by a later call with the same model, prompts and seed
 
 
 def main(argv=None) -> int:
@@ -66,8 +68,15 @@ def main(argv=None) -> int:
     rows = []
     try:
         for name, folder, steps, w, is_student in entries:
-            model = load_teacher(folder, "cpu")
             out = args.out / name.replace(" ", "_").replace(",", "").replace("=", "")
+            key = {"model": name, "folder": str(folder or "embedded teacher"), "steps_asked": steps, "w": w,
+                   "seed": args.seed, "prompts": str(args.prompts), "reference": str(args.reference)}
+            done = out / ROW_NAME
+            if done.is_file() and json.loads(done.read_text()).get("key") == key:
+                rows.append(json.loads(done.read_text())["row"])  # measured by an earlier call
+                print(f"{name}: reused {done}", flush=True)
+                continue
+            model = load_teacher(folder, "cpu")
             record = run_sample(prompts, out, teacher=model, steps=steps, n=1, guidance_scale=w, seed=args.seed,
                                 batch_size=args.batch_size, progress=False)
             scores = score_folder(out, reference=args.reference)
@@ -79,6 +88,7 @@ def main(argv=None) -> int:
                    "images_per_second": record["images_per_second"], "n": len(record["images"])}
             row.update(training_record(folder) if is_student else {})
             rows.append(row)
+            atomic_write_text(done, json.dumps({"key": key, "row": row}, indent=2) + "\n")
             print(f"{name}: object {100 * row['object']:.1f}%, colour {100 * row['colour']:.1f}%, "
                   f"{row['images_per_second']:.1f} img/s", flush=True)
     except UserError as exc:

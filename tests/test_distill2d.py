@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 from text3d.distill2d.config import ScoreCoreConfig, load_distill_config
 from text3d.distill2d.run import distill, resume_distill
 from text3d.distill2d.score_core import ScoreDifferenceCore
@@ -198,8 +198,6 @@ def test_runs_data_parallel_under_torchrun_unchanged(tiny_teacher_dir, tmp_path)
     import subprocess
     import sys
 
-    from tests.helpers import REPO
-
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "text3d",
@@ -210,3 +208,24 @@ def test_runs_data_parallel_under_torchrun_unchanged(tiny_teacher_dir, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["student_steps"] == 2
     assert (out / "student" / "unet").is_dir()
+
+
+def test_distill_table_scores_each_model_and_reuses_measured_rows(tiny_teacher_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_table", REPO / "scripts" / "distill_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue mug, front view\n")
+    args = ["--out", str(tmp_path / "t"), "--teacher", str(tiny_teacher_dir), "--teacher-steps", "2,1",
+            "--prompts", str(prompts)]
+    assert table.main(args) == 0
+    rows = json.loads((tmp_path / "t" / "table.json").read_text())
+    assert [(r["model"], r["steps"], r["n"]) for r in rows] == [("teacher, 2 DDIM steps", 2, 2),
+                                                                ("teacher, 1 DDIM steps", 1, 2)]
+    assert rows[0]["view_front_back"] in (0.0, 1.0)  # one suffixed prompt of a front/back object
+    capsys.readouterr()
+    assert table.main(args) == 0
+    assert capsys.readouterr().out.count("reused") == 2
+    assert json.loads((tmp_path / "t" / "table.json").read_text()) == rows
