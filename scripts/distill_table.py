@@ -12,7 +12,8 @@ timesteps (its ``student.json``), a teacher with DDIM and CFG ``--guidance-scale
 on a student path sets its guidance scale (w-conditioned students), a trailing ``#N`` samples with the first N
 of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
 accuracy, the view accuracy on the objects with a distinct front and back, Fréchet distance of judge
-features against ``--reference`` renders, images per second on this machine) is printed and written to
+features against ``--reference`` renders, UNet passes per image (a CFG step counts two), images per second on
+this machine) is printed and written to
 OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model, steps, w,
 seed, prompts and reference) is reused, so rows can be measured as their students finish.
 """
@@ -77,15 +78,19 @@ def main(argv=None) -> int:
                 print(f"{name}: reused {done}", flush=True)
                 continue
             model = load_teacher(folder, "cpu")
+            passes = []  # the batch size of every UNet call: a CFG call counts each image twice
+            hook = model.unet.register_forward_pre_hook(lambda module, inputs: passes.append(inputs[0].shape[0]))
             record = run_sample(prompts, out, teacher=model, steps=steps, n=1, guidance_scale=w, seed=args.seed,
                                 batch_size=args.batch_size, progress=False)
+            hook.remove()
             scores = score_folder(out, reference=args.reference)
             row = {"model": name, "folder": str(folder or "embedded teacher"), "steps": record["steps"],
                    "guidance_scale": record["guidance_scale"], "sampler": record["sampler"],
                    "object": scores["object_accuracy"], "colour": scores["colour_accuracy"],
                    "view": scores["view_accuracy"],
                    "view_front_back": scores.get("view_accuracy_front_back"), "frechet": scores.get("frechet_distance"),
-                   "images_per_second": record["images_per_second"], "n": len(record["images"])}
+                   "images_per_second": record["images_per_second"], "n": len(record["images"]),
+                   "unet_passes_per_image": sum(passes) / len(record["images"])}
             row.update(training_record(folder) if is_student else {})
             rows.append(row)
             atomic_write_text(done, json.dumps({"key": key, "row": row}, indent=2) + "\n")
@@ -95,15 +100,17 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     lines = ["| model | steps | CFG / w | object acc | colour acc | view acc | view acc, front/back objects "
-             "| Fréchet (judge features) | images/s | training steps | training time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| Fréchet (judge features) | UNet passes per image | images/s | training steps | training time |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         fd = "-" if r["frechet"] is None else f"{r['frechet']:.2f}"
         view, view_fb = ("-" if v is None else f"{100 * v:.1f}%" for v in (r["view"], r["view_front_back"]))
+        passes = "-" if r.get("unet_passes_per_image") is None else f"{r['unet_passes_per_image']:g}"
         trained = "-" if r.get("training_steps") is None else str(r["training_steps"])
         wall = "-" if r.get("training_seconds") is None else f"{r['training_seconds'] / 60:.1f} min"
         lines.append(f"| {r['model']} | {r['steps']} | {r['guidance_scale']:g} | {100 * r['object']:.1f}% | "
-                     f"{100 * r['colour']:.1f}% | {view} | {view_fb} | {fd} | {r['images_per_second']:.1f} | "
+                     f"{100 * r['colour']:.1f}% | {view} | {view_fb} | {fd} | {passes} | "
+                     f"{r['images_per_second']:.1f} | "
                      f"{trained} | {wall} |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -225,6 +225,7 @@ def test_distill_table_scores_each_model_and_reuses_measured_rows(tiny_teacher_d
     assert [(r["model"], r["steps"], r["n"]) for r in rows] == [("teacher, 2 DDIM steps", 2, 2),
                                                                 ("teacher, 1 DDIM steps", 1, 2)]
     assert rows[0]["view_front_back"] in (0.0, 1.0)  # one suffixed prompt of a front/back object
+    assert [r["unet_passes_per_image"] for r in rows] == [4, 2]  # DDIM steps x 2 (CFG)
     capsys.readouterr()
     assert table.main(args) == 0
     assert capsys.readouterr().out.count("reused") == 2
