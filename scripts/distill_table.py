@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", default="50,4,1", help="comma-separated DDIM step counts ('' for none)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="the teacher's CFG")
     p.add_argument("--student", action="append", default=[],
-                   help="NAME=FOLDER[@W][#STEPS] (repeatable): guidance scale W, the first STEPS of its timesteps")
+                   help="NAME=FOLDER[@W][#STEPS] (repeatable; FOLDER follows the last '='): guidance scale W, "
+                        "the first STEPS of its timesteps")
     p.add_argument("--prompts", type=Path, default=REPO / "assets" / "eval" / "prompts_216.txt")
     p.add_argument("--reference", type=Path, help="toyworld dataset for the Fréchet distance")
     p.add_argument("--batch-size", type=int, default=64)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     for item in args.student:
         if "=" not in item:
             p.error(f"--student {item!r} is not NAME=FOLDER[@W][#STEPS]")
-        name, folder = item.split("=", 1)
+        name, folder = item.rsplit("=", 1)  # the last "=": a name may hold one ("guided 4, w=2")
         w = steps = None
         if "#" in folder:
             folder, steps_text = folder.rsplit("#", 1)

@@ -219,14 +219,14 @@ def test_distill_table_scores_each_model_and_reuses_measured_rows(tiny_teacher_d
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue mug, front view\n")
     args = ["--out", str(tmp_path / "t"), "--teacher", str(tiny_teacher_dir), "--teacher-steps", "2,1",
-            "--prompts", str(prompts)]
+            "--prompts", str(prompts), "--student", f"plain, w=1={tiny_teacher_dir}@1#2"]  # a name with "="
     assert table.main(args) == 0
     rows = json.loads((tmp_path / "t" / "table.json").read_text())
     assert [(r["model"], r["steps"], r["n"]) for r in rows] == [("teacher, 2 DDIM steps", 2, 2),
-                                                                ("teacher, 1 DDIM steps", 1, 2)]
+                                                                ("teacher, 1 DDIM steps", 1, 2), ("plain, w=1", 2, 2)]
     assert rows[0]["view_front_back"] in (0.0, 1.0)  # one suffixed prompt of a front/back object
-    assert [r["unet_passes_per_image"] for r in rows] == [4, 2]  # DDIM steps x 2 (CFG)
+    assert [r["unet_passes_per_image"] for r in rows] == [4, 2, 2]  # DDIM steps x 2 (CFG); w = 1: one pass a step
     capsys.readouterr()
     assert table.main(args) == 0
-    assert capsys.readouterr().out.count("reused") == 2
+    assert capsys.readouterr().out.count("reused") == 3
     assert json.loads((tmp_path / "t" / "table.json").read_text()) == rows
