@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -44,7 +45,10 @@ def nerf_stage_folder(run_dir: Path) -> Path:
     atomic_write_text(out / CONFIG_NAME, to_yaml(cfg))
     link = out / CHECKPOINT
     if not link.exists():
-        os.link(run_dir / CHECKPOINT, link)
+        try:
+            os.link(run_dir / CHECKPOINT, link)
+        except OSError:  # another file system, or no hard links: a copy
+            shutil.copy2(run_dir / CHECKPOINT, link)
     export_existing(out, formats=("glb",), video=False)
     atomic_write_text(out / "export.done", "ok\n")
     return out
