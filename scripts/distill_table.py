@@ -74,8 +74,9 @@ def main(argv=None) -> int:
             key = {"model": name, "folder": str(folder or "embedded teacher"), "steps_asked": steps, "w": w,
                    "seed": args.seed, "prompts": str(args.prompts), "reference": str(args.reference)}
             done = out / ROW_NAME
-            if done.is_file() and json.loads(done.read_text()).get("key") == key:
-                rows.append(json.loads(done.read_text())["row"])  # measured by an earlier call
+            earlier = _read_row(done)
+            if earlier is not None and earlier.get("key") == key:
+                rows.append(earlier["row"])  # measured by an earlier call
                 print(f"{name}: reused {done}", flush=True)
                 continue
             model = load_teacher(folder, "cpu")
@@ -119,6 +120,14 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / "table.json", json.dumps(rows, indent=2) + "\n")
     print(table)
     return 0
+
+
+def _read_row(path: Path) -> dict | None:
+    """A row saved by an earlier call, or None (none there, or unreadable: then it is measured again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def training_record(folder) -> dict:
