@@ -13,8 +13,7 @@ on a student path sets its guidance scale (w-conditioned students), a trailing `
 of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
 accuracy, the view accuracy on the objects with a distinct front and back, Fréchet distance of judge
 features against ``--reference`` renders, UNet passes per image (a CFG step counts two), images per second on
-this machine) is printed and written to
-OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model, steps, w,
+this machine) is printed and written to OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model, steps, w,
 seed, prompts and reference) is reused, so rows can be measured as their students finish.
 """
 
@@ -71,7 +70,8 @@ def main(argv=None) -> int:
     try:
         for name, folder, steps, w, is_student in entries:
             out = args.out / name.replace(" ", "_").replace(",", "").replace("=", "")
-            key = {"model": name, "folder": str(folder or "embedded teacher"), "steps_asked": steps, "w": w,
+            source = str(folder or "embedded teacher")
+            key = {"model": name, "folder": source, "steps_asked": steps, "w": w,
                    "seed": args.seed, "prompts": str(args.prompts), "reference": str(args.reference)}
             done = out / ROW_NAME
             earlier = _read_row(done)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                                 batch_size=args.batch_size, progress=False)
             hook.remove()
             scores = score_folder(out, reference=args.reference)
-            row = {"model": name, "folder": str(folder or "embedded teacher"), "steps": record["steps"],
+            row = {"model": name, "folder": source, "steps": record["steps"],
                    "guidance_scale": record["guidance_scale"], "sampler": record["sampler"],
                    "object": scores["object_accuracy"], "colour": scores["colour_accuracy"],
                    "view": scores["view_accuracy"],
@@ -112,8 +112,7 @@ def main(argv=None) -> int:
         wall = "-" if r.get("training_seconds") is None else f"{r['training_seconds'] / 60:.1f} min"
         lines.append(f"| {r['model']} | {r['steps']} | {r['guidance_scale']:g} | {100 * r['object']:.1f}% | "
                      f"{100 * r['colour']:.1f}% | {view} | {view_fb} | {fd} | {passes} | "
-                     f"{r['images_per_second']:.1f} | "
-                     f"{trained} | {wall} |")
+                     f"{r['images_per_second']:.1f} | {trained} | {wall} |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "table.md", table)
