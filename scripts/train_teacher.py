@@ -5,10 +5,13 @@
         [--vae-steps N] [--unet-steps N] [--batch-size B] [--vae-batch-size B] [--lr LR] [--vae-lr LR]
         [--seed S] [--device auto|cpu|cuda] [--precision auto|fp32|bf16|fp16] [--threads N]
         [--resume | --fresh] [--time-budget-min M] [--checkpoint-every N] [--no-preview] [--no-progress]
+    python scripts/train_teacher.py --init assets/teacher --data DIR --out DIR --unet-steps N [--view-repeat K] ...
 
 Stage 1 trains the VAE, stage 2 the UNet and the text encoder on cached latents; the result is
 written with save_pretrained into --out (atomically) with a model card README.md. Ctrl-C saves a
 checkpoint and exits 130; --resume continues the current stage from its last checkpoint.
+With --init, only stage 2 runs, as a fine-tune of the teacher folder given (its VAE, tokenizer and
+latent scaling kept), with the examples whose view can be seen repeated --view-repeat times.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--no-preview", action="store_true", help="do not sample a preview grid at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (periodic log lines only)")
+    p.add_argument("--init", type=Path, help="fine-tune this teacher folder instead of training from scratch")
+    p.add_argument("--view-repeat", type=int, default=3,
+                   help="with --init: copies per epoch of the examples whose view can be seen")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     args = p.parse_args(argv)
     for name in ("vae_steps", "unet_steps"):
         if getattr(args, name) < 0:
@@ -62,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "vae_batch_size", "checkpoint_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.view_repeat < 1:
+        p.error("--view-repeat must be >= 1")
     if args.time_budget_min is not None and args.time_budget_min <= 0:
         p.error("--time-budget-min must be > 0")
     return args
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     from text3d.teacher.train.data import load_dataset, write_fake_dataset
+    from text3d.teacher.train.finetune import finetune_teacher
     from text3d.teacher.train.run import train_teacher
 
     try:
@@ -93,9 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             out=str(args.out), work=str(args.work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
             vae_batch_size=args.vae_batch_size, batch_size=args.batch_size, vae_lr=args.vae_lr, lr=args.lr,
             seed=args.seed, device=args.device, precision=args.precision, threads=args.threads,
-            checkpoint_every=args.checkpoint_every, time_budget_min=args.time_budget_min, resume=args.resume,
+            checkpoint_every=args.checkpoint_every, warmup_steps=args.warmup_steps, time_budget_min=args.time_budget_min, resume=args.resume,
             fresh=args.fresh, preview=not args.no_preview, progress=not args.no_progress,
             command=reproduce_command(argv, dataset.meta))
+        if args.init is not None:
+            info = finetune_teacher(cfg, dataset, args.init, view_repeat=args.view_repeat, data_path=str(args.data),
+                                    log=lambda m: print(m, flush=True))
+            r = info["results"]
+            print(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {args.out}")
+            return 0
         info = train_teacher(cfg, dataset, data_path=args.data, log=lambda m: print(m, flush=True))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -234,3 +234,61 @@ def test_fit_steps_to_budget_and_foreground_weights():
     x[..., 2:5, 2:5] = -0.5  # a dark square on a white background
     w = pixel_weights(x, 4.0)
     assert w.shape == (1, 1, 8, 8) and float(w.sum()) == 64 + 4 * 9 and float(w[0, 0, 3, 3]) == 5.0
+
+
+# ------------------------------------------------------------------ fine-tune (--init)
+
+
+def test_view_examples_are_repeated():
+    from text3d.teacher.train.finetune import weighted_indices
+
+    mask = np.array([False, True, False, True])
+    order = weighted_indices(mask, 3)
+    assert sorted(order.tolist()) == [0, 1, 1, 1, 2, 3, 3, 3]
+    assert weighted_indices(mask, 1).tolist() == [0, 1, 2, 3]
+    with pytest.raises(UserError):
+        weighted_indices(mask, 0)
+
+
+def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fake_data, tmp_path):
+    from text3d.teacher import load_teacher
+    from text3d.teacher.train.finetune import finetune_teacher, view_example_mask
+
+    cfg_a, _ = trained
+    init = Path(cfg_a.out)
+    data = load_dataset(fake_data)
+    mask = view_example_mask(data)
+    has_view = np.array([", " in str(c) for c in data.arrays["captions"]])
+    assert mask.tolist() == has_view.tolist() and 0 < mask.sum() < len(mask)  # every fake shape shows its view
+
+    def cfg(name, **kw):
+        return tiny_config(tmp_path / name, unet_steps=4, lr=1e-3, **kw)
+
+    info = finetune_teacher(cfg("a"), data, init, view_repeat=2, log=quiet)
+    assert info["results"]["steps_run"] == 4 and info["n_view"] == int(mask.sum())
+    out = tmp_path / "a" / "teacher"
+    # the VAE and tokenizer are the init teacher's; the UNet moved
+    assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (init / "vae/diffusion_pytorch_model.safetensors").read_bytes()
+    assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
+        (init / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    teacher = load_teacher(out, "cpu")
+    assert teacher.scaling_factor == pytest.approx(load_teacher(init, "cpu").scaling_factor)
+    card = (out / "README.md").read_text()
+    assert "## Fine-tune" in card and "4/4 steps" in card and "Not evaluated yet" in card
+    assert card.index("## Fine-tune") < card.index("## Judge scores")
+
+    # Ctrl-C at step 2, then --resume: the same weights as the uninterrupted run
+    stop = StopFlag()
+    with pytest.raises(Interrupted):
+        finetune_teacher(cfg("b"), data, init, view_repeat=2, log=quiet, stop=stop,
+                         on_step=_stop_at(stop, "unet", 2))
+    with pytest.raises(UserError, match="--resume"):
+        finetune_teacher(cfg("b"), data, init, view_repeat=2, log=quiet)
+    with pytest.raises(UserError, match="view repeat"):
+        finetune_teacher(cfg("b", resume=True), data, init, view_repeat=3, log=quiet)
+    finetune_teacher(cfg("b", resume=True), data, init, view_repeat=2, log=quiet)
+    part = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / part).read_bytes() == (tmp_path / "b" / "teacher" / part).read_bytes()
+    with pytest.raises(UserError, match="not a teacher folder"):
+        finetune_teacher(cfg("c"), data, tmp_path / "nothing", log=quiet)

@@ -203,5 +203,6 @@ def write_fake_dataset(folder: str | Path, n: int = 256, seed: int = 0, resoluti
             **{k: np.asarray(arrays[k], np.float32) for k in ("elevation", "azimuth", "radius", "fovy")}})
         shards.append(name)
     write_meta(folder, {"seed": seed, "n": n, "resolution": resolution, "objects": list(FAKE_SHAPES),
-                        "colours": colours, "view_labels": list(FAKE_VIEWS), "shards": shards, "fake": True})
+                        "colours": colours, "view_labels": list(FAKE_VIEWS), "shards": shards, "fake": True,
+                        "front_back_objects": list(FAKE_SHAPES)})  # the dot shows front from back on every shape
     return folder

@@ -1,0 +1,193 @@
+"""Fine-tuning an existing teacher's UNet and text encoder, with chosen examples weighted up.
+
+The from-scratch run (:mod:`text3d.teacher.train.run`) learns object and colour long before it
+learns the view suffix: the view changes only a small part of the image (where the house's door
+or the mug's handle is), so its share of the epsilon loss is tiny. A fine-tune starts from a
+written teacher folder, keeps its VAE, tokenizer and latent scaling, and repeats the examples
+whose view can be seen (objects with a distinct front and back, captions with a view suffix)
+``view_repeat`` times in every epoch; everything else is replayed once so nothing is forgotten.
+
+It is the same :class:`~text3d.teacher.train.stages.DiffusionStage` as stage 2 (loss, EMA,
+checkpoints, resume, time budget); the EMA starts from the loaded weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from text3d.errors import UserError
+from text3d.teacher.train import export
+from text3d.teacher.train.data import caption_table, tokenize
+from text3d.teacher.train.stages import DiffusionStage, StopFlag, TeacherTrainConfig, load_stage_state, run_stage
+from text3d.toyworld.dataset import ToyworldDataset
+from text3d.utils.atomic import atomic_dir
+
+FINETUNE_CKPT = "finetune.ckpt"
+FINETUNE_LATENTS = "finetune_latents.pt"
+_VIEW_SUFFIX = re.compile(r",\s*(\w+) view\s*$")
+
+
+def view_example_mask(dataset: ToyworldDataset, objects: Sequence[str] | None = None) -> np.ndarray:
+    """True for the examples whose caption names a view and whose object looks different from the front and back.
+
+    The objects are ``objects``, else the dataset's own list (``front_back_objects`` in its meta.json),
+    else the world catalog's."""
+    from text3d.toyworld.catalog import FRONT_BACK_OBJECTS
+
+    names = list(dataset.meta.get("objects", []))
+    if objects is None:
+        objects = dataset.meta.get("front_back_objects", FRONT_BACK_OBJECTS)
+    wanted = {names.index(o) for o in objects if o in names}
+    obj = np.asarray(dataset.arrays["object"]).astype(np.int64)
+    has_view = np.asarray([_VIEW_SUFFIX.search(str(c)) is not None for c in dataset.arrays["captions"]])
+    return np.isin(obj, list(wanted)) & has_view
+
+
+def weighted_indices(mask: np.ndarray, repeat: int) -> np.ndarray:
+    """Every example once, and the ``mask`` examples ``repeat`` times in all (in index order)."""
+    if repeat < 1:
+        raise UserError(f"--view-repeat must be >= 1, got {repeat}")
+    base = np.arange(len(mask))
+    extra = np.repeat(np.flatnonzero(mask), repeat - 1)
+    return np.concatenate([base, extra])
+
+
+def _encode(work: Path, vae, images_u8: np.ndarray, device: torch.device, init: Path, log) -> torch.Tensor:
+    """The dataset's VAE posterior means (unscaled), cached in the work folder per (teacher, dataset size)."""
+    from text3d.teacher.train.run import encode_dataset
+    from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = work / FINETUNE_LATENTS
+    vae_file = next((init / "vae").glob("*.safetensors"), None) or next((init / "vae").glob("*.bin"), None)
+    key = {"n": len(images_u8), "vae_bytes": vae_file.stat().st_size if vae_file else 0,
+           "vae_mtime": int(vae_file.stat().st_mtime) if vae_file else 0}
+    if path.exists():
+        try:
+            cached = load_checkpoint(path)
+            if cached["key"] == key:
+                return cached["latents"]
+        except (UserError, KeyError):
+            pass
+    t0 = time.perf_counter()
+    latents = encode_dataset(vae, images_u8, device)
+    save_checkpoint(path, {"key": key, "latents": latents})
+    log(f"latents: {tuple(latents.shape)} in {time.perf_counter() - t0:.0f} s")
+    return latents
+
+
+def finetune_card(previous: str, info: dict) -> str:
+    """The init teacher's model card with a fine-tune section added before its judge scores."""
+    r, s = info["results"], info["settings"]
+    section = "\n".join([
+        "## Fine-tune",
+        "",
+        f"Started from `{info['init']}` and trained its UNet and text encoder (the VAE, tokenizer and latent",
+        f"scaling kept) for {r['steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']} on `{info['data']}`",
+        f"({info['n']} images): every example once per epoch and the {info['n_view']} examples with a visible",
+        f"view (a view suffix on an object with a distinct front and back) {info['view_repeat']} times, so they",
+        f"make {info['view_share']:.0%} of the batches. AdamW lr {s['lr']:g} (warm-up {s['warmup_steps']}, cosine",
+        f"to {s['min_lr_ratio']:g}x), Min-SNR-{s['min_snr_gamma']:g}, {s['cond_drop']:.0%} empty captions, EMA",
+        f"{s['ema_decay']:g} from the loaded weights; {info['device']}, {info['threads']} thread(s), "
+        f"{r['time_s'] / 60:.1f} min" + (" (stopped early at the time budget)" if r.get("stopped_early") else "")
+        + ".",
+        "",
+        "Final losses (mean of the last 100 steps): " + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items()),
+        "",
+        "```bash",
+        info.get("command") or "python scripts/train_teacher.py --init assets/teacher",
+        "```",
+        "",
+    ])
+    marker = "## Judge scores"
+    old = re.sub(r"## Fine-tune\n.*?(?=\n## )\n", "", previous, flags=re.S)  # one fine-tune section: the last
+    at = old.find(marker)
+    body = old[:at] + section + "\n" + old[at:] if at >= 0 else old.rstrip() + "\n\n" + section
+    begin, end = body.find(export.JUDGE_BEGIN), body.find(export.JUDGE_END)
+    if begin >= 0 and end > begin:  # the old scores are of the old weights
+        body = body[: begin + len(export.JUDGE_BEGIN)] + "\n" + export.JUDGE_PLACEHOLDER + "\n" + body[end:]
+    return body
+
+
+def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
+                     data_path: str = "", log=print, stop: StopFlag | None = None, on_step=None) -> dict:
+    """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``."""
+    from text3d.teacher.loader import load_components
+    from text3d.teacher.train.run import available_threads
+    from text3d.utils.backends import resolve_device
+
+    t_start = time.perf_counter()
+    init = Path(init).expanduser().resolve()
+    if not (init / "model_index.json").is_file():
+        raise UserError(f"--init {init} is not a teacher folder (no model_index.json)")
+    device = resolve_device(cfg.device)
+    threads = cfg.threads or available_threads()
+    torch.set_num_threads(threads)
+    work, out = Path(cfg.work).expanduser(), Path(cfg.out).expanduser()
+    export.check_output_folder(out.resolve())
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / FINETUNE_CKPT
+    if cfg.fresh and ckpt.exists():
+        ckpt.unlink()
+    state = load_stage_state(ckpt) if cfg.resume and ckpt.exists() else None
+    if cfg.resume and state is None:
+        log(f"no checkpoint in {work}: starting the fine-tune from {init}")
+    if not cfg.resume and ckpt.exists():
+        raise UserError(f"{work} holds a fine-tune checkpoint: continue it with --resume or start over with --fresh")
+
+    parts = load_components(str(init), torch.device("cpu"), torch.float32)
+    vae, unet, text_encoder = parts["vae"].eval(), parts["unet"], parts["text_encoder"]
+    tokenizer, scheduler = parts["tokenizer"], parts["scheduler"]
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
+    scaling = float(vae.config.scaling_factor)
+
+    images_u8 = dataset.arrays["images"]
+    captions = [str(c) for c in dataset.arrays["captions"]]
+    distinct, caption_index = caption_table(captions)
+    mask = view_example_mask(dataset)
+    order = weighted_indices(mask, view_repeat)
+    view_share = float(mask[order].mean()) if len(order) else 0.0
+    latents = _encode(work, vae.to(device), images_u8, device, init, log) * scaling
+    log(f"fine-tune: {len(images_u8)} images, {int(mask.sum())} with a visible view repeated {view_repeat}x "
+        f"({view_share:.0%} of the batches); {cfg.unet_steps} steps of batch {cfg.batch_size}, {threads} thread(s)")
+
+    stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
+                           tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0])
+    extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling}
+    if state is not None:
+        if int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat:
+            raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
+                            f"{state.get('view_repeat')}; this run has {len(images_u8)} and {view_repeat}")
+        stage.load_state_dict(state)
+    budget = cfg.time_budget_min * 60.0 - 30.0 if cfg.time_budget_min else None
+    with (stop or StopFlag()).installed() as flag:  # Ctrl-C: checkpoint, then Interrupted
+        run_stage(stage, ckpt, extra, budget, flag, log, on_step)
+
+    final_unet, final_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    stage.ema_unet.copy_to(final_unet)
+    stage.ema_text.copy_to(final_text)
+    info = {"init": str(init), "data": str(data_path), "n": len(images_u8), "n_view": int(mask.sum()),
+            "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
+            "command": cfg.command,
+            "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "warmup_steps",
+                                                      "min_lr_ratio", "min_snr_gamma", "cond_drop", "ema_decay")},
+            "results": {"steps_run": stage.step, "time_s": stage.elapsed, "stopped_early": stage.stopped_early,
+                        "losses": stage.running.means(), "wall_time_s": time.perf_counter() - t_start}}
+    previous = (init / export.CARD_NAME).read_text() if (init / export.CARD_NAME).is_file() else ""
+    n_check = min(8, len(images_u8))
+    check_images = torch.from_numpy(np.ascontiguousarray(images_u8[:n_check])).permute(0, 3, 1, 2).float() / 255.0
+    out = out.resolve()
+    with atomic_dir(out) as tmp:
+        export.save_components(tmp, vae, final_unet, final_text, tokenizer, scheduler)
+        checks = export.verify_teacher(tmp, check_images, captions[:n_check])
+        (tmp / export.CARD_NAME).write_text(finetune_card(previous, info))
+    info["checks"] = {**checks, "size_bytes": export.folder_size(out)}
+    log(f"wrote {out} ({info['checks']['size_bytes'] / 2**20:.1f} MB) after {stage.step} fine-tune steps")
+    return info
