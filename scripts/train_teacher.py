@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, help="fine-tune this teacher folder instead of training from scratch")
     p.add_argument("--view-repeat", type=int, default=3,
                    help="with --init: copies per epoch of the examples whose view can be seen")
+    p.add_argument("--replay", type=int, metavar="N",
+                   help="with --init: keep only N examples without a visible view (a seeded choice; default all)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     args = p.parse_args(argv)
     for name in ("vae_steps", "unet_steps"):
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             fresh=args.fresh, preview=not args.no_preview, progress=not args.no_progress,
             command=reproduce_command(argv, dataset.meta))
         if args.init is not None:
-            info = finetune_teacher(cfg, dataset, args.init, view_repeat=args.view_repeat, data_path=str(args.data),
+            info = finetune_teacher(cfg, dataset, args.init, view_repeat=args.view_repeat, replay=args.replay,
+                                    data_path=str(args.data),
                                     log=lambda m: print(m, flush=True))
             r = info["results"]
             print(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {args.out}")

@@ -248,6 +248,12 @@ def test_view_examples_are_repeated():
     assert weighted_indices(mask, 1).tolist() == [0, 1, 2, 3]
     with pytest.raises(UserError):
         weighted_indices(mask, 0)
+    from text3d.teacher.train.finetune import select_examples
+
+    big = np.arange(20) % 4 == 1
+    keep = select_examples(big, replay=3, seed=0)
+    assert big[keep].sum() == 5 and (~big[keep]).sum() == 3 and (np.diff(keep) > 0).all()
+    assert select_examples(big, None, 0).tolist() == list(range(20))
 
 
 def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fake_data, tmp_path):
@@ -264,8 +270,9 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     def cfg(name, **kw):
         return tiny_config(tmp_path / name, unet_steps=4, lr=1e-3, **kw)
 
-    info = finetune_teacher(cfg("a"), data, init, view_repeat=2, log=quiet)
+    info = finetune_teacher(cfg("a"), data, init, view_repeat=2, replay=2, log=quiet)
     assert info["results"]["steps_run"] == 4 and info["n_view"] == int(mask.sum())
+    assert info["n"] == int(mask.sum()) + 2 and info["n_data"] == len(mask)
     out = tmp_path / "a" / "teacher"
     # the VAE and tokenizer are the init teacher's; the UNet moved
     assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == \
@@ -281,13 +288,13 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     # Ctrl-C at step 2, then --resume: the same weights as the uninterrupted run
     stop = StopFlag()
     with pytest.raises(Interrupted):
-        finetune_teacher(cfg("b"), data, init, view_repeat=2, log=quiet, stop=stop,
+        finetune_teacher(cfg("b"), data, init, view_repeat=2, replay=2, log=quiet, stop=stop,
                          on_step=_stop_at(stop, "unet", 2))
     with pytest.raises(UserError, match="--resume"):
-        finetune_teacher(cfg("b"), data, init, view_repeat=2, log=quiet)
+        finetune_teacher(cfg("b"), data, init, view_repeat=2, replay=2, log=quiet)
     with pytest.raises(UserError, match="view repeat"):
-        finetune_teacher(cfg("b", resume=True), data, init, view_repeat=3, log=quiet)
-    finetune_teacher(cfg("b", resume=True), data, init, view_repeat=2, log=quiet)
+        finetune_teacher(cfg("b", resume=True), data, init, view_repeat=3, replay=2, log=quiet)
+    finetune_teacher(cfg("b", resume=True), data, init, view_repeat=2, replay=2, log=quiet)
     part = "unet/diffusion_pytorch_model.safetensors"
     assert (out / part).read_bytes() == (tmp_path / "b" / "teacher" / part).read_bytes()
     with pytest.raises(UserError, match="not a teacher folder"):

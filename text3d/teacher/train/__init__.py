@@ -5,6 +5,7 @@ trained from scratch on the synthetic world (``scripts/train_teacher.py`` is its
   data.py    dataset loading/rendering, vocabulary, caption tokens, batch order, a fake dataset
   stages.py  the VAE stage, the UNet + text encoder stage, EMA, and the checkpointed training loop
   run.py     train_teacher: both stages, latent caching, time budget, resume, writing the folder
+  finetune.py  finetune_teacher: stage 2 again from a written teacher, visible-view examples weighted up
   export.py  the diffusers folder (atomic), the load check, the model card, preview samples
 """
 

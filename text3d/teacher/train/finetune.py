@@ -50,6 +50,15 @@ def view_example_mask(dataset: ToyworldDataset, objects: Sequence[str] | None = 
     return np.isin(obj, list(wanted)) & has_view
 
 
+def select_examples(mask: np.ndarray, replay: int | None, seed: int) -> np.ndarray:
+    """Indices of the examples to fine-tune on: every ``mask`` example and ``replay`` others (a seeded
+    choice; None = all of them), in index order."""
+    others = np.flatnonzero(~mask)
+    if replay is not None and replay < len(others):
+        others = np.random.default_rng(seed).choice(others, size=max(0, replay), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(mask), others]))
+
+
 def weighted_indices(mask: np.ndarray, repeat: int) -> np.ndarray:
     """Every example once, and the ``mask`` examples ``repeat`` times in all (in index order)."""
     if repeat < 1:
@@ -60,7 +69,7 @@ def weighted_indices(mask: np.ndarray, repeat: int) -> np.ndarray:
 
 
 def _encode(work: Path, vae, images_u8: np.ndarray, device: torch.device, init: Path, log) -> torch.Tensor:
-    """The dataset's VAE posterior means (unscaled), cached in the work folder per (teacher, dataset size)."""
+    """VAE posterior means (unscaled) of ``images_u8``, cached in the work folder per (teacher, image count)."""
     from text3d.teacher.train.run import encode_dataset
     from text3d.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -89,8 +98,8 @@ def finetune_card(previous: str, info: dict) -> str:
         "## Fine-tune",
         "",
         f"Started from `{info['init']}` and trained its UNet and text encoder (the VAE, tokenizer and latent",
-        f"scaling kept) for {r['steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']} on `{info['data']}`",
-        f"({info['n']} images): every example once per epoch and the {info['n_view']} examples with a visible",
+        f"scaling kept) for {r['steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']} on {info['n']} of the",
+        f"{info['n_data']} images of `{info['data']}`: every example once per epoch and the {info['n_view']} with a visible",
         f"view (a view suffix on an object with a distinct front and back) {info['view_repeat']} times, so they",
         f"make {info['view_share']:.0%} of the batches. AdamW lr {s['lr']:g} (warm-up {s['warmup_steps']}, cosine",
         f"to {s['min_lr_ratio']:g}x), Min-SNR-{s['min_snr_gamma']:g}, {s['cond_drop']:.0%} empty captions, EMA",
@@ -116,8 +125,13 @@ def finetune_card(previous: str, info: dict) -> str:
 
 
 def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
-                     data_path: str = "", log=print, stop: StopFlag | None = None, on_step=None) -> dict:
-    """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``."""
+                     replay: int | None = None, data_path: str = "", log=print, stop: StopFlag | None = None,
+                     on_step=None) -> dict:
+    """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``.
+
+    ``replay`` caps the examples without a visible view that are kept (None = all): encoding the
+    dataset through the VAE costs ~15 ms an image on 2 CPU cores, so a 50k dataset is cut to what
+    the fine-tune's steps will see."""
     from text3d.teacher.loader import load_components
     from text3d.teacher.train.run import available_threads
     from text3d.utils.backends import resolve_device
@@ -148,14 +162,15 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     text_encoder.requires_grad_(True)
     scaling = float(vae.config.scaling_factor)
 
-    images_u8 = dataset.arrays["images"]
-    captions = [str(c) for c in dataset.arrays["captions"]]
+    full_mask = view_example_mask(dataset)
+    keep = select_examples(full_mask, replay, cfg.seed)
+    images_u8, mask = dataset.arrays["images"][keep], full_mask[keep]
+    captions = [str(dataset.arrays["captions"][i]) for i in keep]
     distinct, caption_index = caption_table(captions)
-    mask = view_example_mask(dataset)
     order = weighted_indices(mask, view_repeat)
     view_share = float(mask[order].mean()) if len(order) else 0.0
     latents = _encode(work, vae.to(device), images_u8, device, init, log) * scaling
-    log(f"fine-tune: {len(images_u8)} images, {int(mask.sum())} with a visible view repeated {view_repeat}x "
+    log(f"fine-tune: {len(images_u8)} of {len(full_mask)} images, {int(mask.sum())} with a visible view repeated {view_repeat}x "
         f"({view_share:.0%} of the batches); {cfg.unet_steps} steps of batch {cfg.batch_size}, {threads} thread(s)")
 
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
@@ -164,7 +179,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     if state is not None:
         if int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat:
             raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
-                            f"{state.get('view_repeat')}; this run has {len(images_u8)} and {view_repeat}")
+                            f"{state.get('view_repeat')}; this run has {len(images_u8)} and {view_repeat} "
+                            f"(resume with the same --data, --replay and --view-repeat)")
         stage.load_state_dict(state)
     budget = cfg.time_budget_min * 60.0 - 30.0 if cfg.time_budget_min else None
     with (stop or StopFlag()).installed() as flag:  # Ctrl-C: checkpoint, then Interrupted
@@ -173,7 +189,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     final_unet, final_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     stage.ema_unet.copy_to(final_unet)
     stage.ema_text.copy_to(final_text)
-    info = {"init": str(init), "data": str(data_path), "n": len(images_u8), "n_view": int(mask.sum()),
+    info = {"init": str(init), "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
+            "n_view": int(mask.sum()),
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
             "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "warmup_steps",
