@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --init: copies per epoch of the examples whose view can be seen")
     p.add_argument("--replay", type=int, metavar="N",
                    help="with --init: keep only N examples without a visible view (a seeded choice; default all)")
+    p.add_argument("--text-lr-scale", type=float, default=d.text_lr_scale,
+                   help="the text encoder's learning rate as a multiple of --lr")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the shipped UNet/text weights")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     args = p.parse_args(argv)
     for name in ("vae_steps", "unet_steps"):
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             out=str(args.out), work=str(args.work), vae_steps=args.vae_steps, unet_steps=args.unet_steps,
             vae_batch_size=args.vae_batch_size, batch_size=args.batch_size, vae_lr=args.vae_lr, lr=args.lr,
             seed=args.seed, device=args.device, precision=args.precision, threads=args.threads,
-            checkpoint_every=args.checkpoint_every, warmup_steps=args.warmup_steps, time_budget_min=args.time_budget_min, resume=args.resume,
+            checkpoint_every=args.checkpoint_every, warmup_steps=args.warmup_steps, text_lr_scale=args.text_lr_scale,
+            ema_decay=args.ema_decay, time_budget_min=args.time_budget_min, resume=args.resume,
             fresh=args.fresh, preview=not args.no_preview, progress=not args.no_progress,
             command=reproduce_command(argv, dataset.meta))
         if args.init is not None:

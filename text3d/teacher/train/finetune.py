@@ -73,10 +73,13 @@ def _encode(work: Path, vae, images_u8: np.ndarray, device: torch.device, init: 
     from text3d.teacher.train.run import encode_dataset
     from text3d.training.checkpoint import load_checkpoint, save_checkpoint
 
+    import hashlib
+
     path = work / FINETUNE_LATENTS
     vae_file = next((init / "vae").glob("*.safetensors"), None) or next((init / "vae").glob("*.bin"), None)
-    key = {"n": len(images_u8), "vae_bytes": vae_file.stat().st_size if vae_file else 0,
-           "vae_mtime": int(vae_file.stat().st_mtime) if vae_file else 0}
+    images_hash = hashlib.sha1(np.ascontiguousarray(images_u8[:: max(1, len(images_u8) // 64)]).tobytes())
+    key = {"n": len(images_u8), "images": images_hash.hexdigest(),
+           "vae": hashlib.sha1(vae_file.read_bytes()).hexdigest() if vae_file else ""}
     if path.exists():
         try:
             cached = load_checkpoint(path)
@@ -101,7 +104,8 @@ def finetune_card(previous: str, info: dict) -> str:
         f"scaling kept) for {r['steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']} on {info['n']} of the",
         f"{info['n_data']} images of `{info['data']}`: every example once per epoch and the {info['n_view']} with a visible",
         f"view (a view suffix on an object with a distinct front and back) {info['view_repeat']} times, so they",
-        f"make {info['view_share']:.0%} of the batches. AdamW lr {s['lr']:g} (warm-up {s['warmup_steps']}, cosine",
+        f"make {info['view_share']:.0%} of the batches. AdamW lr {s['lr']:g} (text encoder {s['text_lr_scale']:g}x; "
+        f"warm-up {s['warmup_steps']}, cosine",
         f"to {s['min_lr_ratio']:g}x), Min-SNR-{s['min_snr_gamma']:g}, {s['cond_drop']:.0%} empty captions, EMA",
         f"{s['ema_decay']:g} from the loaded weights; {info['device']}, {info['threads']} thread(s), "
         f"{r['time_s'] / 60:.1f} min" + (" (stopped early at the time budget)" if r.get("stopped_early") else "")
@@ -182,7 +186,9 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
                             f"{state.get('view_repeat')}; this run has {len(images_u8)} and {view_repeat} "
                             f"(resume with the same --data, --replay and --view-repeat)")
         stage.load_state_dict(state)
-    budget = cfg.time_budget_min * 60.0 - 30.0 if cfg.time_budget_min else None
+    budget = None  # the invocation's wall clock, less what loading and encoding took and ~30 s to write
+    if cfg.time_budget_min:
+        budget = max(1.0, cfg.time_budget_min * 60.0 - (time.perf_counter() - t_start) - 30.0)
     with (stop or StopFlag()).installed() as flag:  # Ctrl-C: checkpoint, then Interrupted
         run_stage(stage, ckpt, extra, budget, flag, log, on_step)
 
@@ -193,7 +199,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
             "n_view": int(mask.sum()),
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
-            "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "warmup_steps",
+            "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "text_lr_scale", "warmup_steps",
                                                       "min_lr_ratio", "min_snr_gamma", "cond_drop", "ema_decay")},
             "results": {"steps_run": stage.step, "time_s": stage.elapsed, "stopped_early": stage.stopped_early,
                         "losses": stage.running.means(), "wall_time_s": time.perf_counter() - t_start}}

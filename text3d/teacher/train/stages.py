@@ -61,6 +61,7 @@ class TeacherTrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak rate
+    text_lr_scale: float = 1.0  # the text encoder's learning rate as a multiple of the UNet's
     kl_weight: float = 1e-4  # per latent element, against per-pixel L1 in [-1, 1]
     edge_weight: float = 0.5  # L1 of horizontal/vertical finite differences
     mse_weight: float = 5.0  # L2 next to L1: colour errors are large, L2 fixes them ~3x faster early on
@@ -215,8 +216,8 @@ class Stage:
         """One optimisation step; returns its statistics (``skipped`` = 1 when the loss was not finite)."""
         step = self.step + 1
         for group in self.optimizer.param_groups:
-            group["lr"] = self.peak_lr * lr_factor(step, self.total_steps, self.cfg.warmup_steps,
-                                                   self.cfg.min_lr_ratio)
+            group["lr"] = group.get("lr_scale", 1.0) * self.peak_lr * lr_factor(
+                step, self.total_steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
         for module in self.modules().values():
             module.train()
         loss, stats = self.compute_loss(step)
@@ -348,8 +349,9 @@ class DiffusionStage(Stage):
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
         self.peak_lr = cfg.lr
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        groups = [{"params": list(self.unet.parameters()), "lr_scale": 1.0},
+                  {"params": list(self.text_encoder.parameters()), "lr_scale": cfg.text_lr_scale}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.ema_unet = EMA(self.unet, cfg.ema_decay)
         self.ema_text = EMA(self.text_encoder, cfg.ema_decay)
 
