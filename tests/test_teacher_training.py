@@ -282,8 +282,12 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     teacher = load_teacher(out, "cpu")
     assert teacher.scaling_factor == pytest.approx(load_teacher(init, "cpu").scaling_factor)
     card = (out / "README.md").read_text()
-    assert "## Fine-tune" in card and "4/4 steps" in card and "Not evaluated yet" in card
+    assert "## Fine-tune 1" in card and "4/4 steps" in card and "Not evaluated yet" in card
     assert card.index("## Fine-tune") < card.index("## Judge scores")
+    from text3d.teacher.train.finetune import finetune_card
+
+    again = finetune_card(card, info)  # a fine-tune of the fine-tune keeps the first section
+    assert "## Fine-tune 1" in again and again.index("## Fine-tune 1") < again.index("## Fine-tune 2")
 
     # Ctrl-C at step 2, then --resume: the same weights as the uninterrupted run
     stop = StopFlag()

@@ -95,10 +95,12 @@ def _encode(work: Path, vae, images_u8: np.ndarray, device: torch.device, init: 
 
 
 def finetune_card(previous: str, info: dict) -> str:
-    """The init teacher's model card with a fine-tune section added before its judge scores."""
+    """The init teacher's model card with a fine-tune section added after its earlier ones (before the
+    judge scores, which are reset: they were measured on the old weights)."""
     r, s = info["results"], info["settings"]
+    number = len(re.findall(r"^## Fine-tune\b", previous, flags=re.M)) + 1
     section = "\n".join([
-        "## Fine-tune",
+        f"## Fine-tune {number}",
         "",
         f"Started from `{info['init']}` and trained its UNet and text encoder (the VAE, tokenizer and latent",
         f"scaling kept) for {r['steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']} on {info['n']} of the",
@@ -119,11 +121,10 @@ def finetune_card(previous: str, info: dict) -> str:
         "",
     ])
     marker = "## Judge scores"
-    old = re.sub(r"## Fine-tune\n.*?(?=\n## )\n", "", previous, flags=re.S)  # one fine-tune section: the last
-    at = old.find(marker)
-    body = old[:at] + section + "\n" + old[at:] if at >= 0 else old.rstrip() + "\n\n" + section
+    at = previous.find(marker)
+    body = previous[:at] + section + "\n" + previous[at:] if at >= 0 else previous.rstrip() + "\n\n" + section
     begin, end = body.find(export.JUDGE_BEGIN), body.find(export.JUDGE_END)
-    if begin >= 0 and end > begin:  # the old scores are of the old weights
+    if begin >= 0 and end > begin:
         body = body[: begin + len(export.JUDGE_BEGIN)] + "\n" + export.JUDGE_PLACEHOLDER + "\n" + body[end:]
     return body
 
