@@ -209,7 +209,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     check_images = torch.from_numpy(np.ascontiguousarray(images_u8[:n_check])).permute(0, 3, 1, 2).float() / 255.0
     out = out.resolve()
     with atomic_dir(out) as tmp:
-        export.save_components(tmp, vae, final_unet, final_text, tokenizer, scheduler)
+        export.save_components(tmp, vae, final_unet, final_text, init / "tokenizer", scheduler)  # files as they were
         checks = export.verify_teacher(tmp, check_images, captions[:n_check])
         (tmp / export.CARD_NAME).write_text(finetune_card(previous, info))
     info["checks"] = {**checks, "size_bytes": export.folder_size(out)}
