@@ -56,3 +56,27 @@ def test_unknown_words_of_the_embedded_teacher(tiny_teacher_dir, monkeypatch):
     monkeypatch.setattr("text3d.teacher.loader.DEFAULT_TEACHER_DIR", tiny_teacher_dir)
     assert unknown_words(teacher, "a red cube, front view") == []
     assert unknown_words(teacher, "a red xylophone") == ["xylophone"]
+
+
+def test_opacity_entropy_pushes_translucent_pixels_to_solid_or_empty():
+    import torch
+
+    from text3d.training.trainer import opacity_entropy
+
+    solid_or_empty = torch.tensor([0.0, 1.0, 1.0, 0.0]).view(1, 1, 2, 2)
+    assert float(opacity_entropy(solid_or_empty)) < 1e-2
+    half = torch.full((2, 1, 2, 2), 0.5)
+    assert float(opacity_entropy(half)) == pytest.approx(4 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    o = torch.tensor([0.3, 0.7]).view(1, 1, 1, 2).requires_grad_(True)
+    opacity_entropy(o).backward()
+    assert o.grad[0, 0, 0, 0] > 0 > o.grad[0, 0, 0, 1]  # descent lowers 0.3 towards 0 and raises 0.7 towards 1
+
+
+def test_image_space_sds_with_opacity_loss_runs_end_to_end(tiny_teacher_dir, tmp_path):
+    cfg = load_config(overrides=FAST + [f"teacher.name_or_path={tiny_teacher_dir}", "train.steps=3", "seed=1",
+                                        "sds.space=image", "sds.guidance_scale=7.5", "train.lambda_opaque=0.5"])
+    cfg.prompt = "a blue torus"
+    result = generate(cfg, out=tmp_path / "run", show_progress=False)
+    summary = json.loads((result.run_dir / "run.json").read_text())
+    assert summary["steps"] == 3
+    assert any(p.suffix == ".glb" for p in result.run_dir.iterdir())

@@ -79,3 +79,49 @@ def test_timestep_schedule_bounds_and_annealing():
 def test_cfg_convention_matches_diffusers():
     u, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
     assert torch.allclose(apply_cfg(u, c, 7.5), u + 7.5 * (c - u))
+
+
+def test_image_space_sds_gradient_reaching_pixels(teacher):
+    """space=image: CFG on the two decoded x0 predictions, clamped, and grad = w * (image - target) on the pixels."""
+    torch.manual_seed(0)
+    scale, weight = 4.0, 3.0
+    guidance = SDSGuidance(teacher, SDSConfig(guidance_scale=scale, space="image", image_weight=weight))
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)  # rendered smaller than the teacher: resized
+    t = torch.tensor([150, 800])
+    prompts = ["a red cube", "a blue torus"]
+    size = teacher.image_size
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+    noise = torch.randn(latents.shape)
+    out = guidance(images, prompts, t=t, noise=noise)
+    out.loss.backward()
+
+    with torch.no_grad():  # written out: two UNet calls, two decodes, CFG on the pixels
+        resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        x0 = {}
+        for name, emb in (("c", teacher.encode_prompts(prompts)), ("u", teacher.encode_prompts(["", ""]))):
+            eps = teacher.unet(noisy, t, encoder_hidden_states=emb).sample
+            x0[name] = teacher.decode_latents((noisy - (1 - ab).sqrt() * eps) / ab.sqrt())
+        target = (x0["u"] + scale * (x0["c"] - x0["u"])).clamp(0, 1)
+        expected = weight * (resized - target)
+    assert out.grad.shape == (2, 3, size, size)
+    # (float32 rounding, times scale * weight, through the decoder: ~2e-5; CFG on eps instead would be off by ~0.1)
+    assert torch.allclose(out.grad, expected, atol=2e-4, rtol=1e-4)
+    # the pixel gradient is the resize's adjoint applied to that gradient: no encoder backward is involved
+    probe = torch.rand(2, 3, 32, 32, requires_grad=True)
+    torch.nn.functional.interpolate(probe, size=(size, size), mode="bilinear", align_corners=False).backward(out.grad)
+    assert torch.allclose(images.grad, probe.grad, atol=1e-5, rtol=1e-4)
+    assert not out.latents.requires_grad
+
+
+def test_image_space_is_validated():
+    from text3d.config import load_config
+    from text3d.errors import ConfigError
+
+    assert load_config(overrides=["sds.space=image"]).sds.space == "image"
+    with pytest.raises(ConfigError, match="sds.space must be latent or image"):
+        load_config(overrides=["sds.space=pixels"])
+    with pytest.raises(ConfigError, match="vsd.image_weight must be > 0"):
+        load_config(overrides=["vsd.image_weight=0"])

@@ -86,6 +86,38 @@ def test_vsd_gradient_reaching_latents(teacher):
     guidance.lora.remove()
 
 
+def test_image_space_vsd_compares_with_the_loras_decoded_x0(teacher):
+    """space=image: grad = image_weight * (decode(x0 of the LoRA) - clamp(CFG of the decoded teacher x0s))."""
+    torch.manual_seed(2)
+    scale = 5.0
+    guidance = VSDGuidance(teacher, VSDConfig(guidance_scale=scale, space="image"))
+    _perturb(guidance.lora, seed=4)
+    images = torch.rand(2, 3, teacher.image_size, teacher.image_size, requires_grad=True)
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+    t = torch.tensor([300, 850])
+    noise = torch.randn(latents.shape)
+    cams = sample_cameras(CameraSamplerConfig(), 2)
+    prompts = ["a red cube, side view", "a blue torus"]
+    out = guidance(images, prompts, cameras=cams, t=t, noise=noise)
+    out.loss.backward()
+    with torch.no_grad():
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        cond = teacher.encode_prompts(prompts)
+        both = teacher.unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                            encoder_hidden_states=torch.cat([teacher.encode_prompts(["", ""]), cond])).sample
+        with guidance.lora.active(camera_features(cams)):
+            eps_lora = teacher.unet(noisy, t, encoder_hidden_states=cond).sample
+        x0 = {k: teacher.decode_latents((noisy - (1 - ab).sqrt() * e) / ab.sqrt())
+              for k, e in zip(("u", "c", "lora"), (*both.chunk(2), eps_lora))}
+        expected = x0["lora"] - (x0["u"] + scale * (x0["c"] - x0["u"])).clamp(0, 1)
+    assert torch.allclose(out.grad, expected, atol=2e-4, rtol=1e-4)
+    assert torch.allclose(images.grad, out.grad, atol=2e-4, rtol=1e-4)  # same size: no resize in between
+    assert (x0["lora"] - x0["c"]).abs().max() > 1e-3  # the baseline is the LoRA's, not the teacher's
+    guidance.lora.remove()
+
+
 def test_one_lora_step_lowers_its_loss_on_a_fixed_batch(teacher):
     torch.manual_seed(2)
     guidance = VSDGuidance(teacher, VSDConfig(lora_lr=1e-2, camera_drop=0.0))

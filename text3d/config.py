@@ -50,6 +50,7 @@ class TrainConfig:
     light_jitter_deg: float = 45.0  # the light direction is the camera direction tilted by up to this
     lambda_orientation: float = 1e-2
     lambda_sparsity: float = 0.0
+    lambda_opaque: float = 0.0  # weight of the opacity binary entropy (training.trainer.opacity_entropy)
     max_nonfinite_steps: int = 10  # consecutive non-finite losses before the run stops
     log_every: int = 10
     preview_every: int = 200
@@ -174,6 +175,7 @@ def validate(cfg: RunConfig) -> None:
            "train.p_albedo/p_lambertian/p_textureless must be >= 0 with a positive sum")
     _check(0.0 <= t.albedo_warmup <= 1.0, f"train.albedo_warmup must be in [0, 1], got {t.albedo_warmup}")
     _check(0.0 <= t.ambient <= 1.0, f"train.ambient must be in [0, 1], got {t.ambient}")
+    _check(t.lambda_opaque >= 0, f"train.lambda_opaque must be >= 0, got {t.lambda_opaque}")
     for name in ("log_every", "preview_every", "checkpoint_every", "max_nonfinite_steps", "preview_views"):
         _check(getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}")
     _check(t.high_resolution is None or (t.high_resolution >= 16 and t.high_resolution % 8 == 0),
@@ -215,3 +217,5 @@ def _check_guidance(s: SDSConfig, name: str) -> None:
     if s.t_anneal != "none" and s.t_max_end is not None:
         _check(s.t_min <= s.t_max_end <= s.t_max, f"need {name}.t_min <= {name}.t_max_end <= {name}.t_max")
     _check(s.grad_clip is None or s.grad_clip > 0, f"{name}.grad_clip must be > 0 or null")
+    _check(s.space in ("latent", "image"), f"{name}.space must be latent or image, got {s.space!r}")
+    _check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")

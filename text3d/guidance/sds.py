@@ -2,7 +2,17 @@
 
 The gradient is injected with the target trick: ``loss = 0.5 * ||latents - (latents - grad).detach()||^2``
 summed over elements, so ``d loss / d latents == grad`` exactly for every sample. CFG uses the
-project's one formula, :func:`text3d.teacher.teacher.apply_cfg` (inside ``Teacher.predict_eps``).
+project's one formula, :func:`text3d.teacher.teacher.apply_cfg`.
+
+``space`` says where the guided prediction is formed and the gradient applied:
+
+* ``latent`` (DreamFusion): CFG on the noise predictions, gradient on the VAE latents, back through
+  the encoder.
+* ``image``: each branch's x0 prediction is decoded, CFG is applied to the two decoded images, and
+  the gradient ``baseline_image - clamp(target, 0, 1)`` goes straight to the pixels (no encoder
+  backward). A VAE whose latent space is not linear in colour (the embedded teacher's: 1.5x the red
+  cube's latent offset decodes brown, 2x green) turns CFG's latent extrapolation into hue shifts;
+  extrapolating decoded images does not.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from text3d.guidance.schedules import TimestepSchedule
+from text3d.teacher.teacher import apply_cfg
 
 
 @dataclass
@@ -24,14 +35,16 @@ class SDSConfig:
     t_max_end: Optional[float] = None
     t_anneal_start: float = 0.0  # fraction of the run before annealing starts
     grad_clip: Optional[float] = None  # clamp each gradient element to [-grad_clip, grad_clip]
+    space: str = "latent"  # latent | image: where CFG is applied and the gradient injected (module docstring)
+    image_weight: float = 1.0  # image space: the gradient is image_weight * (baseline_image - target)
 
 
 @dataclass
 class GuidanceOutput:
-    loss: torch.Tensor  # scalar; backward() sends ``grad`` into the latents
-    grad: torch.Tensor  # [B, C, h, w], detached
+    loss: torch.Tensor  # scalar; backward() sends ``grad`` into the latents (image space: the pixels)
+    grad: torch.Tensor  # [B, C, h, w] (image space: [B, 3, H, W]), detached
     t: torch.Tensor  # [B] integer timesteps
-    latents: torch.Tensor  # [B, C, h, w], attached to the image graph
+    latents: torch.Tensor  # [B, C, h, w], attached to the image graph in latent space, detached in image space
     nonfinite: int  # gradient elements that were NaN/inf and were zeroed
 
     @property
@@ -75,8 +88,15 @@ class SDSGuidance:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
         """The gradient for rendered ``images`` [B, 3, H, W] in [0, 1], one prompt per image."""
+        if self.cfg.space == "image":
+            return self.guide_image(images, prompts, progress, cameras=cameras, t=t, noise=noise)
         latents = self.teacher.encode_images(images)
         return self.guide_latents(latents, prompts, progress, cameras=cameras, t=t, noise=noise)
+
+    def baseline_image(self, images: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       cond: torch.Tensor, cameras=None) -> torch.Tensor:
+        """Image space: what the guided image is compared with. SDS: the (resized, detached) image itself."""
+        return images
 
     def baseline_eps(self, noisy: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
                      cameras=None) -> torch.Tensor:
@@ -88,11 +108,7 @@ class SDSGuidance:
         batch = latents.shape[0]
         if len(prompts) != batch:
             raise ValueError(f"{len(prompts)} prompts for {batch} images")
-        device = latents.device
-        if t is None:
-            t = self.schedule.sample(batch, progress, device=device)
-        if noise is None:
-            noise = torch.randn(latents.shape, dtype=torch.float32).to(device)
+        t, noise = self._draw(latents, batch, progress, t, noise)
         cond = self.teacher.encode_prompts(list(prompts))
         uncond = self.teacher.encode_prompts([self.negative_prompt] * batch)
         with torch.no_grad():
@@ -101,6 +117,36 @@ class SDSGuidance:
             grad = self.weight(t) * (eps_hat - self.baseline_eps(noisy, t, noise, cond, cameras))
         grad, nonfinite = sanitize_grad(grad, self.cfg.grad_clip)
         return GuidanceOutput(target_trick_loss(latents.float(), grad), grad, t, latents, nonfinite)
+
+    def _draw(self, latents: torch.Tensor, batch: int, progress: float, t, noise):
+        if t is None:
+            t = self.schedule.sample(batch, progress, device=latents.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
+        return t, noise
+
+    def guide_image(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
+                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
+        """Image-space SDS: grad on the pixels = image_weight * (baseline_image - clamp(CFG(decoded x0s), 0, 1))."""
+        teacher, batch = self.teacher, images.shape[0]
+        if len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} images")
+        pixels = teacher.resize_images(images).float()
+        with torch.no_grad():
+            latents = teacher.encode_images(pixels.detach())
+        t, noise = self._draw(latents, batch, progress, t, noise)
+        cond = teacher.encode_prompts(list(prompts))
+        uncond = teacher.encode_prompts([self.negative_prompt] * batch)
+        with torch.no_grad():
+            noisy = teacher.add_noise(latents, noise, t)
+            eps_uncond, eps_cond = teacher.predict_eps_branches(noisy, t, cond, uncond)
+            image_uncond = teacher.decode_latents(teacher.predict_x0(noisy, eps_uncond, t))
+            image_cond = teacher.decode_latents(teacher.predict_x0(noisy, eps_cond, t))
+            target = apply_cfg(image_uncond, image_cond, self.cfg.guidance_scale).clamp(0.0, 1.0)
+            base = self.baseline_image(pixels.detach(), noisy, t, noise, cond, cameras)
+            grad = self.cfg.image_weight * (base - target)
+        grad, nonfinite = sanitize_grad(grad, self.cfg.grad_clip)
+        return GuidanceOutput(target_trick_loss(pixels, grad), grad, t, latents, nonfinite)
 
     # trainable state (none for SDS)
     def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:

@@ -5,7 +5,7 @@ UNet (:class:`~text3d.guidance.lora.LoRAScoreNetwork`), conditioned on the camer
 camera-to-world matrix) through its timestep embedding. Everything else -- the timestep
 schedule, CFG formula, NaN guard, clipping and the target-trick loss -- is SDS's, inherited from
 :class:`~text3d.guidance.sds.SDSGuidance`; only the baseline that the guided prediction is
-compared with changes. After every 3D step, :meth:`VSDGuidance.update` trains the LoRA on the
+compared with changes (in image space, :meth:`VSDGuidance.baseline_image`). After every 3D step, :meth:`VSDGuidance.update` trains the LoRA on the
 detached latents of that step's renders with the teacher's own diffusion loss at t ~ U[0, T).
 """
 
@@ -61,6 +61,11 @@ class VSDGuidance(SDSGuidance):
     def baseline_eps(self, noisy, t, noise, cond, cameras=None) -> torch.Tensor:
         """The LoRA network's conditional noise prediction for the same noisy latents and camera."""
         return self.lora.predict_eps(noisy, t, cond, self._condition(cameras, noisy.shape[0]))
+
+    def baseline_image(self, images, noisy, t, noise, cond, cameras=None) -> torch.Tensor:
+        """Image space: the decoded x0 of the LoRA network's prediction (the renders' own score)."""
+        eps = self.baseline_eps(noisy, t, noise, cond, cameras)
+        return self.teacher.decode_latents(self.teacher.predict_x0(noisy, eps, t))
 
     def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:
         """``lora_steps`` diffusion-loss steps of the LoRA on the detached latents of this step."""

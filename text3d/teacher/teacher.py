@@ -184,17 +184,32 @@ class Teacher:
         ``[uncond, cond]`` (tensors in ``unet_kwargs`` batched like the latents are repeated to match);
         otherwise it runs on the conditional batch only. Not under ``no_grad``: callers decide.
         """
-        batch = latents_noisy.shape[0]
-        t = self._timesteps(t, batch)
+        t = self._timesteps(t, latents_noisy.shape[0])
         if uncond_emb is None or (not isinstance(guidance_scale, torch.Tensor) and guidance_scale == 1.0):
             out = self.unet_output(latents_noisy, t, cond_emb, cross_attention_kwargs, **unet_kwargs)
             return self.to_eps(out, latents_noisy, t)
+        eps_uncond, eps_cond = self.predict_eps_branches(latents_noisy, t, cond_emb, uncond_emb,
+                                                         cross_attention_kwargs, **unet_kwargs)
+        return apply_cfg(eps_uncond, eps_cond, guidance_scale)
+
+    def predict_eps_branches(self, latents_noisy: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
+                             uncond_emb: torch.Tensor, cross_attention_kwargs: dict | None = None,
+                             **unet_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unguided noise predictions ``(eps_uncond, eps_cond)`` from one UNet call on ``[uncond, cond]``,
+        for callers that combine the branches somewhere other than in eps (image-space SDS)."""
+        batch = latents_noisy.shape[0]
+        t = self._timesteps(t, batch)
         x2 = torch.cat([latents_noisy, latents_noisy])
         t2 = torch.cat([t, t])
         emb = torch.cat([uncond_emb.to(self.device, self.dtype), cond_emb.to(self.device, self.dtype)])
         out = self.unet_output(x2, t2, emb, cross_attention_kwargs, **_batched(unet_kwargs, batch))
         eps_uncond, eps_cond = self.to_eps(out, x2, t2).chunk(2)
-        return apply_cfg(eps_uncond, eps_cond, guidance_scale)
+        return eps_uncond, eps_cond
+
+    def predict_x0(self, latents_noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (float32)."""
+        ab = self.alpha_bar(t).to(eps.device)
+        return (latents_noisy.float() - (1.0 - ab).sqrt() * eps.float()) / ab.sqrt()
 
     def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
         """Trade speed for memory in the UNet's attention (for large teachers on small GPUs)."""
@@ -202,18 +217,22 @@ class Teacher:
 
     # ---------------------------------------------------------------- VAE
 
+    def resize_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] on the teacher device, resized (bilinear, differentiable) to ``image_size``."""
+        if rgb.ndim != 4 or rgb.shape[1] != 3:
+            raise ValueError(f"teacher images must be [B, 3, H, W], got {tuple(rgb.shape)}")
+        x = rgb.to(self.device)
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x
+
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         """Differentiable latents (float32) of images [B, 3, H, W] in [0, 1].
 
         Images are resized (bilinear) to ``image_size`` if needed, mapped to [-1, 1], and encoded to
         the VAE posterior mean, scaled by the VAE's scaling factor.
         """
-        if rgb.ndim != 4 or rgb.shape[1] != 3:
-            raise ValueError(f"encode_images expects [B, 3, H, W] images, got {tuple(rgb.shape)}")
-        x = rgb.to(self.device)
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = (x * 2.0 - 1.0).to(self.dtype)
+        x = (self.resize_images(rgb) * 2.0 - 1.0).to(self.dtype)
         mean = self.vae.encode(x).latent_dist.mean
         return ((mean.float() - self.shift_factor) * self.scaling_factor)
 

@@ -42,6 +42,16 @@ def build_guidance(cfg: RunConfig, teacher):
     raise UserError(f"unknown guidance {cfg.guidance!r}")
 
 
+def opacity_entropy(opacity: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Binary entropy of each pixel's accumulated opacity, summed over the pixels and averaged over the
+    images: zero for a render that is either solid or empty at every pixel. A field that lightens its
+    colour by letting the white background through (translucent crimson reads as pink) pays for it, and
+    the baked, opaque mesh keeps the colour the teacher saw."""
+    o = opacity.float().clamp(eps, 1.0 - eps)
+    entropy = -(o * o.log() + (1.0 - o) * (1.0 - o).log())
+    return entropy.flatten(1).sum(1).mean()
+
+
 def load_particles(particles: list, state: dict) -> None:
     """Load every particle's weights from a checkpoint (one-line CheckpointError on a mismatch)."""
     states = state.get("particles")
@@ -62,7 +72,8 @@ def stage_train_config(cfg: RunConfig, stage: str) -> TrainConfig:
         return cfg.train
     m = getattr(cfg, stage)
     return replace(cfg.train, steps=m.steps, resolution=m.resolution, high_resolution=None, lr=m.lr,
-                   lr_background=0.0, albedo_warmup=0.0, lambda_orientation=0.0, lambda_sparsity=0.0)
+                   lr_background=0.0, albedo_warmup=0.0, lambda_orientation=0.0, lambda_sparsity=0.0,
+                   lambda_opaque=0.0)
 
 
 def build_stage_particles(stage: str, cfg: RunConfig, device: torch.device, sources: list | None) -> list:
@@ -174,6 +185,8 @@ class AssetTrainer:
             loss = loss + t.lambda_orientation * out["orientation_loss"]
         if t.lambda_sparsity > 0:
             loss = loss + t.lambda_sparsity * out["opacity_sparsity"]
+        if t.lambda_opaque > 0:
+            loss = loss + t.lambda_opaque * opacity_entropy(out["opacity"])
         if self.stage == "geometry":
             m = cfg.geometry
             loss = loss + m.lambda_laplacian * out["laplacian"] + m.lambda_normal_consistency * out["normal_consistency"]
