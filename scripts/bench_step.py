@@ -1,5 +1,8 @@
 """Time one SDS step of `text3d generate`, split into render, VAE encode, UNet (guidance) and backward.
 
+The split is that of latent-space SDS (`sds.space=latent`, set here whatever the config says), where the
+VAE encoder is differentiated; image-space SDS encodes without a graph and decodes twice instead.
+
     python scripts/bench_step.py [--teacher DIR] [--resolution 64] [--steps 30] [--device auto] [key=value ...]
 
 Without --teacher a tiny random teacher is built in a temporary folder. Prints the median time
@@ -48,7 +51,7 @@ def main() -> None:
     device = resolve_device(args.device)
     teacher_dir = args.teacher or str(build_tiny_teacher(Path(tempfile.mkdtemp()) / "tiny"))
     cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"train.resolution={args.resolution}",
-                                 f"train.steps={args.steps + args.warmup}", *args.overrides])
+                                 f"train.steps={args.steps + args.warmup}", *args.overrides, "sds.space=latent"])
     cfg.prompt = "a red cube"
     seed_everything(0)
     teacher = load_teacher(cfg.teacher, device)

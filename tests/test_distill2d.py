@@ -112,6 +112,43 @@ def test_dmd_gradient_vanishes_when_fake_score_is_the_teacher_without_cfg(teache
     lora.remove()
 
 
+def test_image_space_dmd_gradient_is_the_normalised_decoded_difference(teacher):
+    """core.space=image: CFG on the decoded real x0s, gradient on D(x), sent back through the decoder."""
+    student, x0, cond = _student_x0(teacher)
+    lora = _perturbed_lora(teacher, seed=2)
+    uncond = teacher.encode_prompts(["", ""])
+    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(3.0, 1.0, "dmd", reduction="sum", space="image"))
+    t, noise = torch.tensor([250, 700]), torch.randn(2, 4, 16, 16)
+    out = core(x0, cond, uncond, t=t, noise=noise)
+    out.loss.backward()
+    with torch.no_grad():
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+        def decoded(eps):
+            return teacher.decode_latents((noisy - (1 - ab).sqrt() * eps) / ab.sqrt())
+
+        real = (decoded(_plain_eps(teacher, noisy, t, cond, uncond, 0.0))  # uncond branch
+                + 3.0 * (decoded(_plain_eps(teacher, noisy, t, cond, uncond, 1.0))
+                         - decoded(_plain_eps(teacher, noisy, t, cond, uncond, 0.0)))).clamp(0, 1)
+        with lora.active():
+            fake = decoded(teacher.unet(noisy, t, encoder_hidden_states=cond).sample)
+        image = teacher.decode_latents(x0, clamp=False)
+        expected = (fake - real) / (image - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert out.grad.shape == image.shape and expected.abs().max() > 1e-3
+    assert torch.allclose(out.grad, expected, atol=2e-4, rtol=1e-3)
+    probe = x0.detach().clone().requires_grad_(True)  # x0's gradient is the decoder's adjoint of it
+    teacher.decode_latents(probe, clamp=False).backward(out.grad)
+    assert torch.allclose(x0.grad, probe.grad, atol=1e-4, rtol=1e-3)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.unet.parameters())
+    # fake score = the teacher and no CFG: nothing to learn
+    lora.remove()
+    fresh = LoRAScoreNetwork(teacher, rank=4)
+    core = ScoreDifferenceCore(teacher, fresh, ScoreCoreConfig(1.0, 1.0, "dmd", reduction="sum", space="image"))
+    assert core(x0, cond, uncond).grad.abs().max() == 0.0
+    fresh.remove()
+
+
 def test_student_x0_uses_the_schedules_alpha_bar(teacher):
     student = Student(teacher, timesteps=[999, 499])
     z, cond = torch.randn(1, 4, 16, 16), teacher.encode_prompts(["a red cube"])

@@ -25,6 +25,7 @@ class ScoreCoreConfig:
     t_max: float = 0.98
     reduction: str = "mean"  # mean (the gradient divided by the element count) | sum (exactly the gradient)
     grad_clip: Optional[float] = None
+    space: str = "latent"  # latent | image: CFG on the decoded x0s, gradient on the decoded student image
 
 
 @dataclass
@@ -130,6 +131,7 @@ def validate(cfg: Distill2DConfig) -> None:
     c = cfg.core
     _check(c.weighting in WEIGHTINGS, f"core.weighting must be one of {', '.join(WEIGHTINGS)}, got {c.weighting!r}")
     _check(c.reduction in ("mean", "sum"), f"core.reduction must be mean or sum, got {c.reduction!r}")
+    _check(c.space in ("latent", "image"), f"core.space must be latent or image, got {c.space!r}")
     _check(0.0 <= c.t_min < c.t_max <= 1.0, "need 0 <= core.t_min < core.t_max <= 1")
     _check(c.real_guidance_scale >= 0 and c.fake_guidance_scale >= 0, "guidance scales must be >= 0")
     f = cfg.fake

@@ -236,11 +236,12 @@ class Teacher:
         mean = self.vae.encode(x).latent_dist.mean
         return ((mean.float() - self.shift_factor) * self.scaling_factor)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, image_size, image_size] in [0, 1] (float32, clamped) from latents."""
+    def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Images [B, 3, image_size, image_size] in [0, 1] (float32; clamped unless ``clamp=False``, which
+        keeps the gradient alive outside the range) from latents."""
         z = (latents.to(self.device).float() / self.scaling_factor + self.shift_factor).to(self.dtype)
-        image = self.vae.decode(z, return_dict=False)[0]
-        return ((image.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+        image = (self.vae.decode(z, return_dict=False)[0].float() + 1.0) * 0.5
+        return image.clamp(0.0, 1.0) if clamp else image
 
 
 def load_teacher(cfg_or_name: TeacherConfig | str | os.PathLike | None = None, device: torch.device | str = "auto",
