@@ -257,3 +257,33 @@ def test_camera_looking_away_renders_background_and_backpropagates():
     assert r.last_stats["samples_kept"] == 0 and out["opacity"].abs().max() == 0
     (out["rgb"].sum() + out["orientation_loss"]).backward()
     assert all(p.grad is not None for p in r.background.parameters())
+
+
+class UniformBall(nn.Module):
+    """A ball of radius 0.5 with one density and one albedo (orange)."""
+
+    def __init__(self, sigma):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x):
+        inside = (x.norm(dim=-1) < 0.5).float()
+        return self.sigma * inside, torch.tensor([1.0, 0.5, 0.0]).expand(x.shape[0], 3)
+
+    def query_density(self, x):
+        return self(x)[0]
+
+
+def test_seen_albedo_is_the_albedo_where_opaque_and_shows_the_background_where_translucent():
+    r = make_renderer(num_samples=256, background="solid", background_color=(1.0, 1.0, 1.0))
+    points = torch.tensor([[0.5, 0.0, 0.0], [0.0, -0.5, 0.0], [0.0, 0.3, 0.4]])  # on the ball's surface
+    r.field = UniformBall(200.0)
+    opaque = r.seen_albedo(points)
+    assert torch.allclose(opaque, torch.tensor([1.0, 0.5, 0.0]).expand(3, 3), atol=1e-3)
+    r.field = UniformBall(1.0)  # a radial ray crosses the whole diameter: transmittance exp(-1 * 1.0)
+    seen = r.seen_albedo(points)
+    transmittance = torch.exp(torch.tensor(-1.0))
+    white = torch.ones(3)
+    expected = (1 - transmittance) * torch.tensor([1.0, 0.5, 0.0]) + transmittance * white
+    assert torch.allclose(seen, expected.expand(3, 3), atol=0.02)
+    assert torch.allclose(r.field.query_density(points + 0.01 * points), torch.zeros(3))  # the ball ends there

@@ -26,6 +26,8 @@ class ExportConfig:
     video_frames: int = 48
     video_fps: int = 24
     video_resolution: int = 128
+    bake: str = "seen"  # NeRF texture: seen (the colour a camera sees at the surface, background showing
+    #                     through translucent parts; text3d.renderers.nerf.NeRFRenderer.seen_albedo) | albedo
 
 
 def check_export_config(cfg: Any) -> None:
@@ -40,6 +42,7 @@ def check_export_config(cfg: Any) -> None:
         need(float(cfg.threshold) == float(cfg.threshold), "threshold", "must be a number or null")
     need(0.0 <= float(cfg.min_component_fraction) <= 1.0, "min_component_fraction", "must be in [0, 1]")
     need(8 <= int(cfg.texture_size) <= 8192, "texture_size", "must be between 8 and 8192")
+    need(str(getattr(cfg, "bake", "seen")) in ("seen", "albedo"), "bake", "must be seen or albedo")
     need(0 <= int(cfg.seam_padding) <= 64, "seam_padding", "must be between 0 and 64")
     need(int(cfg.max_faces) == 0 or int(cfg.max_faces) >= 4, "max_faces", "must be 0 (never decimate) or >= 4")
     need(int(cfg.video_frames) >= 1, "video_frames", "must be >= 1")

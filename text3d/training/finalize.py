@@ -53,7 +53,8 @@ def export_particle(renderer, cfg: RunConfig, device: torch.device, out_dir: Pat
                 formats=tuple(formats), bound=cfg.nerf.bound))
         else:
             field = renderer.field
-            files = dict(export_asset(field.query_density, field.query_albedo, cfg.nerf.bound, out_dir, cfg.run_name,
+            colour = renderer.seen_albedo if cfg.export.bake == "seen" else field.query_albedo
+            files = dict(export_asset(field.query_density, colour, cfg.nerf.bound, out_dir, cfg.run_name,
                                       cfg.export, formats=tuple(formats)))
     if video:
         files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
