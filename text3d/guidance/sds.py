@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from text3d.guidance.schedules import TimestepSchedule
+from text3d.teacher.sampling import predict_x0
 from text3d.teacher.teacher import apply_cfg
 
 
@@ -140,8 +141,8 @@ class SDSGuidance:
         with torch.no_grad():
             noisy = teacher.add_noise(latents, noise, t)
             eps_uncond, eps_cond = teacher.predict_eps_branches(noisy, t, cond, uncond)
-            image_uncond = teacher.decode_latents(teacher.predict_x0(noisy, eps_uncond, t))
-            image_cond = teacher.decode_latents(teacher.predict_x0(noisy, eps_cond, t))
+            image_uncond = teacher.decode_latents(predict_x0(teacher, noisy, eps_uncond, t))
+            image_cond = teacher.decode_latents(predict_x0(teacher, noisy, eps_cond, t))
             target = apply_cfg(image_uncond, image_cond, self.cfg.guidance_scale).clamp(0.0, 1.0)
             base = self.baseline_image(pixels.detach(), noisy, t, noise, cond, cameras)
             grad = self.cfg.image_weight * (base - target)

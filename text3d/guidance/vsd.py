@@ -18,6 +18,7 @@ import torch
 
 from text3d.guidance.lora import LoRAScoreNetwork
 from text3d.guidance.sds import GuidanceOutput, SDSConfig, SDSGuidance
+from text3d.teacher.sampling import predict_x0
 
 CAMERA_DIM = 16  # flattened 4x4 camera-to-world matrix
 
@@ -65,7 +66,7 @@ class VSDGuidance(SDSGuidance):
     def baseline_image(self, images, noisy, t, noise, cond, cameras=None) -> torch.Tensor:
         """Image space: the decoded x0 of the LoRA network's prediction (the renders' own score)."""
         eps = self.baseline_eps(noisy, t, noise, cond, cameras)
-        return self.teacher.decode_latents(self.teacher.predict_x0(noisy, eps, t))
+        return self.teacher.decode_latents(predict_x0(self.teacher, noisy, eps, t))
 
     def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:
         """``lora_steps`` diffusion-loss steps of the LoRA on the detached latents of this step."""

@@ -206,11 +206,6 @@ class Teacher:
         eps_uncond, eps_cond = self.to_eps(out, x2, t2).chunk(2)
         return eps_uncond, eps_cond
 
-    def predict_x0(self, latents_noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` (float32)."""
-        ab = self.alpha_bar(t).to(eps.device)
-        return (latents_noisy.float() - (1.0 - ab).sqrt() * eps.float()) / ab.sqrt()
-
     def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
         """Trade speed for memory in the UNet's attention (for large teachers on small GPUs)."""
         self.unet.set_attention_slice(slice_size)
