@@ -141,6 +141,13 @@ def test_image_space_dmd_gradient_is_the_normalised_decoded_difference(teacher):
     teacher.decode_latents(probe, clamp=False).backward(out.grad)
     assert torch.allclose(x0.grad, probe.grad, atol=1e-4, rtol=1e-3)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.unet.parameters())
+    # SwiftBrush's weighting with CFG on the fake branch too: D_cfg(fake) - D_cfg(real), no normalisation
+    core.cfg = ScoreCoreConfig(3.0, 2.0, "sigma2", reduction="sum", space="image")
+    with torch.no_grad():
+        with lora.active():
+            fake_u, fake_c = (decoded(teacher.unet(noisy, t, encoder_hidden_states=e).sample) for e in (uncond, cond))
+        fake_cfg = (fake_u + 2.0 * (fake_c - fake_u)).clamp(0, 1)
+    assert torch.allclose(core(x0, cond, uncond, t=t, noise=noise).grad, fake_cfg - real, atol=2e-4, rtol=1e-3)
     # fake score = the teacher and no CFG: nothing to learn
     lora.remove()
     fresh = LoRAScoreNetwork(teacher, rank=4)

@@ -18,6 +18,7 @@ on the decoded student image ``D(x)`` and sent back through the decoder into x:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -79,13 +80,9 @@ class ScoreDifferenceCore:
         def decoded(eps):
             return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
 
-        if scale == 1.0:
-            eps = (self.fake.predict_eps(noisy, t, cond) if fake else teacher.predict_eps(noisy, t, cond))
-            return decoded(eps)
-        if fake:
-            with self.fake.active(None):
-                eps_u, eps_c = teacher.predict_eps_branches(noisy, t, cond, uncond)
-        else:
+        with self.fake.active() if fake else contextlib.nullcontext():  # the fake score: adapters on
+            if scale == 1.0:
+                return decoded(teacher.predict_eps(noisy, t, cond))
             eps_u, eps_c = teacher.predict_eps_branches(noisy, t, cond, uncond)
         return apply_cfg(decoded(eps_u), decoded(eps_c), scale).clamp(0.0, 1.0)
 
