@@ -5,8 +5,9 @@ UNet (:class:`~text3d.guidance.lora.LoRAScoreNetwork`), conditioned on the camer
 camera-to-world matrix) through its timestep embedding. Everything else -- the timestep
 schedule, CFG formula, NaN guard, clipping and the target-trick loss -- is SDS's, inherited from
 :class:`~text3d.guidance.sds.SDSGuidance`; only the baseline that the guided prediction is
-compared with changes (in image space, :meth:`VSDGuidance.baseline_image`). After every 3D step, :meth:`VSDGuidance.update` trains the LoRA on the
-detached latents of that step's renders with the teacher's own diffusion loss at t ~ U[0, T).
+compared with changes (in image space, :meth:`VSDGuidance.baseline_image`). After every 3D step,
+:meth:`VSDGuidance.update` trains the LoRA on the detached latents of that step's renders with the
+teacher's own diffusion loss at t ~ U[0, T).
 """
 
 from __future__ import annotations
