@@ -274,3 +274,29 @@ def test_distill_table_scores_each_model_and_reuses_measured_rows(tiny_teacher_d
     assert table.main(args) == 0
     assert capsys.readouterr().out.count("reused") == 3
     assert json.loads((tmp_path / "t" / "table.json").read_text()) == rows
+
+
+def test_regression_pairs_cache_is_keyed_by_the_teacher_weights(tiny_teacher_dir, tmp_path, monkeypatch):
+    """Cached (noise, teacher sample) pairs are reused for the same teacher and settings and remade when the
+    teacher's weights change in the same folder (a retrained teacher must not inherit its old samples)."""
+    from text3d.distill2d import data
+    from text3d.distill2d.config import RegressionConfig
+    from text3d.teacher import sampling
+
+    cfg = RegressionConfig(pairs=2, sampler_steps=2, guidance_scale=2.0, batch_size=2)
+    prompts, cache = ["a red cube", "a blue torus"], tmp_path / "pairs.pt"
+    calls = []
+    real = sampling.sample_latents
+    monkeypatch.setattr(sampling, "sample_latents", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    first = data.regression_pairs(load_teacher(str(tiny_teacher_dir), "cpu"), prompts, cfg, 0, cache, False)
+    again = data.regression_pairs(load_teacher(str(tiny_teacher_dir), "cpu"), prompts, cfg, 0, cache, False)
+    assert len(calls) == 1 and torch.equal(first["latents"], again["latents"])
+
+    changed = load_teacher(str(tiny_teacher_dir), "cpu")
+    with torch.no_grad():
+        for p in changed.unet.parameters():
+            p.mul_(1.5)
+    remade = data.regression_pairs(changed, prompts, cfg, 0, cache, False)
+    assert len(calls) == 2
+    assert torch.equal(remade["noise"], first["noise"]) and not torch.allclose(remade["latents"], first["latents"])

@@ -286,3 +286,26 @@ def test_builder_is_seeded_and_refuses_to_clobber(tiny_teacher_dir, tmp_path):
     key = "conv_in.weight"
     assert torch.equal(ref[key], same[key]) and not torch.equal(ref[key], other[key])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_fingerprint_follows_weights_not_adapters(tiny_teacher_dir):
+    """The cache key of teacher outputs: the same weights give the same fingerprint (a peft LoRA attached and
+    trained on top does not change it), a changed base weight gives another."""
+    from text3d.guidance.lora import LoRAScoreNetwork
+
+    first = load_teacher(tiny_teacher_dir, "cpu")
+    again = load_teacher(tiny_teacher_dir, "cpu")
+    assert first.fingerprint() == again.fingerprint()
+    assert len(first.fingerprint()) == 16
+
+    lora = LoRAScoreNetwork(again, rank=4)
+    with torch.no_grad():
+        for p in lora.lora_parameters():
+            p.add_(0.1)
+    again._fingerprint = None  # recompute with the adapters in place
+    assert again.fingerprint() == first.fingerprint()
+
+    changed = load_teacher(tiny_teacher_dir, "cpu")
+    with torch.no_grad():
+        next(changed.unet.parameters()).add_(1e-3)
+    assert changed.fingerprint() != first.fingerprint()

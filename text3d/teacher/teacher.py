@@ -13,6 +13,7 @@ Conventions (every guidance method relies on them):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -92,8 +93,27 @@ class Teacher:
         self.max_text_length: int = int(min(max_len, positions) if positions else min(max_len, 512))
 
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._fingerprint: str | None = None
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
+
+    def fingerprint(self) -> str:
+        """A short hash of the UNet's, VAE's and text encoder's weights (each tensor's shape, sum and absolute
+        sum; peft LoRA weights left out): what a cache of teacher outputs is keyed by, so that retraining a
+        teacher in place (same folder) does not reuse samples of its old weights. Computed once."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            with torch.no_grad():
+                for prefix, module in (("unet", self.unet), ("vae", self.vae), ("text", self.text_encoder)):
+                    for name, tensor in module.state_dict().items():
+                        if "lora_" in name:  # adapters a trainer attached (peft) are not the teacher's weights
+                            continue
+                        t = tensor.detach().double()
+                        name = name.replace(".base_layer", "")  # peft's wrapper renames the frozen weight
+                        digest.update(f"{prefix}.{name}{tuple(t.shape)}{float(t.sum()):.10e}"
+                                      f"{float(t.abs().sum()):.10e}".encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return (f"Teacher({self.source!r}, device={self.device}, dtype={self.dtype}, "
