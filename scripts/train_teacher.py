@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, help="fine-tune this teacher folder instead of training from scratch")
     p.add_argument("--view-repeat", type=int, default=3,
                    help="with --init: copies per epoch of the examples whose view can be seen")
+    p.add_argument("--repeat-views", metavar="LABELS",
+                   help="with --init: repeat only the visible-view examples with these view labels (comma-separated, "
+                        "e.g. front,back; default every label)")
     p.add_argument("--replay", type=int, metavar="N",
                    help="with --init: keep only N examples without a visible view (a seeded choice; default all)")
     p.add_argument("--text-lr-scale", type=float, default=d.text_lr_scale,
@@ -76,6 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.view_repeat < 1:
         p.error("--view-repeat must be >= 1")
+    repeat_views = None
+    if args.repeat_views:
+        from text3d.cameras import VIEW_LABELS
+
+        repeat_views = [v.strip() for v in args.repeat_views.split(",") if v.strip()]
+        unknown = [v for v in repeat_views if v not in VIEW_LABELS]
+        if unknown or not repeat_views:
+            p.error(f"--repeat-views: unknown view label(s) {', '.join(unknown) or '(none given)'}; "
+                    f"choose from {', '.join(VIEW_LABELS)}")
     if args.time_budget_min is not None and args.time_budget_min <= 0:
         p.error("--time-budget-min must be > 0")
     return args
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             command=reproduce_command(argv, dataset.meta))
         if args.init is not None:
             info = finetune_teacher(cfg, dataset, args.init, view_repeat=args.view_repeat, replay=args.replay,
-                                    data_path=str(args.data),
+                                    data_path=str(args.data), repeat_views=repeat_views,
                                     log=lambda m: print(m, flush=True))
             r = info["results"]
             print(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {args.out}")

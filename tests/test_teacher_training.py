@@ -266,6 +266,11 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     mask = view_example_mask(data)
     has_view = np.array([", " in str(c) for c in data.arrays["captions"]])
     assert mask.tolist() == has_view.tolist() and 0 < mask.sum() < len(mask)  # every fake shape shows its view
+    captions = [str(c) for c in data.arrays["captions"]]
+    label = next(c for c in captions if ", " in c).split(", ")[1].split()[0]  # one view label the data has
+    only = view_example_mask(data, labels=[label])
+    assert only.tolist() == [m and c.endswith(f", {label} view") for m, c in zip(mask, captions)]
+    assert only.sum() < mask.sum() or len({c.split(", ")[1] for c in captions if ", " in c}) == 1
 
     def cfg(name, **kw):
         return tiny_config(tmp_path / name, unet_steps=4, lr=1e-3, **kw)

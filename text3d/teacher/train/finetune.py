@@ -34,8 +34,10 @@ FINETUNE_LATENTS = "finetune_latents.pt"
 _VIEW_SUFFIX = re.compile(r",\s*(\w+) view\s*$")
 
 
-def view_example_mask(dataset: ToyworldDataset, objects: Sequence[str] | None = None) -> np.ndarray:
-    """True for the examples whose caption names a view and whose object looks different from the front and back.
+def view_example_mask(dataset: ToyworldDataset, objects: Sequence[str] | None = None,
+                      labels: Sequence[str] | None = None) -> np.ndarray:
+    """True for the examples whose caption names a view (one of ``labels``, default any) and whose object looks
+    different from the front and back.
 
     The objects are ``objects``, else the dataset's own list (``front_back_objects`` in its meta.json),
     else the world catalog's."""
@@ -46,7 +48,8 @@ def view_example_mask(dataset: ToyworldDataset, objects: Sequence[str] | None = 
         objects = dataset.meta.get("front_back_objects", FRONT_BACK_OBJECTS)
     wanted = {names.index(o) for o in objects if o in names}
     obj = np.asarray(dataset.arrays["object"]).astype(np.int64)
-    has_view = np.asarray([_VIEW_SUFFIX.search(str(c)) is not None for c in dataset.arrays["captions"]])
+    found = [_VIEW_SUFFIX.search(str(c)) for c in dataset.arrays["captions"]]
+    has_view = np.asarray([m is not None and (labels is None or m.group(1) in labels) for m in found])
     return np.isin(obj, list(wanted)) & has_view
 
 
@@ -94,6 +97,10 @@ def _encode(work: Path, vae, images_u8: np.ndarray, device: torch.device, init: 
     return latents
 
 
+def _views_phrase(views: Sequence[str] | None) -> str:
+    return "" if not views else " " + " or ".join(f'"{v}"' for v in views)
+
+
 def finetune_card(previous: str, info: dict) -> str:
     """The init teacher's model card with a fine-tune section added after its earlier ones (before the
     judge scores, which are reset: they were measured on the old weights)."""
@@ -105,7 +112,8 @@ def finetune_card(previous: str, info: dict) -> str:
         f"Started from `{info['init']}` and trained its UNet and text encoder (the VAE, tokenizer and latent",
         f"scaling kept) for {r['steps_run']}/{s['unet_steps']} steps of batch {s['batch_size']} on {info['n']} of the",
         f"{info['n_data']} images of `{info['data']}`: every example once per epoch and the {info['n_view']} with a visible",
-        f"view (a view suffix on an object with a distinct front and back) {info['view_repeat']} times, so they",
+        f"view (a{_views_phrase(info.get('repeat_views'))} view suffix on an object with a distinct front and back) "
+        f"{info['view_repeat']} times, so they",
         f"make {info['view_share']:.0%} of the batches. AdamW lr {s['lr']:g} (text encoder {s['text_lr_scale']:g}x; "
         f"warm-up {s['warmup_steps']}, cosine",
         f"to {s['min_lr_ratio']:g}x), Min-SNR-{s['min_snr_gamma']:g}, {s['cond_drop']:.0%} empty captions, EMA",
@@ -131,7 +139,7 @@ def finetune_card(previous: str, info: dict) -> str:
 
 def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
                      replay: int | None = None, data_path: str = "", log=print, stop: StopFlag | None = None,
-                     on_step=None) -> dict:
+                     on_step=None, repeat_views: Sequence[str] | None = None) -> dict:
     """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``.
 
     ``replay`` caps the examples without a visible view that are kept (None = all): encoding the
@@ -167,7 +175,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     text_encoder.requires_grad_(True)
     scaling = float(vae.config.scaling_factor)
 
-    full_mask = view_example_mask(dataset)
+    full_mask = view_example_mask(dataset, labels=repeat_views)
     keep = select_examples(full_mask, replay, cfg.seed)
     images_u8, mask = dataset.arrays["images"][keep], full_mask[keep]
     captions = [str(dataset.arrays["captions"][i]) for i in keep]
@@ -180,7 +188,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
 
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
                            tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0])
-    extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling}
+    extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling,
+             "repeat_views": list(repeat_views) if repeat_views else None}
     if state is not None:
         if int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat:
             raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
@@ -197,7 +206,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     stage.ema_unet.copy_to(final_unet)
     stage.ema_text.copy_to(final_text)
     info = {"init": str(init), "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
-            "n_view": int(mask.sum()),
+            "n_view": int(mask.sum()), "repeat_views": list(repeat_views) if repeat_views else None,
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
             "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "text_lr_scale", "warmup_steps",
