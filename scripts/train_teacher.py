@@ -79,13 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.view_repeat < 1:
         p.error("--view-repeat must be >= 1")
-    repeat_views = None
-    if args.repeat_views:
+    if args.repeat_views is not None:
         from text3d.cameras import VIEW_LABELS
 
-        repeat_views = [v.strip() for v in args.repeat_views.split(",") if v.strip()]
-        unknown = [v for v in repeat_views if v not in VIEW_LABELS]
-        if unknown or not repeat_views:
+        args.repeat_views = [v.strip() for v in args.repeat_views.split(",") if v.strip()]
+        unknown = [v for v in args.repeat_views if v not in VIEW_LABELS]
+        if unknown or not args.repeat_views:
             p.error(f"--repeat-views: unknown view label(s) {', '.join(unknown) or '(none given)'}; "
                     f"choose from {', '.join(VIEW_LABELS)}")
     if args.time_budget_min is not None and args.time_budget_min <= 0:
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             command=reproduce_command(argv, dataset.meta))
         if args.init is not None:
             info = finetune_teacher(cfg, dataset, args.init, view_repeat=args.view_repeat, replay=args.replay,
-                                    data_path=str(args.data), repeat_views=repeat_views,
+                                    data_path=str(args.data), repeat_views=args.repeat_views,
                                     log=lambda m: print(m, flush=True))
             r = info["results"]
             print(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {args.out}")

@@ -218,6 +218,17 @@ def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
     monkeypatch.setattr("text3d.teacher.train.run.train_teacher", interrupted)
     assert script.main(["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 130
     assert script.main(["--data", str(tmp_path / "missing"), "--work", str(tmp_path / "w")]) == 2
+    seen = {}
+
+    def finetune(cfg, dataset, init, **kwargs):
+        seen.update(kwargs)
+        raise Interrupted("stopped by SIGINT")
+
+    monkeypatch.setattr("text3d.teacher.train.finetune.finetune_teacher", finetune)
+    base = ["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--init", "t"]
+    assert script.main(base + ["--repeat-views", "front, back"]) == 130 and seen["repeat_views"] == ["front", "back"]
+    with pytest.raises(SystemExit):
+        script.main(base + ["--repeat-views", "front,top"])
     command = script.reproduce_command(["--data", "d"], {"n": 100, "seed": 4})
     assert command.endswith("--data d --render 100 --render-seed 4")
 
