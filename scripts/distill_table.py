@@ -13,7 +13,7 @@ on a student path sets its guidance scale (w-conditioned students), a trailing `
 of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
 accuracy, the view accuracy on the objects with a distinct front and back, Fréchet distance of judge
 features against ``--reference`` renders, UNet passes per image (a CFG step counts two), images per second on
-this machine) is printed and written to OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model, steps, w,
+this machine) is printed and written to OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model weights, steps, w,
 seed, prompts and reference) is reused, so rows can be measured as their students finish.
 """
 
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         for name, folder, steps, w, is_student in entries:
             out = args.out / name.replace(" ", "_").replace(",", "").replace("=", "")
             source = str(folder or "embedded teacher")
-            key = {"model": name, "folder": source, "steps_asked": steps, "w": w,
+            model = load_teacher(folder, "cpu")
+            key = {"model": name, "folder": source, "weights": model.fingerprint(), "steps_asked": steps, "w": w,
                    "seed": args.seed, "prompts": str(args.prompts), "reference": str(args.reference)}
             done = out / ROW_NAME
             earlier = _read_row(done)
@@ -79,7 +80,6 @@ def main(argv=None) -> int:
                 rows.append(earlier["row"])  # measured by an earlier call
                 print(f"{name}: reused {done}", flush=True)
                 continue
-            model = load_teacher(folder, "cpu")
             passes = []  # the batch size of every UNet call: a CFG call counts each image twice
             hook = model.unet.register_forward_pre_hook(lambda module, inputs: passes.append(inputs[0].shape[0]))
             record = run_sample(prompts, out, teacher=model, steps=steps, n=1, guidance_scale=w, seed=args.seed,

@@ -275,6 +275,24 @@ def test_distill_table_scores_each_model_and_reuses_measured_rows(tiny_teacher_d
     assert capsys.readouterr().out.count("reused") == 3
     assert json.loads((tmp_path / "t" / "table.json").read_text()) == rows
 
+    # a model retrained in the same folder is measured again, not read from its old row
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_teacher_dir, copy)
+    args = ["--out", str(tmp_path / "t"), "--teacher-steps", "", "--prompts", str(prompts),
+            "--student", f"copy={copy}#1"]
+    assert table.main(args) == 0
+    unet = UNet2DConditionModel.from_pretrained(copy / "unet")
+    with torch.no_grad():
+        next(unet.parameters()).add_(0.01)
+    unet.save_pretrained(copy / "unet")
+    capsys.readouterr()
+    assert table.main(args) == 0
+    assert "reused" not in capsys.readouterr().out
+
 
 def test_regression_pairs_cache_is_keyed_by_the_teacher_weights(tiny_teacher_dir, tmp_path, monkeypatch):
     """Cached (noise, teacher sample) pairs are reused for the same teacher and settings and remade when the
