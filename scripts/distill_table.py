@@ -151,8 +151,9 @@ def training_record(folder) -> dict:
     else:
         try:
             summary = json.loads((folder.parent / "summary.json").read_text())
-            seconds = summary.get("train_seconds_this_session")
-            steps = summary.get("steps", steps)
+            if steps is None or summary.get("steps") == steps:  # the run's summary is of this student
+                seconds = summary.get("train_seconds_total", summary.get("train_seconds_this_session"))
+                steps = summary.get("steps", steps)
         except (OSError, ValueError):
             pass
     return {"training_steps": steps, "training_seconds": seconds}

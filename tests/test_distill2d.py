@@ -185,8 +185,11 @@ def test_resume_matches_uninterrupted_run_and_student_reloads(tiny_teacher_dir, 
                    show_progress=False, evaluate=False)
     distill(load_distill_config("swiftbrush", overrides=[*base, "steps=2"]), tmp_path / "part", show_progress=False,
             evaluate=False)
+    first = json.loads((tmp_path / "part" / "summary.json").read_text())
     resumed = resume_distill(tmp_path / "part", ["steps=4"], show_progress=False, evaluate=False)
     assert resumed.steps == 4
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())  # training time adds up over resumes
+    assert summary["train_seconds_total"] > first["train_seconds_total"] > 0
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
     for key in ("student", "fake"):

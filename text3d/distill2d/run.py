@@ -87,6 +87,7 @@ def _train(trainer, evaluate: bool) -> DistillResult:
     scores = evaluate_student(student, trainer.out / EVAL_DIR, trainer.prompts, show_progress=trainer.show_progress) \
         if evaluate else None
     summary = {"method": trainer.cfg.method, "steps": steps, "train_seconds_this_session": round(seconds, 2),
+               "train_seconds_total": round(trainer.train_seconds, 2),
                "student_steps": trainer.counts["student_steps"], "fake_steps": trainer.counts["fake_steps"],
                "timesteps": list(trainer.cfg.timesteps), "teacher": str(trainer.teacher.source),
                "processes": trainer.accelerator.num_processes,

@@ -98,6 +98,7 @@ class Distill2DTrainer(RunCheckpoint):
                     if cfg.ema_decay > 0 else None)
         self.step = 0
         self.counts = {"student_steps": 0, "fake_steps": 0}
+        self.train_seconds = 0.0  # wall time of the training steps over every invocation (kept in the checkpoint)
         self._pairs = None
         self._real = None
         self._nonfinite_run = 0
@@ -270,7 +271,7 @@ class Distill2DTrainer(RunCheckpoint):
     def state_dict(self) -> dict:
         state = {"step": self.step, "student": self._student_unet().state_dict(), "fake": self.fake.lora_state_dict(),
                  "optimizer": self.optimizer.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict(),
-                 "counts": dict(self.counts), "rng": rng_state()}
+                 "counts": dict(self.counts), "train_seconds": self.train_seconds, "rng": rng_state()}
         if self.ema is not None:
             state["ema"] = self.ema
         if self.disc is not None:
@@ -293,6 +294,7 @@ class Distill2DTrainer(RunCheckpoint):
         if self.ema is not None and "ema" in state:
             self.ema = {k: v.clone() for k, v in state["ema"].items()}
         self.counts = dict(state.get("counts", self.counts))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step
@@ -330,6 +332,7 @@ class Distill2DTrainer(RunCheckpoint):
                 stats = self.train_step()
                 self.step = step
                 stats["seconds"] = time.perf_counter() - t0
+                self.train_seconds += stats["seconds"]
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "fake", "gan_d", "regression")})
                     log.append({"step": step, **{k: round(v, 6) for k, v in stats.items() if math.isfinite(v)}})
