@@ -13,8 +13,9 @@ on a student path sets its guidance scale (w-conditioned students), a trailing `
 of its timesteps (a 4-step DMD2 generator in one step). The table (object / colour / view
 accuracy, the view accuracy on the objects with a distinct front and back, Fréchet distance of judge
 features against ``--reference`` renders, UNet passes per image (a CFG step counts two), images per second on
-this machine) is printed and written to OUT/table.md and OUT/table.json. A row already measured into OUT by an earlier call (same model weights, steps, w,
-seed, prompts and reference) is reused, so rows can be measured as their students finish.
+this machine) is printed and written to OUT/table.md and OUT/table.json. A row already measured into OUT by an
+earlier call (same model weights, steps, w, seed, prompts and reference) is reused, so rows can be measured as
+their students finish.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def encode_images(teacher, images: torch.Tensor, batch: int = 64) -> torch.Tenso
 
 
 def _key(teacher, prompts: Sequence[str], cfg_reg, seed: int) -> str:
-    blob = json.dumps({"teacher": str(teacher.source), "weights": teacher.fingerprint(), "prompts": list(prompts), "n": cfg_reg.pairs,
-                       "steps": cfg_reg.sampler_steps, "cfg": cfg_reg.guidance_scale, "seed": seed})
+    blob = json.dumps({"teacher": str(teacher.source), "weights": teacher.fingerprint(), "prompts": list(prompts),
+                       "n": cfg_reg.pairs, "steps": cfg_reg.sampler_steps, "cfg": cfg_reg.guidance_scale, "seed": seed})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
