@@ -314,6 +314,10 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
         finetune_teacher(cfg("b"), data, init, view_repeat=2, replay=2, log=quiet)
     with pytest.raises(UserError, match="view repeat"):
         finetune_teacher(cfg("b", resume=True), data, init, view_repeat=3, replay=2, log=quiet)
+    every_label = sorted({c.split(", ")[1].split()[0] for c in captions if ", " in c})  # same examples, named views
+    with pytest.raises(UserError, match=r"views all\); this run has .* \(views \["):
+        finetune_teacher(cfg("b", resume=True), data, init, view_repeat=2, replay=2, log=quiet,
+                         repeat_views=every_label)
     finetune_teacher(cfg("b", resume=True), data, init, view_repeat=2, replay=2, log=quiet)
     part = "unet/diffusion_pytorch_model.safetensors"
     assert (out / part).read_bytes() == (tmp_path / "b" / "teacher" / part).read_bytes()

@@ -175,7 +175,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     text_encoder.requires_grad_(True)
     scaling = float(vae.config.scaling_factor)
 
-    full_mask = view_example_mask(dataset, labels=repeat_views)
+    views = list(repeat_views) if repeat_views else None  # None: every view label
+    full_mask = view_example_mask(dataset, labels=views)
     keep = select_examples(full_mask, replay, cfg.seed)
     images_u8, mask = dataset.arrays["images"][keep], full_mask[keep]
     captions = [str(dataset.arrays["captions"][i]) for i in keep]
@@ -189,12 +190,14 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
                            tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0])
     extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling,
-             "repeat_views": list(repeat_views) if repeat_views else None}
+             "repeat_views": views}
     if state is not None:
-        if int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat:
+        if (int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat
+                or state.get("repeat_views") != views):
             raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
-                            f"{state.get('view_repeat')}; this run has {len(images_u8)} and {view_repeat} "
-                            f"(resume with the same --data, --replay and --view-repeat)")
+                            f"{state.get('view_repeat')} (views {state.get('repeat_views') or 'all'}); this run has "
+                            f"{len(images_u8)} and {view_repeat} (views {views or 'all'}) "
+                            f"(resume with the same --data, --replay, --view-repeat and --repeat-views)")
         stage.load_state_dict(state)
     budget = None  # the invocation's wall clock, less what loading and encoding took and ~30 s to write
     if cfg.time_budget_min:
@@ -206,7 +209,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     stage.ema_unet.copy_to(final_unet)
     stage.ema_text.copy_to(final_text)
     info = {"init": str(init), "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
-            "n_view": int(mask.sum()), "repeat_views": list(repeat_views) if repeat_views else None,
+            "n_view": int(mask.sum()), "repeat_views": views,
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
             "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "text_lr_scale", "warmup_steps",
