@@ -289,6 +289,11 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     info = finetune_teacher(cfg("a"), data, init, view_repeat=2, replay=2, log=quiet)
     assert info["results"]["steps_run"] == 4 and info["n_view"] == int(mask.sum())
     assert info["n"] == int(mask.sum()) + 2 and info["n_data"] == len(mask)
+    # naming views repeats only those, but keeps every visible-view example (none goes to the replay pool)
+    named = finetune_teacher(tiny_config(tmp_path / "d", unet_steps=1, lr=1e-3), data, init, view_repeat=2,
+                             replay=0, log=quiet, repeat_views=[label])
+    assert named["n"] == int(mask.sum()) and named["n_view"] == int(only.sum())
+    assert named["view_share"] == pytest.approx(2 * only.sum() / (mask.sum() + only.sum()))
     out = tmp_path / "a" / "teacher"
     # the VAE and tokenizer are the init teacher's; the UNet moved
     assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == \

@@ -144,7 +144,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
 
     ``replay`` caps the examples without a visible view that are kept (None = all): encoding the
     dataset through the VAE costs ~15 ms an image on 2 CPU cores, so a 50k dataset is cut to what
-    the fine-tune's steps will see."""
+    the fine-tune's steps will see. ``repeat_views`` (view labels, default all) picks which of the kept
+    visible-view examples are repeated ``view_repeat`` times; the others are kept and seen once."""
     from text3d.teacher.loader import load_components
     from text3d.teacher.train.run import available_threads
     from text3d.utils.backends import resolve_device
@@ -176,9 +177,12 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     scaling = float(vae.config.scaling_factor)
 
     views = list(repeat_views) if repeat_views else None  # None: every view label
-    full_mask = view_example_mask(dataset, labels=views)
+    # every visible-view example is kept whatever ``views`` says (dropping the unrepeated labels into the
+    # replay pool taught the model to forget them); only the ``views`` ones are repeated
+    full_mask = view_example_mask(dataset)
+    repeat_mask = view_example_mask(dataset, labels=views) if views else full_mask
     keep = select_examples(full_mask, replay, cfg.seed)
-    images_u8, mask = dataset.arrays["images"][keep], full_mask[keep]
+    images_u8, mask = dataset.arrays["images"][keep], repeat_mask[keep]
     captions = [str(dataset.arrays["captions"][i]) for i in keep]
     distinct, caption_index = caption_table(captions)
     order = weighted_indices(mask, view_repeat)
