@@ -3,6 +3,7 @@ exact resume after Ctrl-C, time budget, the world's tokenizer, the script's guar
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from dataclasses import replace
@@ -300,6 +301,8 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
         (init / "vae/diffusion_pytorch_model.safetensors").read_bytes()
     assert (out / "unet/diffusion_pytorch_model.safetensors").read_bytes() != \
         (init / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    for part in ("unet", "vae"):  # no machine-specific path of the init teacher in the written configs
+        assert "_name_or_path" not in json.loads((out / part / "config.json").read_text())
     teacher = load_teacher(out, "cpu")
     assert teacher.scaling_factor == pytest.approx(load_teacher(init, "cpu").scaling_factor)
     card = (out / "README.md").read_text()

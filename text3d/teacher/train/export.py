@@ -68,6 +68,11 @@ def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, schedu
         else:
             shutil.copytree(tokenizer_dir, folder / "tokenizer")
         scheduler.save_pretrained(folder / "scheduler")
+    for name in ("vae", "unet"):  # a model loaded from a folder records its path there; the teacher moves
+        config_path = folder / name / "config.json"
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 

@@ -14,6 +14,7 @@ checkpoints, resume, time budget); the EMA starts from the loaded weights.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import time
 from pathlib import Path
@@ -212,7 +213,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     final_unet, final_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     stage.ema_unet.copy_to(final_unet)
     stage.ema_text.copy_to(final_text)
-    info = {"init": str(init), "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
+    shown_init = os.path.relpath(init) if init.is_relative_to(Path.cwd()) else str(init)  # the card travels
+    info = {"init": shown_init, "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
             "n_view": int(mask.sum()), "repeat_views": views,
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
