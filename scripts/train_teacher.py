@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --init: copies per epoch of the examples whose view can be seen")
     p.add_argument("--repeat-views", metavar="LABELS",
                    help="with --init: repeat only the visible-view examples with these view labels (comma-separated, "
-                        "e.g. front,back; default every label)")
+                        "e.g. front,back; default every label); the other visible-view examples are kept and seen once")
     p.add_argument("--replay", type=int, metavar="N",
                    help="with --init: keep only N examples without a visible view (a seeded choice; default all)")
     p.add_argument("--text-lr-scale", type=float, default=d.text_lr_scale,
