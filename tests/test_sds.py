@@ -125,3 +125,58 @@ def test_image_space_is_validated():
         load_config(overrides=["sds.space=pixels"])
     with pytest.raises(ConfigError, match="vsd.image_weight must be > 0"):
         load_config(overrides=["vsd.image_weight=0"])
+
+
+def test_perp_neg_removes_only_the_orthogonal_part():
+    from text3d.teacher.teacher import apply_perp_neg
+
+    u = torch.zeros(1, 2)
+    c = torch.tensor([[2.0, 0.0]])  # d = (2, 0)
+    neg = torch.tensor([[3.0, 4.0]])  # neg - u = (3, 4): parallel part (3, 0), orthogonal part (0, 4)
+    out = apply_perp_neg(u, c, [neg], torch.tensor([[0.5]]), 2.0)
+    assert torch.allclose(out, torch.tensor([[4.0, -4.0]]))  # 2 * ((2, 0) - 0.5 * (0, 4))
+    # no negatives, or zero weights: exactly the project's CFG
+    assert torch.equal(apply_perp_neg(u, c, [], torch.zeros(0, 1), 7.5), apply_cfg(u, c, 7.5))
+    assert torch.allclose(apply_perp_neg(u, c, [neg], torch.zeros(1, 1), 7.5), apply_cfg(u, c, 7.5))
+    # a negative parallel to the positive direction changes nothing
+    assert torch.allclose(apply_perp_neg(u, c, [3 * c], torch.ones(1, 1), 2.0), apply_cfg(u, c, 2.0))
+
+
+def test_other_view_prompts():
+    from text3d.prompts import other_view_prompts, split_view_suffix
+
+    assert split_view_suffix("a red car, side view") == ("a red car", "side")
+    assert split_view_suffix("a red car") == ("a red car", None)
+    assert other_view_prompts("a red car, front view") == ["a red car, side view", "a red car, back view"]
+    assert other_view_prompts("a red car, back view") == ["a red car, front view", "a red car, side view"]
+    assert other_view_prompts("a red car") == [] and other_view_prompts("a red car, overhead view") == []
+
+
+def test_perp_neg_sds_gradient_reaching_latents(teacher):
+    torch.manual_seed(0)
+    scale, w = 7.5, 0.8
+    guidance = SDSGuidance(teacher, SDSConfig(guidance_scale=scale, perp_neg=w))
+    latents = torch.randn(2, 4, 16, 16, requires_grad=True)
+    t, noise = torch.tensor([300, 800]), torch.randn(2, 4, 16, 16)
+    prompts = ["a red cube, front view", "a red cube"]  # the plain prompt has no negatives
+    out = guidance.guide_latents(latents, prompts, t=t, noise=noise)
+    with torch.no_grad():
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+
+        def eps(texts):
+            return teacher.unet(noisy, t, encoder_hidden_states=teacher.encode_prompts(texts)).sample
+
+        eps_u, eps_c = eps(["", ""]), eps(prompts)
+        d = (eps_c - eps_u).flatten(1)
+        correction = torch.zeros_like(d)
+        for neg in (["a red cube, side view", "a red cube"], ["a red cube, back view", "a red cube"]):
+            n = (eps(neg) - eps_u).flatten(1)
+            perp = n - (n * d).sum(1, keepdim=True) / (d * d).sum(1, keepdim=True) * d
+            correction += torch.tensor([[w], [0.0]]) * perp
+        eps_hat = eps_u + scale * (d - correction).view_as(eps_u)
+        expected = (1 - ab) * (eps_hat - noise)
+    assert torch.allclose(out.grad, expected, atol=1e-4, rtol=1e-4)
+    plain = SDSGuidance(teacher, SDSConfig(guidance_scale=scale)).guide_latents(latents, prompts, t=t, noise=noise)
+    assert torch.allclose(plain.grad[1], out.grad[1], atol=1e-5)  # no negatives for the plain prompt
+    assert not torch.allclose(plain.grad[0], out.grad[0], atol=1e-3)  # the front view's did change

@@ -219,3 +219,4 @@ def _check_guidance(s: SDSConfig, name: str) -> None:
     _check(s.grad_clip is None or s.grad_clip > 0, f"{name}.grad_clip must be > 0 or null")
     _check(s.space in ("latent", "image"), f"{name}.space must be latent or image, got {s.space!r}")
     _check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")
+    _check(s.perp_neg >= 0, f"{name}.perp_neg must be >= 0, got {s.perp_neg}")

@@ -8,6 +8,8 @@ from text3d.cameras import Cameras, CameraSamplerConfig
 from text3d.errors import UserError
 
 VIEW_SUFFIXES = {"front": ", front view", "side": ", side view", "back": ", back view", "overhead": ", overhead view"}
+# the views an orbit around the object passes through; each one's Perp-Neg negatives are the other two
+AZIMUTH_VIEWS = ("front", "side", "back")
 
 
 @dataclass
@@ -25,6 +27,23 @@ def validate_prompt(prompt: str) -> str:
 
 def view_prompt(prompt: str, label: str) -> str:
     return prompt + VIEW_SUFFIXES[label]
+
+
+def split_view_suffix(text: str) -> tuple[str, str | None]:
+    """("a red car", "side") from "a red car, side view"; (text, None) when it ends with no view suffix."""
+    for label, suffix in VIEW_SUFFIXES.items():
+        if text.endswith(suffix):
+            return text[: -len(suffix)], label
+    return text, None
+
+
+def other_view_prompts(text: str) -> list[str]:
+    """The same prompt in the other azimuth views, Perp-Neg's negatives: for "a red car, front view",
+    ["a red car, side view", "a red car, back view"]. Empty for a plain prompt or an overhead view."""
+    base, label = split_view_suffix(text)
+    if label not in AZIMUTH_VIEWS:
+        return []
+    return [view_prompt(base, other) for other in AZIMUTH_VIEWS if other != label]
 
 
 def prompts_for_cameras(prompt: str, cameras: Cameras, cfg: PromptConfig,

@@ -102,6 +102,14 @@ def remove_small_components(mesh: trimesh.Trimesh, min_fraction: float) -> trime
     return out
 
 
+def smooth_mesh(mesh: trimesh.Trimesh, iterations: int) -> trimesh.Trimesh:
+    """Taubin smoothing in place (``iterations`` shrink/inflate pairs): removes voxel-scale roughness while
+    keeping the enclosed volume, unlike plain Laplacian smoothing, which shrinks the mesh."""
+    if iterations > 0 and len(mesh.faces):
+        trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=0.53, iterations=iterations)
+    return mesh
+
+
 def _marching_cubes(grid: np.ndarray, bound: float, level: float) -> trimesh.Trimesh:
     from skimage.measure import marching_cubes
 
@@ -149,6 +157,7 @@ def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) ->
     if len(mesh.faces) == 0:
         raise UserError(f"cannot export a mesh: marching cubes found no surface at density level {level:.4g}")
     mesh = remove_small_components(mesh, float(cfg.min_component_fraction))
+    smooth_mesh(mesh, int(getattr(cfg, "smooth_iterations", 0)))
     if _signed_volume(mesh.vertices, mesh.faces) < 0.0:
         mesh.invert()  # outward normals: positive enclosed volume
     mesh.metadata["iso_level"] = level

@@ -2,7 +2,10 @@
 
 The gradient is injected with the target trick: ``loss = 0.5 * ||latents - (latents - grad).detach()||^2``
 summed over elements, so ``d loss / d latents == grad`` exactly for every sample. CFG uses the
-project's one formula, :func:`text3d.teacher.teacher.apply_cfg`.
+project's one formula, :func:`text3d.teacher.teacher.apply_cfg`; with ``perp_neg > 0`` the other azimuth
+views' prompts ("a red car, side view" for a front camera) are negatives whose parts orthogonal to the
+positive direction are removed from it (Perp-Neg, :func:`text3d.teacher.teacher.apply_perp_neg`), against
+multi-face (Janus) assets.
 
 ``space`` says where the guided prediction is formed and the gradient applied:
 
@@ -23,8 +26,9 @@ from typing import Optional, Sequence
 import torch
 
 from text3d.guidance.schedules import TimestepSchedule
+from text3d.prompts import other_view_prompts
 from text3d.teacher.sampling import predict_x0
-from text3d.teacher.teacher import apply_cfg
+from text3d.teacher.teacher import apply_perp_neg
 
 
 @dataclass
@@ -38,6 +42,7 @@ class SDSConfig:
     grad_clip: Optional[float] = None  # clamp each gradient element to [-grad_clip, grad_clip]
     space: str = "latent"  # latent | image: where CFG is applied and the gradient injected (module docstring)
     image_weight: float = 1.0  # image space: the gradient is image_weight * (baseline_image - target)
+    perp_neg: float = 0.0  # Perp-Neg: weight of each other azimuth view's prompt as a negative (0 = plain CFG)
 
 
 @dataclass
@@ -112,12 +117,30 @@ class SDSGuidance:
         t, noise = self._draw(latents, batch, progress, t, noise)
         cond = self.teacher.encode_prompts(list(prompts))
         uncond = self.teacher.encode_prompts([self.negative_prompt] * batch)
+        negatives, weights = self.perp_negatives(prompts)
         with torch.no_grad():
             noisy = self.teacher.add_noise(latents.detach().float(), noise, t)
-            eps_hat = self.teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=self.cfg.guidance_scale)
+            if negatives:
+                eps = self.teacher.predict_eps_many(noisy, t, [uncond, cond] + negatives)
+                eps_hat = apply_perp_neg(eps[0], eps[1], eps[2:], weights, self.cfg.guidance_scale)
+            else:
+                eps_hat = self.teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=self.cfg.guidance_scale)
             grad = self.weight(t) * (eps_hat - self.baseline_eps(noisy, t, noise, cond, cameras))
         grad, nonfinite = sanitize_grad(grad, self.cfg.grad_clip)
         return GuidanceOutput(target_trick_loss(latents.float(), grad), grad, t, latents, nonfinite)
+
+    def perp_negatives(self, prompts: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Perp-Neg's negatives: K embedding batches (the k-th other azimuth view of each prompt) and their
+        weights [K, B]; ``([], empty)`` when ``perp_neg`` is 0 or no prompt has a view suffix. A prompt with
+        fewer negatives (plain, overhead) repeats itself there with weight 0, which changes nothing."""
+        w = float(self.cfg.perp_neg)
+        others = [other_view_prompts(p) for p in prompts] if w != 0.0 else []
+        k = max((len(o) for o in others), default=0)
+        if k == 0:
+            return [], torch.zeros(0, len(prompts))
+        texts = [[o[i] if i < len(o) else p for o, p in zip(others, prompts)] for i in range(k)]
+        weights = torch.tensor([[w if i < len(o) else 0.0 for o in others] for i in range(k)])
+        return [self.teacher.encode_prompts(batch) for batch in texts], weights
 
     def _draw(self, latents: torch.Tensor, batch: int, progress: float, t, noise):
         if t is None:
@@ -138,12 +161,12 @@ class SDSGuidance:
         t, noise = self._draw(latents, batch, progress, t, noise)
         cond = teacher.encode_prompts(list(prompts))
         uncond = teacher.encode_prompts([self.negative_prompt] * batch)
+        negatives, weights = self.perp_negatives(prompts)
         with torch.no_grad():
             noisy = teacher.add_noise(latents, noise, t)
-            eps_uncond, eps_cond = teacher.predict_eps_branches(noisy, t, cond, uncond)
-            image_uncond = teacher.decode_latents(predict_x0(teacher, noisy, eps_uncond, t))
-            image_cond = teacher.decode_latents(predict_x0(teacher, noisy, eps_cond, t))
-            target = apply_cfg(image_uncond, image_cond, self.cfg.guidance_scale).clamp(0.0, 1.0)
+            eps = teacher.predict_eps_many(noisy, t, [uncond, cond] + negatives)
+            images = [teacher.decode_latents(predict_x0(teacher, noisy, e, t)) for e in eps]
+            target = apply_perp_neg(images[0], images[1], images[2:], weights, self.cfg.guidance_scale).clamp(0.0, 1.0)
             base = self.baseline_image(pixels.detach(), noisy, t, noise, cond, cameras)
             grad = self.cfg.image_weight * (base - target)
         grad, nonfinite = sanitize_grad(grad, self.cfg.grad_clip)

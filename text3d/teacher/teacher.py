@@ -29,6 +29,26 @@ def apply_cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def apply_perp_neg(uncond: torch.Tensor, cond: torch.Tensor, negatives, weights: torch.Tensor, scale) -> torch.Tensor:
+    """CFG with Perp-Neg's negatives (Armandpour et al., 2023): ``uncond + scale * (d - sum_i w_i perp_i)``
+    with ``d = cond - uncond`` and ``perp_i`` the part of ``negatives[i] - uncond`` orthogonal to ``d``
+    (per sample, over all its elements), so a negative removes only what it does not share with the
+    positive. ``weights`` is [K, B] (a zero weight switches a negative off for that sample). With no
+    negatives this is :func:`apply_cfg` exactly.
+    """
+    delta = cond - uncond
+    if len(negatives) == 0:
+        return apply_cfg(uncond, cond, scale)
+    flat = delta.flatten(1)
+    norm2 = flat.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+    correction = torch.zeros_like(flat)
+    for negative, w in zip(negatives, weights):
+        d = (negative - uncond).flatten(1)
+        perp = d - (d * flat).sum(1, keepdim=True) / norm2 * flat
+        correction = correction + w.to(flat).reshape(-1, 1) * perp
+    return uncond + scale * (delta - correction.view_as(delta))
+
+
 def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """Noise from a v-prediction: ``eps = sqrt(ab) v + sqrt(1 - ab) x_t`` (alpha_bar broadcasts, e.g. [B,1,1,1])."""
     return alpha_bar.sqrt() * v + (1.0 - alpha_bar).sqrt() * x_t
@@ -48,14 +68,15 @@ class TeacherConfig:
     local_files_only: bool = False  # never touch the network for hub ids (HF_HUB_OFFLINE=1 does the same)
 
 
-def _batched(value: Any, batch: int) -> Any:
-    """Repeat ``value`` twice along dim 0 when it is batched like the latents (tensors, in dicts/lists too)."""
+def _batched(value: Any, batch: int, copies: int = 2) -> Any:
+    """Repeat ``value`` ``copies`` times along dim 0 when it is batched like the latents (tensors, in dicts/lists
+    too)."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return torch.cat([value, value])
+        return torch.cat([value] * copies)
     if isinstance(value, dict):
-        return {k: _batched(v, batch) for k, v in value.items()}
+        return {k: _batched(v, batch, copies) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_batched(v, batch) for v in value)
+        return type(value)(_batched(v, batch, copies) for v in value)
     return value
 
 
@@ -217,14 +238,21 @@ class Teacher:
                              **unet_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """The unguided noise predictions ``(eps_uncond, eps_cond)`` from one UNet call on ``[uncond, cond]``,
         for callers that combine the branches somewhere other than in eps (image-space SDS)."""
-        batch = latents_noisy.shape[0]
-        t = self._timesteps(t, batch)
-        x2 = torch.cat([latents_noisy, latents_noisy])
-        t2 = torch.cat([t, t])
-        emb = torch.cat([uncond_emb.to(self.device, self.dtype), cond_emb.to(self.device, self.dtype)])
-        out = self.unet_output(x2, t2, emb, cross_attention_kwargs, **_batched(unet_kwargs, batch))
-        eps_uncond, eps_cond = self.to_eps(out, x2, t2).chunk(2)
+        eps_uncond, eps_cond = self.predict_eps_many(latents_noisy, t, [uncond_emb, cond_emb],
+                                                     cross_attention_kwargs, **unet_kwargs)
         return eps_uncond, eps_cond
+
+    def predict_eps_many(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor],
+                         cross_attention_kwargs: dict | None = None, **unet_kwargs) -> list[torch.Tensor]:
+        """Unguided noise predictions of the same noisy latents under each of ``embeddings`` (K tensors
+        [B, L, D]), from one UNet call on the stacked batch; a list of K tensors like ``latents_noisy``."""
+        batch, k = latents_noisy.shape[0], len(embeddings)
+        t = self._timesteps(t, batch)
+        xk = torch.cat([latents_noisy] * k)
+        tk = torch.cat([t] * k)
+        emb = torch.cat([e.to(self.device, self.dtype) for e in embeddings])
+        out = self.unet_output(xk, tk, emb, cross_attention_kwargs, **_batched(unet_kwargs, batch, k))
+        return list(self.to_eps(out, xk, tk).chunk(k))
 
     def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
         """Trade speed for memory in the UNet's attention (for large teachers on small GPUs)."""
