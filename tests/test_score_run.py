@@ -22,8 +22,10 @@ def _run_folder(tmp_path, prompt, shape):
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     sdf = OBJECTS[shape].sdf
     red = torch.tensor(COLOURS["red"], dtype=torch.float32)
+    # an exact SDF surface: nothing to smooth (smoothing would round its edges)
     export_asset(lambda p: 50.0 * torch.sigmoid(-sdf(p) / 0.01), lambda p: red.expand(len(p), 3), 1.0, tmp_path,
-                 "asset", ExportConfig(grid_resolution=96, texture_size=64, threshold=25.0), formats=("glb",))
+                 "asset", ExportConfig(grid_resolution=96, texture_size=64, threshold=25.0, smooth_iterations=0),
+                 formats=("glb",))
     return tmp_path
 
 

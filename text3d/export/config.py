@@ -23,7 +23,7 @@ class ExportConfig:
     texture_size: int = 512
     seam_padding: int = 4
     max_faces: int = 50000
-    smooth_iterations: int = 0  # Taubin smoothing steps on the extracted mesh (0 = none); removes the voxel-scale
+    smooth_iterations: int = 50  # Taubin smoothing steps on the extracted mesh (0 = none); removes the voxel-scale
     #                             roughness a hash-grid density leaves on the iso-surface, keeping its volume
     video_frames: int = 48
     video_fps: int = 24
