@@ -36,9 +36,9 @@ def apply_perp_neg(uncond: torch.Tensor, cond: torch.Tensor, negatives, weights:
     positive. ``weights`` is [K, B] (a zero weight switches a negative off for that sample). With no
     negatives this is :func:`apply_cfg` exactly.
     """
-    delta = cond - uncond
     if len(negatives) == 0:
         return apply_cfg(uncond, cond, scale)
+    delta = cond - uncond
     flat = delta.flatten(1)
     norm2 = flat.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
     correction = torch.zeros_like(flat)

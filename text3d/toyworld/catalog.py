@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from text3d.cameras import VIEW_LABELS
-from text3d.prompts import VIEW_SUFFIXES
+from text3d.prompts import VIEW_SUFFIXES, split_view_suffix
 
 SDF = Callable[[torch.Tensor], torch.Tensor]
 RGB = tuple[float, float, float]
@@ -397,8 +397,4 @@ def parse_caption(text: str) -> tuple[str, str] | None:
 
 def view_suffix_label(text: str) -> str | None:
     """The view label whose suffix ends ``text``, or None for a plain caption."""
-    t = " ".join(str(text).lower().split())
-    for label, suffix in VIEW_SUFFIXES.items():
-        if t.endswith(" ".join(suffix.split())):
-            return label
-    return None
+    return split_view_suffix(" ".join(str(text).lower().split()))[1]
