@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -256,6 +257,30 @@ def test_score_folder_ground_truth_vs_shuffled(trained, dataset_dir, tmp_path, n
     bad = score_folder(write_sample_folder(tmp_path / "noise", noise, captions), judge=judge, reference=dataset_dir)
     assert truth["frechet_distance"] >= 0 and bad["frechet_distance"] > 5 * truth["frechet_distance"]
     assert truth["n_reference"] == 240
+
+
+def test_reference_reports_the_judges_own_view_accuracy_on_ground_truth(trained, dataset_dir, monkeypatch):
+    """The ceiling printed beside a sample's view accuracy is the judge's view accuracy on the reference's
+    renders, over all of them and over the front/back objects alone (here: the fake world's circles)."""
+    from text3d.eval.score_images import reference_outputs
+
+    judge, _ = trained
+    monkeypatch.setattr("text3d.toyworld.catalog.FRONT_BACK_OBJECTS", ["circle"])
+    data = ToyworldDataset.load(dataset_dir)
+    predicted = judge.run(data.images())["view"].numpy()
+    truth = np.array([judge.index("view", VIEWS[v]) for v in data.arrays["view"]])
+    circles = data.arrays["object"] == OBJECTS.index("circle")
+    ref = reference_outputs(judge, dataset_dir)
+    assert ref["n"] == 240 and ref["features"].shape == (240, judge.embed_dim)
+    assert ref["view_accuracy"] == pytest.approx(float((predicted == truth).mean()))
+    assert ref["view_accuracy_front_back"] == pytest.approx(float((predicted == truth)[circles].mean()))
+    assert ref["n_view_front_back"] == int(circles.sum())
+    # a judge that always says "side" (no image of this world has that view) scores 0 on ground truth
+    side_only = copy.deepcopy(judge)
+    with torch.no_grad():
+        side_only.heads["view"].weight.zero_()
+        side_only.heads["view"].bias.copy_(torch.tensor([-9.0, 9.0, -9.0, -9.0]))
+    assert reference_outputs(side_only, dataset_dir, max_images=100)["view_accuracy"] == 0.0
 
 
 def test_eval_images_command(trained, dataset_dir, tmp_path, monkeypatch, no_catalog):

@@ -13,7 +13,7 @@ from text3d.errors import UserError
 from text3d.prompts import VIEW_SUFFIXES
 from text3d.toyworld import generate
 from text3d.toyworld.catalog import (COLOURS, FRONT_BACK_OBJECTS, OBJECTS, all_captions, caption, eval_prompts,
-                                     parse_caption, view_suffix_label, vocabulary)
+                                     parse_caption, view_eval_prompts, view_suffix_label, vocabulary)
 from text3d.toyworld.cli import toyworld_app
 from text3d.toyworld.dataset import ToyworldDataset, read_meta
 from text3d.toyworld.generate import render_dataset
@@ -352,3 +352,16 @@ def test_shipped_eval_prompts_ask_only_for_views_the_training_cameras_show():
     for obj in FRONT_BACK_OBJECTS:  # each front/back object is asked for every view
         assert {lab for p, lab in zip(shipped[1::2], labels) if parse_caption(p)[0] == obj} == set(labels)
     assert view_suffix_label(eval_prompts(["overhead"])[1]) == "overhead"
+
+
+def test_shipped_view_prompts_ask_every_front_back_object_for_every_reachable_view():
+    from pathlib import Path
+
+    from text3d.cameras import reachable_view_labels
+
+    shipped = (Path(__file__).resolve().parent.parent / "assets" / "eval" / "prompts_views_108.txt").read_text()
+    shipped = shipped.splitlines()
+    assert shipped == view_eval_prompts()
+    asked = [(*parse_caption(p), view_suffix_label(p)) for p in shipped]
+    assert len(set(asked)) == len(asked) == len(FRONT_BACK_OBJECTS) * len(COLOURS) * len(reachable_view_labels())
+    assert {o for o, _, _ in asked} == set(FRONT_BACK_OBJECTS) and {v for _, _, v in asked} == {"front", "side", "back"}

@@ -365,6 +365,17 @@ def eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
     return prompts
 
 
+def view_eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
+    """The view evaluation prompt set (``assets/eval/prompts_views_108.txt``): every object with a distinct
+    front and back (:data:`FRONT_BACK_OBJECTS`) in every colour, asked for each view of ``view_labels``
+    (default: :func:`text3d.cameras.reachable_view_labels`). The view of a sphere or a cube cannot be told
+    from its image, by the judge or anyone, so a view suffix is scored only where the view can be seen."""
+    from text3d.cameras import reachable_view_labels
+
+    labels = list(view_labels) if view_labels is not None else reachable_view_labels()
+    return [caption(o, c) + VIEW_SUFFIXES[label] for o in FRONT_BACK_OBJECTS for c in COLOURS for label in labels]
+
+
 def vocabulary() -> list[str]:
     """Every word a caption can contain, view suffixes included, in first-use order; "," (the view suffix's
     separator) is listed too, as the CLIP pre-tokenizer makes it a token of its own."""
