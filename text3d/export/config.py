@@ -46,7 +46,7 @@ def check_export_config(cfg: Any) -> None:
     need(8 <= int(cfg.texture_size) <= 8192, "texture_size", "must be between 8 and 8192")
     need(str(getattr(cfg, "bake", "seen")) in ("seen", "albedo"), "bake", "must be seen or albedo")
     need(0 <= int(cfg.seam_padding) <= 64, "seam_padding", "must be between 0 and 64")
-    need(0 <= int(getattr(cfg, "smooth_iterations", 0)) <= 1000, "smooth_iterations", "must be between 0 and 1000")
+    need(0 <= int(cfg.smooth_iterations) <= 1000, "smooth_iterations", "must be between 0 and 1000")
     need(int(cfg.max_faces) == 0 or int(cfg.max_faces) >= 4, "max_faces", "must be 0 (never decimate) or >= 4")
     need(int(cfg.video_frames) >= 1, "video_frames", "must be >= 1")
     need(int(cfg.video_fps) >= 1, "video_fps", "must be >= 1")

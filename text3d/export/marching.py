@@ -157,7 +157,7 @@ def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) ->
     if len(mesh.faces) == 0:
         raise UserError(f"cannot export a mesh: marching cubes found no surface at density level {level:.4g}")
     mesh = remove_small_components(mesh, float(cfg.min_component_fraction))
-    smooth_mesh(mesh, int(getattr(cfg, "smooth_iterations", 0)))
+    smooth_mesh(mesh, int(cfg.smooth_iterations))
     if _signed_volume(mesh.vertices, mesh.faces) < 0.0:
         mesh.invert()  # outward normals: positive enclosed volume
     mesh.metadata["iso_level"] = level
