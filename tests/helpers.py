@@ -25,6 +25,26 @@ def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedPr
                           cwd=popen.pop("cwd", REPO), env=env, **popen)
 
 
+def mesh_run_folder(folder: Path, prompt: str, shape: str) -> Path:
+    """A run folder (config.yaml + asset.glb, no training) whose exported mesh is the world's ``shape``
+    (extracted from its SDF), coloured red, for ``text3d eval run``."""
+    from text3d.config import load_config, to_yaml
+    from text3d.export import ExportConfig, export_asset
+    from text3d.toyworld.catalog import COLOURS, OBJECTS
+
+    cfg = load_config(overrides=["export.grid_resolution=64", "export.texture_size=64"])
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.prompt, cfg.run_name = prompt, "asset"
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    sdf = OBJECTS[shape].sdf
+    red = torch.tensor(COLOURS["red"], dtype=torch.float32)
+    # an exact SDF surface: nothing to smooth (smoothing would round its edges)
+    export_asset(lambda p: 50.0 * torch.sigmoid(-sdf(p) / 0.01), lambda p: red.expand(len(p), 3), 1.0, folder,
+                 "asset", ExportConfig(grid_resolution=96, texture_size=64, threshold=25.0, smooth_iterations=0),
+                 formats=("glb",))
+    return folder
+
+
 def checkpoint_state(run_dir: Path) -> dict:
     return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)
 

@@ -5,28 +5,12 @@ import json
 import pytest
 import torch
 
-from text3d.config import load_config, to_yaml
+from tests.helpers import mesh_run_folder
 from text3d.errors import UserError
 from text3d.eval.judge import Judge
 from text3d.eval.score_run import clear_front_back, score_run
 from text3d.cameras import CameraSamplerConfig
-from text3d.export import ExportConfig, export_asset
 from text3d.toyworld.catalog import COLOURS, OBJECTS
-
-
-def _run_folder(tmp_path, prompt, shape):
-    """A run folder whose exported mesh is the world's ``shape`` (extracted from its SDF), coloured red."""
-    cfg = load_config(overrides=["export.grid_resolution=64", "export.texture_size=64"])
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg.prompt, cfg.run_name = prompt, "asset"
-    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
-    sdf = OBJECTS[shape].sdf
-    red = torch.tensor(COLOURS["red"], dtype=torch.float32)
-    # an exact SDF surface: nothing to smooth (smoothing would round its edges)
-    export_asset(lambda p: 50.0 * torch.sigmoid(-sdf(p) / 0.01), lambda p: red.expand(len(p), 3), 1.0, tmp_path,
-                 "asset", ExportConfig(grid_resolution=96, texture_size=64, threshold=25.0, smooth_iterations=0),
-                 formats=("glb",))
-    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +20,8 @@ def judge():
 
 
 def test_matching_mesh_has_high_iou_and_wrong_shape_low(tmp_path, judge):
-    good = score_run(_run_folder(tmp_path / "a", "a red cube", "cube"), judge=judge)
-    bad = score_run(_run_folder(tmp_path / "b", "a red cube", "sphere"), judge=judge)
+    good = score_run(mesh_run_folder(tmp_path / "a", "a red cube", "cube"), judge=judge)
+    bad = score_run(mesh_run_folder(tmp_path / "b", "a red cube", "sphere"), judge=judge)
     assert good["silhouette_iou"] > 0.9
     assert bad["silhouette_iou"] < good["silhouette_iou"] - 0.05
     assert good["views"] == 8 and len(good["predicted"]["object"]) == 8
@@ -47,7 +31,7 @@ def test_matching_mesh_has_high_iou_and_wrong_shape_low(tmp_path, judge):
 
 
 def test_front_back_objects_get_a_janus_rate(tmp_path, judge):
-    result = score_run(_run_folder(tmp_path, "a red house", "house"), judge=judge)
+    result = score_run(mesh_run_folder(tmp_path, "a red house", "house"), judge=judge)
     assert result["janus_rate"] is not None and result["janus_views"] == 2  # azimuth 0 and 180 are clear views
 
 
@@ -55,6 +39,6 @@ def test_clear_views_and_bad_prompts(tmp_path, judge):
     cfg = CameraSamplerConfig()
     assert clear_front_back(15, 0, cfg) == "front" and clear_front_back(15, 180, cfg) == "back"
     assert clear_front_back(15, 45, cfg) is None and clear_front_back(15, 90, cfg) is None
-    folder = _run_folder(tmp_path, "a dragon made of glass", "cube")
+    folder = mesh_run_folder(tmp_path, "a dragon made of glass", "cube")
     with pytest.raises(UserError, match="not an embedded-world caption"):
         score_run(folder, judge=judge)

@@ -1,4 +1,5 @@
-"""`text3d eval`: score sampled images (``eval images``) and generated assets (``eval run``) with the judge."""
+"""`text3d eval`: score sampled images (``eval images``) and generated assets (``eval run``) with the judge
+(and, for assets, optionally with CLIP R-precision)."""
 
 from __future__ import annotations
 
@@ -36,13 +37,24 @@ def images(
 
 @eval_app.command("run")
 def run(
-    run_dir: Path = typer.Argument(..., help="A run folder made by text3d generate (an embedded-world prompt)."),
+    run_dir: Path = typer.Argument(..., help="A run folder made by text3d generate (an embedded-world prompt, or "
+                                   "any prompt with --clip)."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Judge folder (default assets/judge)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP model folder or hub id (e.g. "
+                                       "openai/clip-vit-base-patch32): also report CLIP R-precision; a prompt "
+                                       "outside the embedded world is then scored by CLIP alone."),
+    clip_prompts: Optional[Path] = typer.Option(None, "--clip-prompts", help="Distractor prompts for --clip, one a "
+                                                "line (default: the world's captions for its prompts, else "
+                                                "assets/eval/clip_prompts.txt)."),
 ):
-    """Render the run's exported mesh from 8 views: judge accuracies, silhouette IoU, Janus rate (RUN_DIR/eval.json)."""
+    """Render the run's exported mesh from 8 views: judge accuracies, silhouette IoU, Janus rate, and with --clip
+    CLIP R-precision (RUN_DIR/eval.json)."""
+    from text3d.errors import UserError
     from text3d.eval.score_run import EVAL_NAME, format_run_scores, score_run
 
-    result = score_run(run_dir, judge=judge)
+    if clip_prompts is not None and clip is None:
+        raise UserError("--clip-prompts needs --clip MODEL (a CLIP folder or hub id)")
+    result = score_run(run_dir, judge=judge, clip=clip, clip_prompts=clip_prompts)
     for line in format_run_scores(result):
         typer.echo(line)
     typer.echo(f"wrote {Path(run_dir) / EVAL_NAME}")

@@ -7,6 +7,10 @@ colour and view label; the ground-truth object of the prompt is rendered by the 
 cameras to compute the silhouette IoU. For objects with a distinct front and back, the Janus rate is
 the fraction of clear front or back views (at least 10 degrees inside the label's azimuth range) whose
 predicted view label is the opposite one (a back seen as a front, or a front seen as a back).
+
+With a CLIP model (``--clip``) the same 8 views, rendered at 224x224, also get DreamFusion's CLIP R-precision
+against distractor prompts (the world's other captions for its prompts, else ``assets/eval/clip_prompts.txt``);
+a prompt outside the embedded world (a real-SD run) is then scored by CLIP alone, the judge figures None.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from text3d.cameras import CameraSamplerConfig, orbit_cameras, view_label
 from text3d.errors import UserError
+from text3d.eval.clip_rprecision import ClipScorer, load_clip
 from text3d.eval.judge import Judge
 from text3d.eval.score_images import load_judge, score_predictions
 from text3d.utils.atomic import atomic_write_text
@@ -26,6 +31,7 @@ from text3d.utils.atomic import atomic_write_text
 EVAL_NAME = "eval.json"
 N_VIEWS = 8
 RESOLUTION = 64
+CLIP_RESOLUTION = 224
 OPPOSITE = {"front": "back", "back": "front"}
 
 
@@ -64,19 +70,27 @@ def colour_saturation(rgb: torch.Tensor, opacity: torch.Tensor) -> float:
     return float(sat[mask].mean()) if bool(mask.any()) else 0.0
 
 
+def render_views(mesh_path: Path, cfg, resolution: int) -> dict:
+    """The mesh from the N_VIEWS orbit cameras (lambertian, light at the camera, white background): render_mesh's
+    rgb / opacity / depth / normal plus ``cams`` and their view ``labels``."""
+    from text3d.renderers.mesh import MeshAsset, render_mesh
+
+    cams = orbit_cameras(cfg.camera, N_VIEWS)
+    with torch.no_grad():
+        views = render_mesh(MeshAsset.load(mesh_path), cams, resolution, resolution, shading="lambertian")
+    return {"cams": cams, "labels": cams.view_labels(cfg.camera), **views}
+
+
 def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
     """(scores, views) of one exported mesh against the prompt's ground-truth object."""
-    from text3d.renderers.mesh import MeshAsset, render_mesh
     from text3d.toyworld.catalog import FRONT_BACK_OBJECTS, parse_caption
     from text3d.toyworld.render import render_objects
 
     obj, colour = parse_caption(cfg.prompt)
-    asset = MeshAsset.load(mesh_path)
-    cams = orbit_cameras(cfg.camera, N_VIEWS)
+    mesh_views = render_views(mesh_path, cfg, RESOLUTION)
+    cams, labels = mesh_views["cams"], mesh_views["labels"]
     with torch.no_grad():
-        mesh_views = render_mesh(asset, cams, RESOLUTION, RESOLUTION, shading="lambertian")
         truth = render_objects([obj] * N_VIEWS, [colour] * N_VIEWS, cams, resolution=RESOLUTION)
-    labels = cams.view_labels(cfg.camera)
     scores = score_predictions(judge, mesh_views["rgb"], [obj] * N_VIEWS, [colour] * N_VIEWS, labels)
     ious = silhouette_iou(mesh_views["opacity"], truth["mask"])
     result = {"mesh": mesh_path.name, "object_accuracy": scores["object_accuracy"],
@@ -91,7 +105,7 @@ def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
         flips = [scores["predicted"]["view"][i] == OPPOSITE[lab] for i, lab in clear]
         result["janus_rate"] = float(np.mean(flips)) if flips else None
         result["janus_views"] = len(flips)
-    return result, {"cams": cams, "labels": labels, **mesh_views}
+    return result, mesh_views
 
 
 def particle_diversity(views: list[dict]) -> dict:
@@ -106,11 +120,30 @@ def particle_diversity(views: list[dict]) -> dict:
     return {"rgb_rms": float(np.mean(rms)), "silhouette_disagreement": float(np.mean(disagreement))}
 
 
-MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_iou", "saturation", "janus_rate")
+MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_iou", "saturation", "janus_rate",
+             "clip_r_precision")
 
 
-def score_run(run_dir: str | Path, judge: Judge | str | Path | None = None, write: bool = True) -> dict:
-    """Scores of every particle of a run (the top-level figures are means over particles)."""
+def clip_distractors(parsed: tuple[str, str] | None, prompts_file: str | Path | None = None) -> list[str]:
+    """Distractor prompts: ``prompts_file``, else the world's captions for a world prompt (``parsed``), else
+    assets/eval/clip_prompts.txt; for a world prompt, captions of the same object and colour are dropped."""
+    from text3d.eval.clip_rprecision import DEFAULT_CLIP_PROMPTS
+    from text3d.teacher.sample_cli import read_prompts_file
+    from text3d.toyworld.catalog import all_captions, parse_caption
+
+    if prompts_file is not None:
+        prompts = read_prompts_file(Path(prompts_file))
+    else:
+        prompts = all_captions() if parsed is not None else read_prompts_file(DEFAULT_CLIP_PROMPTS)
+    return [p for p in prompts if parsed is None or parse_caption(p) != parsed]
+
+
+def score_run(run_dir: str | Path, judge: Judge | str | Path | None = None, write: bool = True,
+              clip: ClipScorer | str | Path | None = None, clip_prompts: str | Path | None = None) -> dict:
+    """Scores of every particle of a run (the top-level figures are means over particles).
+
+    ``clip`` (a :class:`ClipScorer`, or a CLIP folder or hub id) adds CLIP R-precision against the distractors
+    of :func:`clip_distractors`; without it the prompt must be an embedded-world caption."""
     from text3d.toyworld.catalog import parse_caption
     from text3d.training.finalize import particle_dir
     from text3d.training.generate import load_run_config
@@ -118,19 +151,33 @@ def score_run(run_dir: str | Path, judge: Judge | str | Path | None = None, writ
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     parsed = parse_caption(cfg.prompt)
-    if parsed is None:
-        raise UserError(f"the run's prompt {cfg.prompt!r} is not an embedded-world caption ('a <colour> <object>'); "
-                        f"see text3d toyworld list")
-    judge = load_judge(judge)
+    if parsed is None and clip is None:
+        raise UserError(f"the run's prompt {cfg.prompt!r} is not an embedded-world caption ('a <colour> <object>', "
+                        f"see text3d toyworld list), so the judge cannot score it; score it by CLIP R-precision "
+                        f"with --clip MODEL (a CLIP folder or hub id)")
+    distractors = clip_distractors(parsed, clip_prompts) if clip is not None else []
+    if clip is not None and not isinstance(clip, ClipScorer):
+        clip = load_clip(clip)
+    judge = load_judge(judge) if parsed is not None else None
     count = cfg.train.particles
     per_particle, views = [], []
     for i in range(count):
-        result, rendered = score_mesh(find_mesh(particle_dir(run_dir, i, count), cfg.run_name), cfg, judge)
+        mesh = find_mesh(particle_dir(run_dir, i, count), cfg.run_name)
+        result, rendered = score_mesh(mesh, cfg, judge) if judge is not None else ({"mesh": mesh.name}, None)
+        if clip is not None:
+            clip_views = render_views(mesh, cfg, CLIP_RESOLUTION)
+            result.update(clip.r_precision(clip_views["rgb"], cfg.prompt, distractors))
+            if rendered is None:  # diversity from the judge's 64 px views when there are any
+                rendered = clip_views
         per_particle.append(result)
         views.append(rendered)
-    result = {"prompt": cfg.prompt, "object": parsed[0], "colour": parsed[1], "views": N_VIEWS,
+    result = {"prompt": cfg.prompt, "object": parsed[0] if parsed else None,
+              "colour": parsed[1] if parsed else None, "views": N_VIEWS,
               "guidance": cfg.guidance, "azimuths": views[0]["cams"].azimuth.tolist(),
               "camera_view_labels": views[0]["labels"], "particles": count}
+    if clip is not None:
+        result.update({"clip_model": clip.source, "clip_n_prompts": per_particle[0]["clip_n_prompts"],
+                       "clip_resolution": CLIP_RESOLUTION})
     for key in MEAN_KEYS:
         values = [r[key] for r in per_particle if r.get(key) is not None]
         result[key] = float(np.mean(values)) if values else None
@@ -148,9 +195,14 @@ def format_run_scores(result: dict) -> list[str]:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
-    lines = [f"{result['prompt']!r}: object {pct(result['object_accuracy'])}, colour {pct(result['colour_accuracy'])}, "
-             f"view {pct(result['view_accuracy'])}, silhouette IoU {result['silhouette_iou']:.3f}, "
-             f"saturation {result['saturation']:.2f}"]
+    lines = []
+    if result.get("silhouette_iou") is not None:
+        lines.append(f"{result['prompt']!r}: object {pct(result['object_accuracy'])}, colour "
+                     f"{pct(result['colour_accuracy'])}, view {pct(result['view_accuracy'])}, silhouette IoU "
+                     f"{result['silhouette_iou']:.3f}, saturation {result['saturation']:.2f}")
+    if result.get("clip_r_precision") is not None:
+        lines.append(f"{result['prompt']!r}: CLIP R-precision {pct(result['clip_r_precision'])} over {result['views']} "
+                     f"views, top-1 among {result['clip_n_prompts']} prompts ({result['clip_model']})")
     if result.get("janus_rate") is not None:
         views = result.get("janus_views")
         lines.append(f"Janus rate {pct(result['janus_rate'])}" + (f" over {views} clear front/back views" if views else ""))

@@ -72,7 +72,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch
     return DTYPES[name]
 
 
-def _offline() -> bool:
+def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -109,7 +109,7 @@ def quiet_hf() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
+def first_line(exc: BaseException, limit: int = 160) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -128,7 +128,7 @@ _HUB_UNREACHABLE_HINTS = ("couldn't connect", "could not connect", "offline", "l
                           "is not a local folder and is not a valid model identifier", "repository not found")
 
 
-def _hub_unreachable(exc: BaseException) -> bool:
+def is_hub_unreachable(exc: BaseException) -> bool:
     from huggingface_hub import errors as hub_errors
 
     kinds = (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, hub_errors.RepositoryNotFoundError,
@@ -161,14 +161,14 @@ def _describe_failure(exc: BaseException, component: str, source: str, local: bo
                 f"log in with `hf auth login`); or pass the path of a local diffusers folder")
     if not local and not local_files_only and _remote_file_missing(exc):
         return (f"teacher {source!r} on the Hugging Face hub has no usable {component}/ "
-                f"({_first_line(exc, 100)}); {SD_FOLDER_HINT}")
-    if not local and _hub_unreachable(exc):
+                f"({first_line(exc, 100)}); {SD_FOLDER_HINT}")
+    if not local and is_hub_unreachable(exc):
         why = ("offline mode is on (HF_HUB_OFFLINE=1 or local_files_only)" if local_files_only
                else "the hub cannot be reached (no network?)")
         return (f"teacher {source!r} is not a local folder, is not in the local Hugging Face cache, and {why}: "
                 f"download it once with network access, or pass the path of a local diffusers folder")
     return (f"could not load {component}/ of teacher {source}: its weights or config look corrupt or incomplete "
-            f"({type(exc).__name__}: {_first_line(exc)})")
+            f"({type(exc).__name__}: {first_line(exc)})")
 
 
 def _text_encoder_class(source: str, kwargs: dict[str, Any]):
@@ -275,14 +275,14 @@ def load_components(name_or_path: str | os.PathLike | None, device: torch.device
     (never with ``local_files_only`` or ``HF_HUB_OFFLINE=1``).
     """
     source, local = resolve_source(name_or_path)
-    offline = local_files_only or _offline()
+    offline = local_files_only or hf_offline()
     with quiet_hf():
         if local or offline:
             return _load_all(source, local, device, dtype, local_files_only=offline, offline=offline)
         try:  # a complete cached copy needs no network
             return _load_all(source, local, device, dtype, local_files_only=True, offline=False)
         except TeacherError as exc:
-            if not _hub_unreachable(exc):  # cached but corrupt: report that, the network will not help
+            if not is_hub_unreachable(exc):  # cached but corrupt: report that, the network will not help
                 raise
         if not hub_reachable():
             raise TeacherError(_describe_failure(ConnectionError("hub unreachable"), "scheduler", source, local))
