@@ -287,11 +287,13 @@ def score_folder(folder: str | Path, judge: Judge | str | Path | None = None, re
     return result
 
 
+def pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal ("n/a" for None), as the eval summaries print it."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def format_scores(result: dict) -> list[str]:
     """Human-readable summary lines of a :func:`score_folder` result."""
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
     lines = [f"images scored   {result['n_scored']} of {result['n_images']}",
              f"object accuracy {pct(result['object_accuracy'])} ({result['n_object']})",
              f"colour accuracy {pct(result['colour_accuracy'])} ({result['n_colour']})",

@@ -25,7 +25,7 @@ from text3d.cameras import CameraSamplerConfig, orbit_cameras, view_label
 from text3d.errors import UserError
 from text3d.eval.clip_rprecision import ClipScorer, load_clip
 from text3d.eval.judge import Judge
-from text3d.eval.score_images import load_judge, score_predictions
+from text3d.eval.score_images import load_judge, pct, score_predictions
 from text3d.utils.atomic import atomic_write_text
 
 EVAL_NAME = "eval.json"
@@ -192,9 +192,7 @@ def score_run(run_dir: str | Path, judge: Judge | str | Path | None = None, writ
 
 
 def format_run_scores(result: dict) -> list[str]:
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
+    """Human-readable summary lines of a :func:`score_run` result."""
     lines = []
     if result.get("silhouette_iou") is not None:
         lines.append(f"{result['prompt']!r}: object {pct(result['object_accuracy'])}, colour "
