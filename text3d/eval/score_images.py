@@ -221,19 +221,19 @@ def reference_outputs(judge: Judge, reference: str | Path, max_images: int = MAX
     n = len(data)
     if n < 2:
         raise UserError(f"reference dataset {reference} has {n} image(s); the Fréchet distance needs at least 2")
-    chunk = np.arange(n)
+    selected = np.arange(n)
     if n > max_images:
-        chunk = np.sort(np.random.default_rng(seed).choice(n, max_images, replace=False))
+        selected = np.sort(np.random.default_rng(seed).choice(n, max_images, replace=False))
     feats, views = [], []
-    for i in range(0, len(chunk), 1024):
-        out = judge.run(data.images(chunk[i:i + 1024]))
+    for i in range(0, len(selected), 1024):
+        out = judge.run(data.images(selected[i:i + 1024]))
         feats.append(out["features"])
         views.append(out["view"])
     predicted = [judge.labels["view"][k] for k in torch.cat(views).tolist()]
-    truth = [data.view_labels[k] for k in data.arrays["view"][chunk].tolist()]
-    objects = [data.objects[k] for k in data.arrays["object"][chunk].tolist()]
+    truth = [data.view_labels[k] for k in data.arrays["view"][selected].tolist()]
+    objects = [data.objects[k] for k in data.arrays["object"][selected].tolist()]
     correct = [p == t for p, t in zip(predicted, truth)]
-    return {"features": torch.cat(feats), "n": len(chunk), "view_accuracy": float(np.mean(correct)),
+    return {"features": torch.cat(feats), "n": len(selected), "view_accuracy": float(np.mean(correct)),
             **front_back_view_accuracy(correct, objects)}
 
 
