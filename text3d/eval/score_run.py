@@ -23,7 +23,7 @@ import torch
 
 from text3d.cameras import CameraSamplerConfig, orbit_cameras, view_label
 from text3d.errors import UserError
-from text3d.eval.clip_rprecision import ClipScorer, load_clip
+from text3d.eval.clip_rprecision import DEFAULT_CLIP_PROMPTS, ClipScorer, load_clip
 from text3d.eval.judge import Judge
 from text3d.eval.score_images import load_judge, pct, score_predictions
 from text3d.utils.atomic import atomic_write_text
@@ -127,7 +127,6 @@ MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_
 def clip_distractors(parsed: tuple[str, str] | None, prompts_file: str | Path | None = None) -> list[str]:
     """Distractor prompts: ``prompts_file``, else the world's captions for a world prompt (``parsed``), else
     assets/eval/clip_prompts.txt; for a world prompt, captions of the same object and colour are dropped."""
-    from text3d.eval.clip_rprecision import DEFAULT_CLIP_PROMPTS
     from text3d.teacher.sample_cli import read_prompts_file
     from text3d.toyworld.catalog import all_captions, parse_caption
 

@@ -73,6 +73,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch
 
 
 def hf_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks the Hugging Face libraries to stay off the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -110,6 +111,7 @@ def quiet_hf() -> Iterator[None]:
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message, cut to ``limit`` characters (for one-line errors)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -129,6 +131,7 @@ _HUB_UNREACHABLE_HINTS = ("couldn't connect", "could not connect", "offline", "l
 
 
 def is_hub_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the hub or its cache could not serve a file."""
     from huggingface_hub import errors as hub_errors
 
     kinds = (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, hub_errors.RepositoryNotFoundError,
