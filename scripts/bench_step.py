@@ -23,13 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from text3d.cameras import jittered_light_dirs, sample_cameras  # noqa: E402
-from text3d.config import load_config  # noqa: E402
+from text3d.generate.config import load_config  # noqa: E402
 from text3d.prompts import prompts_for_cameras  # noqa: E402
 from text3d.teacher import load_teacher  # noqa: E402
 from text3d.teacher.tiny import build_tiny_teacher  # noqa: E402
-from text3d.training.trainer import AssetTrainer  # noqa: E402
+from text3d.generate.trainer import AssetTrainer  # noqa: E402
 from text3d.utils.backends import resolve_device  # noqa: E402
-from text3d.utils.seed import seed_everything  # noqa: E402
+from text3d.runtime.seed import seed_everything  # noqa: E402
 
 
 def sync(device):

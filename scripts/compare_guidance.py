@@ -8,7 +8,7 @@
     python scripts/compare_guidance.py --methods sds --stages geometry,texture --from-runs runs/compare/sds \
         --label sds+mesh --out runs/compare                              # mesh stages on the SDS NeRFs
 
-Each method's settings are its config file (configs/default.yaml for SDS, configs/vsd.yaml for VSD)
+Each method's settings are its config file (text3d/configs/default.yaml for SDS, text3d/configs/vsd.yaml for VSD)
 plus the flags below. Finished runs (those with an eval.json) are reused, so an interrupted
 comparison continues where it stopped. Results go to OUT/results.json and OUT/results.md.
 """
@@ -32,9 +32,9 @@ METHOD_CONFIG = {"sds": None, "vsd": "vsd.yaml"}
 
 
 def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
-    from text3d.config import CONFIG_DIR, load_config
+    from text3d.generate.config import CONFIG_DIR, load_config
     from text3d.eval.score_run import score_run
-    from text3d.training.generate import generate
+    from text3d.generate.run import generate
 
     eval_path = out_dir / "eval.json"
     if eval_path.is_file() and (out_dir / "run.json").is_file():
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished runs are kept and reused next time", file=sys.stderr)
         return 130
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"results-{args.label}" if args.label else "results"

@@ -6,7 +6,7 @@
         --student swiftbrush=runs/d2-swiftbrush/student --student dmd=runs/d2-dmd/student \\
         --student "pd 8=runs/d2-pd/phases/pd_8" --student "guided 4 w=2=runs/d2-guided/phases/guided_pd_4@2"
 
-Every model samples one image per prompt of ``--prompts`` (default assets/eval/prompts_216.txt: every
+Every model samples one image per prompt of ``--prompts`` (default text3d/assets/eval/prompts_216.txt: every
 object and colour, plain and with a view suffix) from the same seed; a student samples with its own
 timesteps (its ``student.json``), a teacher with DDIM and CFG ``--guidance-scale``. A trailing ``@W``
 on a student path sets its guidance scale (w-conditioned students), a trailing ``#N`` samples with the first N
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--student", action="append", default=[],
                    help="NAME=FOLDER[@W][#STEPS] (repeatable; FOLDER follows the last '='): guidance scale W, "
                         "the first STEPS of its timesteps")
-    p.add_argument("--prompts", type=Path, default=REPO / "assets" / "eval" / "prompts_216.txt")
+    p.add_argument("--prompts", type=Path, default=REPO / "text3d" / "assets" / "eval" / "prompts_216.txt")
     p.add_argument("--reference", type=Path, help="toyworld dataset for the Fréchet distance")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     from text3d.errors import UserError
     from text3d.eval.score_images import score_folder
     from text3d.teacher import load_teacher
-    from text3d.teacher.sample_cli import read_prompts_file, run_sample
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.distill2d.sample_cli import read_prompts_file, run_sample
+    from text3d.runtime.atomic import atomic_write_text
 
     prompts = read_prompts_file(args.prompts)
     entries = [(f"teacher, {s} DDIM steps", args.teacher, int(s), args.guidance_scale, False)

@@ -26,7 +26,7 @@ from text3d.eval.score_images import load_judge, score_predictions  # noqa: E402
 from text3d.guidance.sds import SDSConfig, SDSGuidance  # noqa: E402
 from text3d.teacher import load_teacher  # noqa: E402
 from text3d.toyworld.dataset import ToyworldDataset  # noqa: E402
-from text3d.utils.atomic import atomic_path  # noqa: E402
+from text3d.runtime.atomic import atomic_path  # noqa: E402
 
 PROMPTS = [("pink", "capsule"), ("blue", "torus"), ("grey", "cube"), ("red", "cube"), ("green", "sphere"),
            ("yellow", "cone")]

@@ -29,10 +29,10 @@ NERF_DIR = "stage_nerf"
 def nerf_stage_folder(run_dir: Path) -> Path:
     """``RUN/stage_nerf``: the run's config with only the NeRF stage and a link to its NeRF checkpoint,
     exported (mesh files only) once."""
-    from text3d.config import to_yaml
-    from text3d.training.generate import export_existing, load_run_config
-    from text3d.training.run_folder import CHECKPOINT, CONFIG_NAME
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.generate.config import to_yaml
+    from text3d.generate.run import export_existing, load_run_config
+    from text3d.runtime.run_folder import CHECKPOINT, CONFIG_NAME
+    from text3d.runtime.atomic import atomic_write_text
 
     out = run_dir / NERF_DIR
     if (out / "export.done").is_file():
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from text3d.eval.score_run import score_run
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     rows = []
     for run in args.runs:

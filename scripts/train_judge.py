@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the judge (object / colour / view classifier) on a toyworld dataset and write its model card.
 
-    python scripts/train_judge.py --data DATASET_DIR --out assets/judge --steps 1500 --seed 0
+    python scripts/train_judge.py --data DATASET_DIR --out text3d/assets/judge --steps 1500 --seed 0
 
 Writes OUT/model.safetensors, OUT/config.json (architecture, label names, accuracies, settings) and
 OUT/README.md (the model card: held-out accuracy per head, data, settings, reproduce command).
@@ -87,7 +87,7 @@ no horizontal flips (they turn a front view into a different object view).
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="toyworld dataset folder (meta.json + shards)")
-    parser.add_argument("--out", type=Path, default=Path("assets/judge"), help="output folder (default assets/judge)")
+    parser.add_argument("--out", type=Path, default=Path("text3d/assets/judge"), help="output folder (default text3d/assets/judge)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from text3d.eval.judge import train_judge
     from text3d.toyworld.dataset import ToyworldDataset
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
     from text3d.utils.backends import resolve_device
 
     if args.threads:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Train the embedded teacher (a small Stable-Diffusion-format latent diffusion model) on the synthetic world.
 
-    python scripts/train_teacher.py --data DIR [--render N] [--out assets/teacher] [--work runs/teacher-train]
+    python scripts/train_teacher.py --data DIR [--render N] [--out text3d/assets/teacher] [--work runs/teacher-train]
         [--vae-steps N] [--unet-steps N] [--batch-size B] [--vae-batch-size B] [--lr LR] [--vae-lr LR]
         [--seed S] [--device auto|cpu|cuda] [--precision auto|fp32|bf16|fp16] [--threads N]
         [--resume | --fresh] [--time-budget-min M] [--checkpoint-every N] [--no-preview] [--no-progress]
-    python scripts/train_teacher.py --init assets/teacher --data DIR --out DIR --unet-steps N [--view-repeat K] ...
+    python scripts/train_teacher.py --init text3d/assets/teacher --data DIR --out DIR --unet-steps N [--view-repeat K] ...
 
 Stage 1 trains the VAE, stage 2 the UNet and the text encoder on cached latents; the result is
 written with save_pretrained into --out (atomically) with a model card README.md. Ctrl-C saves a
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from text3d.errors import UserError  # noqa: E402
-from text3d.teacher.train.stages import TeacherTrainConfig  # noqa: E402
+from text3d.teacher_training.stages import TeacherTrainConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,9 +103,9 @@ def reproduce_command(argv: list[str], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from text3d.teacher.train.data import load_dataset, write_fake_dataset
-    from text3d.teacher.train.finetune import finetune_teacher
-    from text3d.teacher.train.run import train_teacher
+    from text3d.teacher_training.data import load_dataset, write_fake_dataset
+    from text3d.teacher_training.finetune import finetune_teacher
+    from text3d.teacher_training.run import train_teacher
 
     try:
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedPr
 def mesh_run_folder(folder: Path, prompt: str, shape: str) -> Path:
     """A run folder (config.yaml + asset.glb, no training) whose exported mesh is the world's ``shape``
     (extracted from its SDF), coloured red, for ``text3d eval run``."""
-    from text3d.config import load_config, to_yaml
+    from text3d.generate.config import load_config, to_yaml
     from text3d.export import ExportConfig, export_asset
     from text3d.toyworld.catalog import COLOURS, OBJECTS
 

@@ -40,7 +40,7 @@ def test_bad_input_gives_one_line_and_no_files(case, words, tiny_teacher_dir, tm
         "unwritable_out": ["generate", "a cube", *teacher, "--out", "/proc/text3d-run"],
         "no_teacher": ["generate", "a cube", "--out", str(out)],
     }[case]
-    # "no teacher": as if no embedded teacher were installed, whatever assets/teacher holds
+    # "no teacher": as if no embedded teacher were installed, whatever text3d/assets/teacher holds
     result = run_cli(*args, *FAST, env_update={"TEXT3D_DEFAULT_TEACHER": ""} if case == "no_teacher" else {})
     _assert_clean_failure(result, words)
     assert not out.exists()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from text3d.config import RunConfig, load_config, to_yaml
+from text3d.generate.config import RunConfig, load_config, to_yaml
 from text3d.errors import ConfigError
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.helpers import FAST
-from text3d.config import load_config
+from text3d.generate.config import load_config
 from text3d.errors import NumericalError
 from text3d.guidance.sds import GuidanceOutput
 from text3d.teacher import load_teacher
-from text3d.training.checkpoint import save_checkpoint
-from text3d.training.trainer import AssetTrainer
-from text3d.utils.atomic import atomic_path, atomic_write_text
+from text3d.runtime.checkpoint import save_checkpoint
+from text3d.generate.trainer import AssetTrainer
+from text3d.runtime.atomic import atomic_path, atomic_write_text
 
 
 def test_failed_write_leaves_no_file(tmp_path):

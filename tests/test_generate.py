@@ -7,8 +7,8 @@ import pytest
 import trimesh
 
 from tests.helpers import FAST
-from text3d.config import load_config
-from text3d.training.generate import generate
+from text3d.generate.config import load_config
+from text3d.generate.run import generate
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_turntable_and_preview(run):
 
 def test_unknown_words_of_the_embedded_teacher(tiny_teacher_dir, monkeypatch):
     from text3d.teacher import load_teacher
-    from text3d.training.generate import unknown_words
+    from text3d.generate.run import unknown_words
 
     teacher = load_teacher(str(tiny_teacher_dir), "cpu")
     assert unknown_words(teacher, "a red xylophone") == []  # not the embedded teacher: open vocabulary
@@ -61,7 +61,7 @@ def test_unknown_words_of_the_embedded_teacher(tiny_teacher_dir, monkeypatch):
 def test_opacity_entropy_pushes_translucent_pixels_to_solid_or_empty():
     import torch
 
-    from text3d.training.trainer import opacity_entropy
+    from text3d.generate.trainer import opacity_entropy
 
     solid_or_empty = torch.tensor([0.0, 1.0, 1.0, 0.0]).view(1, 1, 2, 2)
     assert float(opacity_entropy(solid_or_empty)) < 1e-2

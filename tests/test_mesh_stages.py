@@ -83,9 +83,9 @@ def test_mesh_stage_export_drops_small_floating_pieces(tmp_path):
     """A surface model's export drops pieces below export.min_component_fraction, as marching cubes does."""
     from torch import nn
 
-    from text3d.config import load_config
+    from text3d.generate.config import load_config
     from text3d.renderers.dmtet import SurfaceMesh
-    from text3d.training.finalize import export_particle
+    from text3d.generate.finalize import export_particle
 
     body = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
     speck = trimesh.creation.icosphere(subdivisions=0, radius=0.05)  # 20 faces, under 5% of the body's 1280

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.helpers import FAST, REPO, assert_same_state, checkpoint_state, run_cli
-from text3d.config import load_config
+from text3d.generate.config import load_config
 from text3d.errors import CheckpointError
-from text3d.training.generate import generate, resume
+from text3d.generate.run import generate, resume
 
 
 def _cfg(teacher, steps):

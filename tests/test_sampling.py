@@ -203,7 +203,7 @@ def test_one_step_sampling_and_images(teacher):
 
 @pytest.fixture(scope="module")
 def cli():
-    from text3d.teacher.sample_cli import sample
+    from text3d.distill2d.sample_cli import sample
 
     app = typer.Typer()
     app.command()(sample)
@@ -284,7 +284,7 @@ def test_sample_command_without_a_teacher_is_one_line(cli, tmp_path, monkeypatch
 
 
 def test_grid_layout_rows_per_prompt_or_near_square():
-    from text3d.teacher.sample_cli import grid_columns
+    from text3d.distill2d.sample_cli import grid_columns
 
     assert grid_columns(4, 8) == 8  # one row per prompt
     assert grid_columns(1, 16) == 4  # one prompt: a square

@@ -117,7 +117,7 @@ def test_image_space_sds_gradient_reaching_pixels(teacher):
 
 
 def test_image_space_is_validated():
-    from text3d.config import load_config
+    from text3d.generate.config import load_config
     from text3d.errors import ConfigError
 
     assert load_config(overrides=["sds.space=image"]).sds.space == "image"

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from text3d.errors import UserError
-from text3d.teacher.train import Architecture, Interrupted, TeacherTrainConfig
-from text3d.teacher.train.data import (BatchOrder, caption_pieces, load_dataset, world_vocabulary,
+from text3d.teacher_training import Architecture, Interrupted, TeacherTrainConfig
+from text3d.teacher_training.data import (BatchOrder, caption_pieces, load_dataset, world_vocabulary,
                                        write_fake_dataset)
-from text3d.teacher.train.export import JUDGE_BEGIN, JUDGE_END, fill_model_card_section
-from text3d.teacher.train.run import train_teacher
-from text3d.teacher.train.stages import StopFlag, VAEStage
+from text3d.teacher_training.export import JUDGE_BEGIN, JUDGE_END, fill_model_card_section
+from text3d.teacher_training.run import train_teacher
+from text3d.teacher_training.stages import StopFlag, VAEStage
 
 # a few thousand times smaller than the shipped teacher: the same classes and data flow
 TINY = Architecture(vae_channels=(16, 32, 32), vae_norm_groups=8, unet_channels=(16, 32, 32), unet_heads=2,
@@ -100,7 +100,7 @@ def test_model_card_and_judge_section(trained):
 def test_vae_loss_decreases_on_a_fixed_batch(fake_data):
     data = load_dataset(fake_data)
     cfg = TeacherTrainConfig(vae_steps=30, vae_batch_size=4, vae_lr=2e-3, warmup_steps=1, progress=False, arch=TINY)
-    from text3d.teacher.train.models import build_vae
+    from text3d.teacher_training.models import build_vae
 
     torch.manual_seed(0)
     stage = VAEStage(cfg, torch.device("cpu"), build_vae(TINY), data.arrays["images"][:4])  # n = batch: fixed batch
@@ -216,7 +216,7 @@ def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
     def interrupted(*args, **kwargs):
         raise Interrupted("stopped by SIGINT")
 
-    monkeypatch.setattr("text3d.teacher.train.run.train_teacher", interrupted)
+    monkeypatch.setattr("text3d.teacher_training.run.train_teacher", interrupted)
     assert script.main(["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 130
     assert script.main(["--data", str(tmp_path / "missing"), "--work", str(tmp_path / "w")]) == 2
     seen = {}
@@ -225,7 +225,7 @@ def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
         seen.update(kwargs)
         raise Interrupted("stopped by SIGINT")
 
-    monkeypatch.setattr("text3d.teacher.train.finetune.finetune_teacher", finetune)
+    monkeypatch.setattr("text3d.teacher_training.finetune.finetune_teacher", finetune)
     base = ["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--init", "t"]
     assert script.main(base + ["--repeat-views", "front, back"]) == 130 and seen["repeat_views"] == ["front", "back"]
     with pytest.raises(SystemExit):
@@ -235,8 +235,8 @@ def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
 
 
 def test_fit_steps_to_budget_and_foreground_weights():
-    from text3d.teacher.train.run import fit_steps_to_budget
-    from text3d.teacher.train.stages import pixel_weights
+    from text3d.teacher_training.run import fit_steps_to_budget
+    from text3d.teacher_training.stages import pixel_weights
 
     cfg = TeacherTrainConfig(vae_steps=1000, unet_steps=4000)
     projected = {"vae": 600.0, "unet": 2400.0, "encode": 10.0}
@@ -252,7 +252,7 @@ def test_fit_steps_to_budget_and_foreground_weights():
 
 
 def test_view_examples_are_repeated():
-    from text3d.teacher.train.finetune import weighted_indices
+    from text3d.teacher_training.finetune import weighted_indices
 
     mask = np.array([False, True, False, True])
     order = weighted_indices(mask, 3)
@@ -260,7 +260,7 @@ def test_view_examples_are_repeated():
     assert weighted_indices(mask, 1).tolist() == [0, 1, 2, 3]
     with pytest.raises(UserError):
         weighted_indices(mask, 0)
-    from text3d.teacher.train.finetune import select_examples
+    from text3d.teacher_training.finetune import select_examples
 
     big = np.arange(20) % 4 == 1
     keep = select_examples(big, replay=3, seed=0)
@@ -270,7 +270,7 @@ def test_view_examples_are_repeated():
 
 def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fake_data, tmp_path):
     from text3d.teacher import load_teacher
-    from text3d.teacher.train.finetune import finetune_teacher, view_example_mask
+    from text3d.teacher_training.finetune import finetune_teacher, view_example_mask
 
     cfg_a, _ = trained
     init = Path(cfg_a.out)
@@ -308,7 +308,7 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     card = (out / "README.md").read_text()
     assert "## Fine-tune 1" in card and "4/4 steps" in card and "Not evaluated yet" in card
     assert card.index("## Fine-tune") < card.index("## Judge scores")
-    from text3d.teacher.train.finetune import finetune_card
+    from text3d.teacher_training.finetune import finetune_card
 
     again = finetune_card(card, info)  # a fine-tune of the fine-tune keeps the first section
     assert "## Fine-tune 1" in again and again.index("## Fine-tune 1") < again.index("## Fine-tune 2")

@@ -342,7 +342,7 @@ def test_cli_list_and_render(tmp_path):
 def test_shipped_eval_prompts_ask_only_for_views_the_training_cameras_show():
     from pathlib import Path
 
-    shipped = (Path(__file__).resolve().parent.parent / "assets" / "eval" / "prompts_216.txt").read_text().splitlines()
+    shipped = (Path(__file__).resolve().parent.parent / "text3d" / "assets" / "eval" / "prompts_216.txt").read_text().splitlines()
     assert shipped == eval_prompts()
     assert len(shipped) == 2 * len(OBJECTS) * len(COLOURS)
     assert [parse_caption(p) for p in shipped[::2]] == [parse_caption(p) for p in shipped[1::2]]
@@ -359,7 +359,7 @@ def test_shipped_view_prompts_ask_every_front_back_object_for_every_reachable_vi
 
     from text3d.cameras import reachable_view_labels
 
-    shipped = (Path(__file__).resolve().parent.parent / "assets" / "eval" / "prompts_views_108.txt").read_text()
+    shipped = (Path(__file__).resolve().parent.parent / "text3d" / "assets" / "eval" / "prompts_views_108.txt").read_text()
     shipped = shipped.splitlines()
     assert shipped == view_eval_prompts()
     asked = [(*parse_caption(p), view_suffix_label(p)) for p in shipped]

@@ -6,12 +6,12 @@ import torch
 
 from tests.helpers import FAST, assert_same_state, checkpoint_state
 from text3d.cameras import CameraSamplerConfig, sample_cameras
-from text3d.config import load_config
+from text3d.generate.config import load_config
 from text3d.guidance import VSDConfig, VSDGuidance
 from text3d.guidance.lora import LoRAScoreNetwork
 from text3d.guidance.vsd import camera_features
 from text3d.teacher import load_teacher
-from text3d.training.generate import generate, resume
+from text3d.generate.run import generate, resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +167,7 @@ def _vsd_cfg(teacher_dir, steps, particles=2):
 
 
 def test_particles_do_not_share_parameters(tiny_teacher_dir, tmp_path):
-    from text3d.training.trainer import AssetTrainer
+    from text3d.generate.trainer import AssetTrainer
 
     cfg = _vsd_cfg(tiny_teacher_dir, 1)
     teacher = load_teacher(str(tiny_teacher_dir), "cpu")
@@ -222,7 +222,7 @@ def test_cli_vsd_with_two_particles_then_eval(tiny_teacher_dir, tmp_path):
                      "--teacher", str(tiny_teacher_dir), "--out", str(out), "-q", "--no-video", *FAST)
     assert result.returncode == 0, result.stderr
     cfg_text = (out / "config.yaml").read_text()
-    assert "guidance: vsd" in cfg_text and "t_max_end: 0.5" in cfg_text  # configs/vsd.yaml was applied
+    assert "guidance: vsd" in cfg_text and "t_max_end: 0.5" in cfg_text  # text3d/configs/vsd.yaml was applied
     summary = json.loads((out / "run.json").read_text())
     assert summary["particles"] == 2 and set(summary["files"]) >= {"particle_0", "particle_1", "preview"}
     scored = run_cli("eval", "run", str(out))

@@ -33,7 +33,7 @@ def _overrides_and_prompt(prompt: Optional[str], extra: Optional[List[str]]) -> 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. \"a red cube\"."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key=value, e.g. train.lr=0.005."),
-    guidance: Optional[str] = typer.Option(None, help="Guidance: sds | vsd (vsd also loads configs/vsd.yaml unless "
+    guidance: Optional[str] = typer.Option(None, help="Guidance: sds | vsd (vsd also loads text3d/configs/vsd.yaml unless "
                                            "--config is given)."),
     particles: Optional[int] = typer.Option(None, help="Independent assets optimised together (train.particles); "
                                             "with VSD they share one LoRA."),
@@ -41,7 +41,7 @@ def generate(
     from_run: Optional[Path] = typer.Option(None, "--from", help="Start from the earlier stages of this run folder "
                                             "(with --stages geometry or texture)."),
     teacher: Optional[str] = typer.Option(None, help="Diffusers Stable Diffusion folder or hub id."),
-    config: Optional[List[Path]] = typer.Option(None, "--config", help="YAML config file(s) merged over configs/default.yaml."),
+    config: Optional[List[Path]] = typer.Option(None, "--config", help="YAML config file(s) merged over text3d/configs/default.yaml."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps (train.steps)."),
     seed: Optional[int] = typer.Option(None, help="Random seed; a seed fixes the run."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<prompt>-<time>)."),
@@ -51,8 +51,8 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Optimise a 3D asset for PROMPT and export it (.obj, .glb, turntable video)."""
-    from text3d.config import load_config
-    from text3d.training.generate import generate as run_generate, resume as run_resume
+    from text3d.generate.config import load_config
+    from text3d.generate.run import generate as run_generate, resume as run_resume
 
     prompt, extra = _overrides_and_prompt(prompt, overrides)
     flags = []
@@ -72,7 +72,7 @@ def generate(
         if prompt is None:
             raise UserError("give a prompt, e.g. text3d generate \"a red cube\" (or --resume RUN_DIR)")
         if not config and guidance == "vsd":
-            from text3d.config import CONFIG_DIR
+            from text3d.generate.config import CONFIG_DIR
 
             config = [CONFIG_DIR / "vsd.yaml"]
         cfg = load_config(files=config or (), overrides=flags + extra)
@@ -98,8 +98,8 @@ def export_cmd(
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
 ):
     """Re-export a run's last checkpoint as .obj/.glb/.ply (and a turntable video)."""
-    from text3d.training.finalize import FORMATS
-    from text3d.training.generate import export_existing
+    from text3d.generate.finalize import FORMATS
+    from text3d.generate.run import export_existing
 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -124,7 +124,7 @@ def doctor():
 def _register_subcommands() -> None:
     from text3d.distill2d.cli import distill2d
     from text3d.eval.cli import eval_app
-    from text3d.teacher.sample_cli import sample
+    from text3d.distill2d.sample_cli import sample
     from text3d.toyworld.cli import toyworld_app
 
     app.command("sample")(sample)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from text3d.cameras import Cameras, CameraSamplerConfig
 from text3d.errors import UserError
@@ -52,3 +53,18 @@ def prompts_for_cameras(prompt: str, cameras: Cameras, cfg: PromptConfig,
     if not cfg.view_dependent:
         return [prompt] * len(cameras)
     return [view_prompt(prompt, label) for label in cameras.view_labels(cam_cfg)]
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Non-empty lines of ``path`` (whitespace collapsed); lines starting with ``#`` are comments."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8 text") from None
+    prompts = [validate_prompt(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file {path} has no prompts (one prompt per line)")
+    return prompts

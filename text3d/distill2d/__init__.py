@@ -2,7 +2,7 @@
 same teacher layer, LoRA score network and score-difference gradients as the 3D guidance. The
 student's output x0 plays the part of the rendered view.
 
-SwiftBrush, DMD and DMD2 are presets of one trainer (configs/distill2d/*.yaml): they differ only in
+SwiftBrush, DMD and DMD2 are presets of one trainer (text3d/configs/distill2d/*.yaml): they differ only in
 the parameters of the shared score-difference core (:mod:`text3d.distill2d.score_core`), the
 fake-score updates per student step, the regression and GAN terms, and the student's timesteps.
 """

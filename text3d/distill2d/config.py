@@ -1,4 +1,4 @@
-"""Typed configuration of `text3d distill2d`; presets per method live in ``configs/distill2d/``."""
+"""Typed configuration of `text3d distill2d`; presets per method live in ``text3d/configs/distill2d/``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from text3d.config import CONFIG_DIR, _check, load_structured
+from text3d.runtime.config import check as _check, load_structured
+from text3d.runtime.resources import CONFIG_DIR
 from text3d.errors import ConfigError
 
 METHODS = ("swiftbrush", "dmd", "dmd2", "kd", "pd", "guided")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from text3d.errors import UserError
-from text3d.training.checkpoint import load_checkpoint, save_checkpoint
-from text3d.training.progress import LoopProgress
+from text3d.runtime.checkpoint import load_checkpoint, save_checkpoint
+from text3d.runtime.progress import LoopProgress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -37,7 +37,7 @@ def default_prompts() -> list[str]:
 def load_prompts(path: str | None) -> list[str]:
     if path is None:
         return default_prompts()
-    from text3d.teacher.sample_cli import read_prompts_file
+    from text3d.prompts import read_prompts_file
 
     return read_prompts_file(Path(path))
 

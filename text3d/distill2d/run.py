@@ -13,8 +13,8 @@ from typing import Sequence
 from text3d.distill2d.config import SCORE_METHODS, Distill2DConfig, validate
 from text3d.distill2d.trainer import CHECKPOINT, CONFIG_NAME, STUDENT_DIR, Distill2DTrainer, write_config
 from text3d.errors import UserError
-from text3d.training.run_folder import probe_writable
-from text3d.utils.atomic import atomic_write_text
+from text3d.runtime.run_folder import probe_writable
+from text3d.runtime.atomic import atomic_write_text
 
 EVAL_DIR = "eval_samples"
 SUMMARY = "summary.json"
@@ -49,7 +49,7 @@ def distill(cfg: Distill2DConfig, out: Path, show_progress: bool = True, teacher
 
 def resume_distill(out: Path, overrides: Sequence[str] = (), show_progress: bool = True, teacher=None,
                    evaluate: bool = True) -> DistillResult:
-    from text3d.config import load_structured
+    from text3d.runtime.config import load_structured
 
     out = Path(out)
     if not (out / CONFIG_NAME).is_file():
@@ -101,7 +101,7 @@ def evaluate_student(student: Path, out: Path, prompts: Sequence[str], show_prog
     prompts are not embedded-world captions or no judge is installed."""
     from text3d.eval.score_images import DEFAULT_JUDGE_DIR, score_folder
     from text3d.teacher import load_teacher
-    from text3d.teacher.sample_cli import run_sample
+    from text3d.distill2d.sample_cli import run_sample
     from text3d.toyworld.catalog import parse_caption
 
     known = [p for p in dict.fromkeys(prompts) if parse_caption(p) is not None]

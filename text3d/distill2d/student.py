@@ -88,9 +88,9 @@ def student_card(timesteps: Sequence[int], method: str, steps_trained: int, teac
 
 def save_student(out: str | os.PathLike, unet, teacher, card: dict) -> Path:
     """Write a complete SD folder (the student UNet with the teacher's other components) atomically."""
-    from text3d.teacher.train.export import save_components
+    from text3d.teacher_training.export import save_components
 
-    from text3d.utils.atomic import atomic_dir
+    from text3d.runtime.atomic import atomic_dir
 
     out = Path(out).expanduser().resolve()
     with atomic_dir(out) as tmp:

@@ -27,12 +27,12 @@ from text3d.distill2d.score_core import ScoreDifferenceCore
 from text3d.distill2d.student import Student, save_student, student_card
 from text3d.errors import NumericalError, UserError
 from text3d.guidance.lora import LoRAScoreNetwork
-from text3d.training.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from text3d.training.preview import save_preview
-from text3d.training.progress import LoopProgress
-from text3d.training.signals import Interrupted, StopRequest
-from text3d.utils.atomic import atomic_write_text
-from text3d.utils.seed import rng_state, seed_everything, set_rng_state
+from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from text3d.runtime.preview import save_preview
+from text3d.runtime.progress import LoopProgress
+from text3d.runtime.signals import Interrupted, StopRequest
+from text3d.runtime.atomic import atomic_write_text
+from text3d.runtime.seed import rng_state, seed_everything, set_rng_state
 
 CHECKPOINT = "checkpoints/last.pt"
 CONFIG_NAME = "config.yaml"

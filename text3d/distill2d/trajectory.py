@@ -35,10 +35,10 @@ from text3d.errors import CheckpointError, NumericalError, UserError
 from text3d.teacher.sampling import (ddim_timesteps, guidance_embedding, guidance_conditioned, predict_x0,
                                      progressive_target)
 from text3d.teacher.teacher import Teacher
-from text3d.training.checkpoint import load_checkpoint, save_checkpoint
-from text3d.training.progress import LoopProgress
-from text3d.training.signals import Interrupted, StopRequest
-from text3d.utils.seed import rng_state, set_rng_state
+from text3d.runtime.checkpoint import load_checkpoint, save_checkpoint
+from text3d.runtime.progress import LoopProgress
+from text3d.runtime.signals import Interrupted, StopRequest
+from text3d.runtime.seed import rng_state, set_rng_state
 
 PHASES_DIR = "phases"
 
@@ -313,7 +313,7 @@ def phase_card(phase: Phase, cfg: Distill2DConfig, T: int, teacher_source) -> di
 
 def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
     from text3d.distill2d.run import SUMMARY, DistillResult, evaluate_student
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     start = time.perf_counter()
     trainer.fit()
@@ -325,7 +325,7 @@ def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
     if trainer.accelerator.is_main_process:
         import shutil
 
-        from text3d.utils.atomic import atomic_dir
+        from text3d.runtime.atomic import atomic_dir
 
         with atomic_dir(student) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)

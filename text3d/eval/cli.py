@@ -20,7 +20,7 @@ def _group():
 @eval_app.command("images")
 def images(
     folder: Path = typer.Argument(..., help="A folder made by text3d sample (prompts.json + images/)."),
-    judge: Optional[Path] = typer.Option(None, "--judge", help="Judge folder (default assets/judge)."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Judge folder (default text3d/assets/judge)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Toyworld dataset folder: also report "
                                              "the Fréchet distance of the judge's features to its renders."),
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
@@ -39,13 +39,13 @@ def images(
 def run(
     run_dir: Path = typer.Argument(..., help="A run folder made by text3d generate (an embedded-world prompt, or "
                                    "any prompt with --clip)."),
-    judge: Optional[Path] = typer.Option(None, "--judge", help="Judge folder (default assets/judge)."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Judge folder (default text3d/assets/judge)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP model folder or hub id (e.g. "
                                        "openai/clip-vit-base-patch32): also report CLIP R-precision; a prompt "
                                        "outside the embedded world is then scored by CLIP alone."),
     clip_prompts: Optional[Path] = typer.Option(None, "--clip-prompts", help="Distractor prompts for --clip, one a "
                                                 "line (default: the world's captions for its prompts, else "
-                                                "assets/eval/clip_prompts.txt)."),
+                                                "text3d/assets/eval/clip_prompts.txt)."),
 ):
     """Render the run's exported mesh from 8 views: judge accuracies, silhouette IoU, Janus rate, and with --clip
     CLIP R-precision (RUN_DIR/eval.json)."""

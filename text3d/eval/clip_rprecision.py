@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from text3d.errors import UserError
+from text3d.runtime.resources import package_path
 
-DEFAULT_CLIP_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "eval" / "clip_prompts.txt"
+DEFAULT_CLIP_PROMPTS = package_path("assets", "eval", "clip_prompts.txt")
 CLIP_FOLDER_HINT = ("a transformers CLIP folder holds config.json, the model weights, the tokenizer files and "
                     "preprocessor_config.json; or pass a hub id such as openai/clip-vit-base-patch32")
 

@@ -121,7 +121,7 @@ class Judge(nn.Module):
         """Write ``model.safetensors`` and ``config.json`` (plus ``info`` under "info") into ``folder``."""
         from safetensors.torch import save_file
 
-        from text3d.utils.atomic import atomic_path, atomic_write_text
+        from text3d.runtime.atomic import atomic_path, atomic_write_text
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def train_judge(dataset, steps: int | None = None, cfg: JudgeTrainConfig | None 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     train_t = torch.from_numpy(train_idx)
     history = []
-    from text3d.training.progress import LoopProgress
+    from text3d.runtime.progress import LoopProgress
 
     with LoopProgress(total=cfg.steps, description="judge", enabled=progress) as bar:
         order, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0

@@ -24,9 +24,9 @@ import torch
 
 from text3d.errors import UserError
 from text3d.eval.judge import HEADS, Judge
+from text3d.runtime.resources import package_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_JUDGE_DIR = REPO_ROOT / "assets" / "judge"
+DEFAULT_JUDGE_DIR = package_path("assets", "judge")
 SCORES_NAME = "scores.json"
 MAX_REFERENCE = 10000  # reference renders used for the Fréchet distance (a seeded subset beyond that)
 
@@ -167,7 +167,7 @@ def front_back_view_accuracy(view_correct: Sequence[bool | None], objects: Seque
 
 
 def load_judge(judge: Judge | str | Path | None = None, device: str | torch.device = "cpu") -> Judge:
-    """A Judge as given, or loaded from a folder (default ``assets/judge``), with a one-line error."""
+    """A Judge as given, or loaded from a folder (default ``text3d/assets/judge``), with a one-line error."""
     if isinstance(judge, Judge):
         return judge
     folder = Path(judge) if judge is not None else DEFAULT_JUDGE_DIR
@@ -241,7 +241,7 @@ def score_folder(folder: str | Path, judge: Judge | str | Path | None = None, re
                  device: str | torch.device = "cpu", write: bool = True, max_reference: int = MAX_REFERENCE) -> dict:
     """Score a ``text3d sample`` folder; writes ``folder/scores.json`` (unless ``write=False``) and returns it."""
     from text3d.eval.frechet import frechet_distance_features
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     folder = Path(folder)
     records, images = read_sample_folder(folder)

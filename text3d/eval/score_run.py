@@ -9,7 +9,7 @@ the fraction of clear front or back views (at least 10 degrees inside the label'
 predicted view label is the opposite one (a back seen as a front, or a front seen as a back).
 
 With a CLIP model (``--clip``) the same 8 views, rendered at 224x224, also get DreamFusion's CLIP R-precision
-against distractor prompts (the world's other captions for its prompts, else ``assets/eval/clip_prompts.txt``);
+against distractor prompts (the world's other captions for its prompts, else ``text3d/assets/eval/clip_prompts.txt``);
 a prompt outside the embedded world (a real-SD run) is then scored by CLIP alone, the judge figures None.
 """
 
@@ -26,7 +26,7 @@ from text3d.errors import UserError
 from text3d.eval.clip_rprecision import DEFAULT_CLIP_PROMPTS, ClipScorer, load_clip
 from text3d.eval.judge import Judge
 from text3d.eval.score_images import load_judge, pct, score_predictions
-from text3d.utils.atomic import atomic_write_text
+from text3d.runtime.atomic import atomic_write_text
 
 EVAL_NAME = "eval.json"
 N_VIEWS = 8
@@ -126,8 +126,8 @@ MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_
 
 def clip_distractors(parsed: tuple[str, str] | None, prompts_file: str | Path | None = None) -> list[str]:
     """Distractor prompts: ``prompts_file``, else the world's captions for a world prompt (``parsed``), else
-    assets/eval/clip_prompts.txt; for a world prompt, captions of the same object and colour are dropped."""
-    from text3d.teacher.sample_cli import read_prompts_file
+    text3d/assets/eval/clip_prompts.txt; for a world prompt, captions of the same object and colour are dropped."""
+    from text3d.prompts import read_prompts_file
     from text3d.toyworld.catalog import all_captions, parse_caption
 
     if prompts_file is not None:
@@ -144,8 +144,8 @@ def score_run(run_dir: str | Path, judge: Judge | str | Path | None = None, writ
     ``clip`` (a :class:`ClipScorer`, or a CLIP folder or hub id) adds CLIP R-precision against the distractors
     of :func:`clip_distractors`; without it the prompt must be an embedded-world caption."""
     from text3d.toyworld.catalog import parse_caption
-    from text3d.training.finalize import particle_dir
-    from text3d.training.generate import load_run_config
+    from text3d.generate.finalize import particle_dir
+    from text3d.generate.run import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

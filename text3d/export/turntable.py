@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from text3d.utils.atomic import atomic_path
+from text3d.runtime.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Atomic writers for meshes: OBJ + MTL + PNG and binary glTF (.glb) with a PBR material (textured), and
 PLY with per-vertex colours.
 
-trimesh builds the file contents; every file is written through :mod:`text3d.utils.atomic` and the
+trimesh builds the file contents; every file is written through :mod:`text3d.runtime.atomic` and the
 result is read back with trimesh before it is renamed into place. Coordinates are written as they
 are: text3d's world frame (+Y up, front +Z) is glTF's, so no axis swap.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from text3d.utils.atomic import atomic_path, atomic_write_bytes
+from text3d.runtime.atomic import atomic_path, atomic_write_bytes
 
 ROUGHNESS = 0.9
 

@@ -27,18 +27,19 @@ from urllib.parse import urlsplit
 import torch
 
 from text3d.errors import ConfigError, TeacherError
+from text3d.runtime.resources import package_path
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_FOLDER_HINT = ("a diffusers Stable Diffusion folder must contain the subfolders "
                   "unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
-# The teacher used when none is named: the embedded one in the repository's assets/teacher/, once trained
+# The teacher used when none is named: the embedded one in the repository's text3d/assets/teacher/, once trained
 # there by scripts/train_teacher.py (it counts as present when its model_index.json is).
-DEFAULT_TEACHER_DIR = Path(__file__).resolve().parents[2] / "assets" / "teacher"
+DEFAULT_TEACHER_DIR = package_path("assets", "teacher")
 
 
 def default_teacher() -> str | None:
     """The teacher used when none is named: $TEXT3D_DEFAULT_TEACHER if set (a folder or hub id), else the
-    embedded one in assets/teacher/, or None while none is installed."""
+    embedded one in text3d/assets/teacher/, or None while none is installed."""
     override = os.environ.get("TEXT3D_DEFAULT_TEACHER")
     if override is not None:
         return override.strip() or None
@@ -193,7 +194,7 @@ def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
     if name_or_path is None:
         name_or_path = default_teacher()
     if name_or_path is None or not str(name_or_path).strip():
-        raise TeacherError("no teacher given and no default teacher is installed yet (assets/teacher/ is empty): "
+        raise TeacherError("no teacher given and no default teacher is installed yet (text3d/assets/teacher/ is empty): "
                            "pass --teacher with a diffusers Stable Diffusion folder or hub id "
                            "(e.g. stabilityai/stable-diffusion-2-1-base), or train the embedded one with "
                            "scripts/train_teacher.py")

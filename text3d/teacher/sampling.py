@@ -194,7 +194,7 @@ def sample_latents(teacher, prompts: str | Sequence[str], steps: int = 50, guida
         guidance_scale = 1.0
     bar = None
     if progress:
-        from text3d.training.progress import LoopProgress
+        from text3d.runtime.progress import LoopProgress
 
         bar = LoopProgress(total=len(timesteps), description="sampling").__enter__()
     try:

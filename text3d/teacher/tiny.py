@@ -138,7 +138,7 @@ def build_tiny_teacher(out_dir: str | os.PathLike, seed: int = 0, words: Iterabl
         raise UserError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; choose another folder or allow overwriting")
-    from text3d.utils.atomic import atomic_dir
+    from text3d.runtime.atomic import atomic_dir
 
     with atomic_dir(out) as tmp, quiet_hf():
         _write_folder(tmp, seed, words)

@@ -158,7 +158,7 @@ def clip_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
 def write_clip_tokenizer_files(out_dir: str | os.PathLike, words: Iterable[str] | None = None,
                                model_max_length: int = MODEL_MAX_LENGTH) -> Path:
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into ``out_dir``."""
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -352,7 +352,7 @@ def all_captions() -> list[str]:
 
 
 def eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
-    """The evaluation prompt set (``assets/eval/prompts_216.txt``): every (object, colour) pair in catalog
+    """The evaluation prompt set (``text3d/assets/eval/prompts_216.txt``): every (object, colour) pair in catalog
     order, once plain and once with a view suffix, the suffixes taken in turn from ``view_labels``
     (default: the labels the training cameras can get, :func:`text3d.cameras.reachable_view_labels`, so no
     prompt asks for a view that no training image shows)."""
@@ -366,7 +366,7 @@ def eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
 
 
 def view_eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
-    """The view evaluation prompt set (``assets/eval/prompts_views_108.txt``): every object with a distinct
+    """The view evaluation prompt set (``text3d/assets/eval/prompts_views_108.txt``): every object with a distinct
     front and back (:data:`FRONT_BACK_OBJECTS`) in every colour, asked for each view of ``view_labels``
     (default: :func:`text3d.cameras.reachable_view_labels`). The view of a sphere or a cube cannot be told
     from its image, by the judge or anyone, so a view suffix is scored only where the view can be seen."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from text3d.errors import UserError
-from text3d.utils.atomic import atomic_write_bytes, atomic_write_text
+from text3d.runtime.atomic import atomic_write_bytes, atomic_write_text
 
 FORMAT = 1
 META_NAME = "meta.json"

@@ -33,7 +33,7 @@ from text3d.prompts import view_prompt
 from text3d.toyworld.catalog import COLOURS, FRONT_BACK_OBJECTS, OBJECTS, caption
 from text3d.toyworld.dataset import META_NAME, read_meta, shard_name, write_meta, write_shard
 from text3d.toyworld.render import render_objects, to_uint8
-from text3d.utils.atomic import atomic_write_text
+from text3d.runtime.atomic import atomic_write_text
 
 LIGHT_JITTER_DEG = 45.0  # as text3d's TrainConfig.light_jitter_deg
 AMBIENT_RANGE = (0.3, 0.7)  # training shades with ambient 0.3 (lambertian) or renders plain albedo
@@ -187,7 +187,7 @@ def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int =
 
     todo = [i for i, size in enumerate(sizes) if not shard_complete(out / names[i], size, resolution)]
     done_images = n - sum(sizes[i] for i in todo)
-    from text3d.training.progress import LoopProgress
+    from text3d.runtime.progress import LoopProgress
 
     rendered = 0
     with LoopProgress(total=n, start=done_images, description="rendering toyworld", enabled=progress) as bar:

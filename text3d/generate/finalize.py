@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from text3d.cameras import orbit_cameras
-from text3d.config import RunConfig
+from text3d.generate.config import RunConfig
 from text3d.export import export_asset, write_turntable
-from text3d.training.preview import render_views, save_run_preview
-from text3d.training.run_folder import SUMMARY_NAME
-from text3d.utils.atomic import atomic_write_text
+from text3d.generate.preview import render_views, save_run_preview
+from text3d.runtime.run_folder import SUMMARY_NAME
+from text3d.runtime.atomic import atomic_write_text
 
 FORMATS = {"obj": ("obj",), "glb": ("glb",), "ply": ("ply",), "both": ("obj", "glb"), "all": ("obj", "glb", "ply")}
 

@@ -22,26 +22,10 @@ from typing import Optional
 import typer
 
 from text3d.errors import UserError
+from text3d.prompts import read_prompts_file
 
 OUTPUT_ENTRIES = ("grid.png", "images", "prompts.json", "scores.json")  # scores.json: stale once resampled
 GRID_CELL_MAX = 256  # grid cells are downscaled to at most this many pixels
-
-
-def read_prompts_file(path: Path) -> list[str]:
-    """Non-empty lines of ``path`` (whitespace collapsed); lines starting with ``#`` are comments."""
-    from text3d.prompts import validate_prompt
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {path} is not UTF-8 text") from None
-    prompts = [validate_prompt(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompts file {path} has no prompts (one prompt per line)")
-    return prompts
 
 
 def _check_out(out: Path) -> Path:
@@ -67,7 +51,7 @@ def save_grid(images, columns: int, path: Path) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from text3d.training.preview import save_preview
+    from text3d.runtime.preview import save_preview
 
     size = images.shape[-1]
     if size > GRID_CELL_MAX:
@@ -84,7 +68,7 @@ def _save_png(image, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from text3d.utils.atomic import atomic_path
+    from text3d.runtime.atomic import atomic_path
 
     array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     with atomic_path(path) as tmp:
@@ -107,8 +91,8 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
 
     from text3d.teacher import load_teacher
     from text3d.teacher.sampling import initial_latents, sample_images
-    from text3d.training.progress import LoopProgress
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.progress import LoopProgress
+    from text3d.runtime.atomic import atomic_write_text
 
     from text3d.teacher.sampling import SAMPLERS
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from text3d.errors import UserError
-from text3d.utils.atomic import atomic_dir
+from text3d.runtime.atomic import atomic_dir
 
 JUDGE_BEGIN = "<!-- judge-scores:begin -->"
 JUDGE_END = "<!-- judge-scores:end -->"
@@ -134,7 +134,7 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, scale: int = 2) -> Path:
     """Save rows of images [N, 3, H, W] in [0, 1] as one PNG (each image upscaled ``scale`` times)."""
     from PIL import Image
 
-    from text3d.utils.atomic import atomic_path
+    from text3d.runtime.atomic import atomic_path
 
     grid = torch.cat([torch.cat(list(r.clamp(0, 1).cpu()), dim=2) for r in rows], dim=1)
     array = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
@@ -263,14 +263,14 @@ def render_model_card(info: dict) -> str:
 
 
 def write_model_card(path: str | os.PathLike, info: dict) -> Path:
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     return atomic_write_text(path, render_model_card(info))
 
 
 def fill_model_card_section(path: str | os.PathLike, markdown: str) -> Path:
     """Replace the judge-score section of the model card at ``path`` with ``markdown`` (atomically)."""
-    from text3d.utils.atomic import atomic_write_text
+    from text3d.runtime.atomic import atomic_write_text
 
     path = Path(path)
     text = path.read_text() if path.is_file() else ""

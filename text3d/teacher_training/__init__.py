@@ -9,19 +9,19 @@ trained from scratch on the synthetic world (``scripts/train_teacher.py`` is its
   export.py  the diffusers folder (atomic), the load check, the model card, preview samples
 """
 
-from text3d.teacher.train.models import Architecture
-from text3d.teacher.train.stages import Interrupted, TeacherTrainConfig
+from text3d.teacher_training.models import Architecture
+from text3d.teacher_training.stages import Interrupted, TeacherTrainConfig
 
 __all__ = ["Architecture", "Interrupted", "TeacherTrainConfig", "train_teacher", "write_fake_dataset"]
 
 
 def __getattr__(name):
     if name == "train_teacher":
-        from text3d.teacher.train.run import train_teacher
+        from text3d.teacher_training.run import train_teacher
 
         return train_teacher
     if name == "write_fake_dataset":
-        from text3d.teacher.train.data import write_fake_dataset
+        from text3d.teacher_training.data import write_fake_dataset
 
         return write_fake_dataset
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

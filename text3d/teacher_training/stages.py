@@ -11,7 +11,7 @@ captions are replaced by "" (classifier-free guidance); Min-SNR-5 loss weights; 
 networks is what ships.
 
 Every random draw of a step comes from the stage's own ``torch.Generator`` (saved in checkpoints)
-and the batch order from :class:`~text3d.teacher.train.data.BatchOrder`, so a resumed run matches
+and the batch order from :class:`~text3d.teacher_training.data.BatchOrder`, so a resumed run matches
 an uninterrupted one bit for bit on the same machine and thread count.
 """
 
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from text3d.errors import NumericalError, UserError
-from text3d.teacher.train.data import BatchOrder, images_to_model
-from text3d.teacher.train.models import Architecture
-from text3d.training.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from text3d.training.progress import LoopProgress
+from text3d.teacher_training.data import BatchOrder, images_to_model
+from text3d.teacher_training.models import Architecture
+from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from text3d.runtime.progress import LoopProgress
 
 MAX_NONFINITE = 20  # consecutive NaN/inf steps before giving up
 
@@ -50,7 +50,7 @@ class Interrupted(UserError):
 class TeacherTrainConfig:
     """Everything a teacher training run depends on (the defaults are the shipped ~2 h CPU run)."""
 
-    out: str = "assets/teacher"
+    out: str = "text3d/assets/teacher"
     work: str = "runs/teacher-train"
     vae_steps: int = 3000  # ~17 min at 0.35 s/step (2 cores)
     unet_steps: int = 7000  # ~90 min at 0.75-0.8 s/step (2 cores)

@@ -13,16 +13,16 @@ from typing import Callable, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from text3d.config import RunConfig, load_config, to_yaml
+from text3d.generate.config import RunConfig, load_config, to_yaml
 from text3d.errors import UserError
 from text3d.prompts import validate_prompt
-from text3d.training.finalize import export_run, write_summary
-from text3d.training.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
+from text3d.generate.finalize import export_run, write_summary
+from text3d.runtime.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
                                         probe_writable, require_run_dir)
-from text3d.training.trainer import STAGE_CHECKPOINTS, AssetTrainer
-from text3d.utils.atomic import atomic_write_text
+from text3d.generate.trainer import STAGE_CHECKPOINTS, AssetTrainer
+from text3d.runtime.atomic import atomic_write_text
 from text3d.utils.backends import resolve_device
-from text3d.utils.seed import seed_everything
+from text3d.runtime.seed import seed_everything
 
 @dataclass
 class GenerateResult:
@@ -72,7 +72,7 @@ def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True
 
 def _from_run(from_dir: Path, cfg: RunConfig, device: torch.device) -> list:
     """The particles of the last stage of ``from_dir`` that comes before this run's first stage."""
-    from text3d.config import STAGES
+    from text3d.generate.config import STAGES
 
     source_cfg = load_run_config(from_dir)
     before = [s for s in STAGES[: STAGES.index(cfg.stages[0])] if s in source_cfg.stages]

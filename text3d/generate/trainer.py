@@ -19,17 +19,17 @@ from typing import Callable, Iterable
 import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
-from text3d.config import RunConfig, TrainConfig, render_resolution, to_yaml
+from text3d.generate.config import RunConfig, TrainConfig, render_resolution, to_yaml
 from text3d.errors import CheckpointError, NumericalError, UserError
 from text3d.guidance import SDSGuidance, VSDGuidance
 from text3d.prompts import prompts_for_cameras
 from text3d.renderers.nerf import NeRFRenderer
-from text3d.training.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from text3d.training.preview import save_run_preview
-from text3d.training.progress import LoopProgress
-from text3d.training.run_folder import CHECKPOINT
-from text3d.training.signals import Interrupted, StopRequest  # noqa: F401  (Interrupted is part of this API)
-from text3d.utils.seed import rng_state, set_rng_state
+from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from text3d.generate.preview import save_run_preview
+from text3d.runtime.progress import LoopProgress
+from text3d.runtime.run_folder import CHECKPOINT
+from text3d.runtime.signals import Interrupted, StopRequest  # noqa: F401  (Interrupted is part of this API)
+from text3d.runtime.seed import rng_state, set_rng_state
 
 SHADINGS = ("albedo", "lambertian", "textureless")
 

@@ -1,7 +1,7 @@
-"""The one config system: typed dataclasses, defaults from YAML in ``configs/``, overrides as ``key=value``.
+"""The one config system: typed dataclasses, defaults from YAML in ``text3d/configs/``, overrides as ``key=value``.
 
 Each layer owns its dataclass (``NeRFConfig`` in renderers, ``SDSConfig`` in guidance, ...);
-:class:`RunConfig` composes them. Loading order: dataclass defaults < ``configs/default.yaml``
+:class:`RunConfig` composes them. Loading order: dataclass defaults < ``text3d/configs/default.yaml``
 < ``--config FILE`` < CLI flags < ``key=value`` overrides. Unknown keys and values of the wrong
 type or range raise :class:`~text3d.errors.ConfigError` with one line naming the key.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from text3d.cameras import CameraSamplerConfig
-from text3d.errors import ConfigError
+from text3d.runtime.config import check as _check, load_structured
+from text3d.runtime.resources import CONFIG_DIR
 from text3d.export import ExportConfig, check_export_config
 from text3d.guidance.sds import SDSConfig
 from text3d.guidance.vsd import VSDConfig
@@ -24,7 +24,6 @@ from text3d.prompts import PromptConfig
 from text3d.renderers.nerf import NeRFConfig, check_nerf_config
 from text3d.teacher import TeacherConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GUIDANCES = ("sds", "vsd")
 SHADINGS = ("albedo", "lambertian", "textureless")
 
@@ -103,46 +102,6 @@ def render_resolution(t: TrainConfig, step: int) -> int:
     return t.resolution
 
 
-def _merge(base, other, where: str):
-    try:
-        return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        reason = str(exc).splitlines()[0]
-        if "Key" in type(exc).__name__ or "not in" in reason:
-            raise ConfigError(f"unknown config key '{key}' in {where}") from None
-        raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from None
-
-
-def load_structured(schema, paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()):
-    """A typed dataclass instance from ``schema`` (a dataclass type or instance), YAML ``paths`` merged
-    in order, then ``key=value`` overrides; every failure is a one-line ConfigError."""
-    cfg = OmegaConf.structured(schema)
-    for path in [Path(f) for f in paths]:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # YAML syntax errors
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        cfg = _merge(cfg, loaded, str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=0.005)")
-        key, value = item.split("=", 1)
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
-        except Exception:
-            raise ConfigError(f"override {item!r} could not be parsed") from None
-        cfg = _merge(cfg, dotted, f"override {item!r}")
-    try:
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad config: {str(exc).splitlines()[0]}") from None
-
-
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base=None,
                 use_default_file: bool = True) -> RunConfig:
     """Build a :class:`RunConfig` from the defaults, YAML files and ``key=value`` overrides."""
@@ -154,11 +113,6 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def validate(cfg: RunConfig) -> None:

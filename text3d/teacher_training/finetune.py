@@ -1,13 +1,13 @@
 """Fine-tuning an existing teacher's UNet and text encoder, with chosen examples weighted up.
 
-The from-scratch run (:mod:`text3d.teacher.train.run`) learns object and colour long before it
+The from-scratch run (:mod:`text3d.teacher_training.run`) learns object and colour long before it
 learns the view suffix: the view changes only a small part of the image (where the house's door
 or the mug's handle is), so its share of the epsilon loss is tiny. A fine-tune starts from a
 written teacher folder, keeps its VAE, tokenizer and latent scaling, and repeats the examples
 whose view can be seen (objects with a distinct front and back, captions with a view suffix)
 ``view_repeat`` times in every epoch; everything else is replayed once so nothing is forgotten.
 
-It is the same :class:`~text3d.teacher.train.stages.DiffusionStage` as stage 2 (loss, EMA,
+It is the same :class:`~text3d.teacher_training.stages.DiffusionStage` as stage 2 (loss, EMA,
 checkpoints, resume, time budget); the EMA starts from the loaded weights.
 """
 
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from text3d.errors import UserError
-from text3d.teacher.train import export
-from text3d.teacher.train.data import caption_table, tokenize
-from text3d.teacher.train.stages import DiffusionStage, StopFlag, TeacherTrainConfig, load_stage_state, run_stage
+from text3d.teacher_training import export
+from text3d.teacher_training.data import caption_table, tokenize
+from text3d.teacher_training.stages import DiffusionStage, StopFlag, TeacherTrainConfig, load_stage_state, run_stage
 from text3d.toyworld.dataset import ToyworldDataset
-from text3d.utils.atomic import atomic_dir
+from text3d.runtime.atomic import atomic_dir
 
 FINETUNE_CKPT = "finetune.ckpt"
 FINETUNE_LATENTS = "finetune_latents.pt"
@@ -74,8 +74,8 @@ def weighted_indices(mask: np.ndarray, repeat: int) -> np.ndarray:
 
 def _encode(work: Path, vae, images_u8: np.ndarray, device: torch.device, init: Path, log) -> torch.Tensor:
     """VAE posterior means (unscaled) of ``images_u8``, cached in the work folder per (teacher, image count)."""
-    from text3d.teacher.train.run import encode_dataset
-    from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+    from text3d.teacher_training.run import encode_dataset
+    from text3d.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     import hashlib
 
@@ -125,7 +125,7 @@ def finetune_card(previous: str, info: dict) -> str:
         "Final losses (mean of the last 100 steps): " + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items()),
         "",
         "```bash",
-        info.get("command") or "python scripts/train_teacher.py --init assets/teacher",
+        info.get("command") or "python scripts/train_teacher.py --init text3d/assets/teacher",
         "```",
         "",
     ])
@@ -148,7 +148,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     the fine-tune's steps will see. ``repeat_views`` (view labels, default all) picks which of the kept
     visible-view examples are repeated ``view_repeat`` times; the others are kept and seen once."""
     from text3d.teacher.loader import load_components
-    from text3d.teacher.train.run import available_threads
+    from text3d.teacher_training.run import available_threads
     from text3d.utils.backends import resolve_device
 
     t_start = time.perf_counter()

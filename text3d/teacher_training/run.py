@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from text3d.errors import UserError
-from text3d.teacher.train import export
-from text3d.teacher.train.data import caption_table, tokenize, world_vocabulary
-from text3d.teacher.train.models import (Architecture, build_scheduler, build_text_encoder, build_unet, build_vae,
+from text3d.teacher_training import export
+from text3d.teacher_training.data import caption_table, tokenize, world_vocabulary
+from text3d.teacher_training.models import (Architecture, build_scheduler, build_text_encoder, build_unet, build_vae,
                                          n_params)
-from text3d.teacher.train.stages import (DiffusionStage, Stage, StopFlag, TeacherTrainConfig, VAEStage,
+from text3d.teacher_training.stages import (DiffusionStage, Stage, StopFlag, TeacherTrainConfig, VAEStage,
                                          load_stage_state, run_stage)
 from text3d.toyworld.dataset import ToyworldDataset
 
@@ -59,7 +59,7 @@ def build_models(arch: Architecture, tokenizer, seed: int):
 @torch.no_grad()
 def encode_dataset(vae, images_u8: np.ndarray, device: torch.device, batch: int = 128) -> torch.Tensor:
     """VAE posterior means [N, 4, 16, 16] (float32, CPU) of every image."""
-    from text3d.teacher.train.data import images_to_model
+    from text3d.teacher_training.data import images_to_model
 
     vae.eval()
     out = []
@@ -330,7 +330,7 @@ def _train(cfg, dataset, data_path, words, log, stop, on_step) -> dict:
 def _latents(work: Path, vae, vae_stage: VAEStage, images_u8: np.ndarray, device: torch.device,
              log) -> tuple[torch.Tensor, float]:
     """Posterior means of the whole dataset (cached in latents.pt) and scaling factor = 1 / their std."""
-    from text3d.training.checkpoint import load_checkpoint, save_checkpoint
+    from text3d.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     path = work / LATENTS
     key = {"vae_step": vae_stage.step, "n": len(images_u8), "vae_elapsed": vae_stage.elapsed}

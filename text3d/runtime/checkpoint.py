@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from text3d.errors import CheckpointError
-from text3d.utils.atomic import atomic_path
+from text3d.runtime.atomic import atomic_path
 
 FORMAT_VERSION = 1
 

@@ -1,0 +1,61 @@
+"""The one config system: typed dataclasses, YAML files merged in order, then ``key=value`` overrides.
+
+Every layer owns its dataclass; a command composes them (``RunConfig`` for generate,
+``Distill2DConfig`` for distill2d). Unknown keys and values of the wrong type or range raise
+:class:`~text3d.errors.ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from text3d.errors import ConfigError
+
+
+def _merge(base, other, where: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        if "Key" in type(exc).__name__ or "not in" in reason:
+            raise ConfigError(f"unknown config key '{key}' in {where}") from None
+        raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from None
+
+
+def load_structured(schema, paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()):
+    """A typed dataclass instance from ``schema`` (a dataclass type or instance), YAML ``paths`` merged
+    in order, then ``key=value`` overrides; every failure is a one-line ConfigError."""
+    cfg = OmegaConf.structured(schema)
+    for path in [Path(f) for f in paths]:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=0.005)")
+        key, value = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception:
+            raise ConfigError(f"override {item!r} could not be parsed") from None
+        cfg = _merge(cfg, dotted, f"override {item!r}")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad config: {str(exc).splitlines()[0]}") from None
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,1 +1,0 @@
-"""The optimisation loop of `text3d generate`: run folders, checkpoints, resume and interruption."""
