@@ -39,7 +39,8 @@ def fingerprint(state, prefix: str = "", out: dict | None = None) -> dict:
     return out
 
 
-def run(guidance: str, steps: int, teacher: str | None, seed: int, distill: str | None = None) -> dict:
+def run(guidance: str, steps: int, teacher: str | None, seed: int, distill: str | None = None,
+        overrides: list[str] = ()) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,10 +54,10 @@ def run(guidance: str, steps: int, teacher: str | None, seed: int, distill: str 
             cmd = [sys.executable, "-m", "text3d", "distill2d", "--method", distill, "--steps", str(steps),
                    "--seed", str(seed), *teacher_args, "--out", str(run_dir), "--no-eval", "--quiet",
                    "batch_size=2", "sample_every=1000", "regression.pairs=4", "regression.sampler_steps=2",
-                   "real_images=8", "trajectory.round_steps=2", "trajectory.start_steps=4", "trajectory.stage1_steps=2"]
+                   "real_images=8", "trajectory.round_steps=2", "trajectory.start_steps=4", "trajectory.stage1_steps=2", *overrides]
         else:
             cmd = [sys.executable, "-m", "text3d", "generate", "a red cube", "--guidance", guidance,
-                   "--steps", str(steps), "--seed", str(seed), *teacher_args, "--out", str(run_dir), "--no-video"]
+                   "--steps", str(steps), "--seed", str(seed), *teacher_args, "--out", str(run_dir), "--no-video", *overrides]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         result = {}
         for path in sorted((run_dir / "checkpoints").glob("*.pt")):
@@ -87,12 +88,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher", default=None)
     ap.add_argument("--distill", default=None, help="a distill2d method instead of generate")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for the run")
     ap.add_argument("--out")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"))
     args = ap.parse_args()
     if args.compare:
         return compare(*args.compare)
-    Path(args.out).write_text(json.dumps(run(args.guidance, args.steps, args.teacher, args.seed, args.distill), indent=1))
+    Path(args.out).write_text(json.dumps(run(args.guidance, args.steps, args.teacher, args.seed, args.distill, args.set), indent=1))
     return 0
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO, run_cli
-from text3d.distill2d.config import ScoreCoreConfig, load_distill_config
+from text3d.distill2d.config import load_distill_config
 from text3d.distill2d.run import distill, resume_distill
-from text3d.distill2d.score_core import ScoreDifferenceCore
+from text3d.guidance.core import ScoreConfig, ScoreDistillation
 from text3d.distill2d.student import Student
 from text3d.distill2d.trainer import Distill2DTrainer
 from text3d.errors import ConfigError
@@ -64,9 +64,9 @@ def test_swiftbrush_gradient_is_sigma2_times_score_difference(teacher):
     student, x0, cond = _student_x0(teacher)
     lora = _perturbed_lora(teacher)
     uncond = teacher.encode_prompts(["", ""])
-    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(4.5, 4.5, "sigma2", reduction="sum"))
+    core = ScoreDistillation(teacher, ScoreConfig(4.5, 4.5, "sigma2", reduction="sum"), lora=lora)
     t, noise = torch.tensor([200, 800]), torch.randn(2, 4, 16, 16)
-    out = core(x0, cond, uncond, t=t, noise=noise)
+    out = core.from_latents(x0, cond, uncond, t=t, noise=noise)
     out.loss.backward()
     with torch.no_grad():
         ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -83,9 +83,9 @@ def test_dmd_gradient_is_the_normalised_x0_difference(teacher):
     student, x0, cond = _student_x0(teacher)
     lora = _perturbed_lora(teacher, seed=1)
     uncond = teacher.encode_prompts(["", ""])
-    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(3.0, 1.0, "dmd", reduction="sum"))
+    core = ScoreDistillation(teacher, ScoreConfig(3.0, 1.0, "dmd", reduction="sum"), lora=lora)
     t, noise = torch.tensor([300, 600]), torch.randn(2, 4, 16, 16)
-    out = core(x0, cond, uncond, t=t, noise=noise)
+    out = core.from_latents(x0, cond, uncond, t=t, noise=noise)
     out.loss.backward()
     with torch.no_grad():
         ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -103,12 +103,12 @@ def test_dmd_gradient_is_the_normalised_x0_difference(teacher):
 def test_dmd_gradient_vanishes_when_fake_score_is_the_teacher_without_cfg(teacher):
     _, x0, cond = _student_x0(teacher)
     lora = LoRAScoreNetwork(teacher, rank=4)  # fresh: B = 0, so exactly the teacher
-    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(1.0, 1.0, "dmd", reduction="sum"))
-    out = core(x0, cond, teacher.encode_prompts(["", ""]))
+    core = ScoreDistillation(teacher, ScoreConfig(1.0, 1.0, "dmd", reduction="sum"), lora=lora)
+    out = core.from_latents(x0, cond, teacher.encode_prompts(["", ""]))
     assert out.grad.abs().max() == 0.0
     # and with CFG on the real branch it does not vanish
-    core.cfg = ScoreCoreConfig(4.0, 1.0, "dmd", reduction="sum")
-    assert core(x0, cond, teacher.encode_prompts(["", ""])).grad.abs().max() > 0
+    core.cfg = ScoreConfig(4.0, 1.0, "dmd", reduction="sum")
+    assert core.from_latents(x0, cond, teacher.encode_prompts(["", ""])).grad.abs().max() > 0
     lora.remove()
 
 
@@ -117,9 +117,9 @@ def test_image_space_dmd_gradient_is_the_normalised_decoded_difference(teacher):
     student, x0, cond = _student_x0(teacher)
     lora = _perturbed_lora(teacher, seed=2)
     uncond = teacher.encode_prompts(["", ""])
-    core = ScoreDifferenceCore(teacher, lora, ScoreCoreConfig(3.0, 1.0, "dmd", reduction="sum", space="image"))
+    core = ScoreDistillation(teacher, ScoreConfig(3.0, 1.0, "dmd", reduction="sum", space="image"), lora=lora)
     t, noise = torch.tensor([250, 700]), torch.randn(2, 4, 16, 16)
-    out = core(x0, cond, uncond, t=t, noise=noise)
+    out = core.from_latents(x0, cond, uncond, t=t, noise=noise)
     out.loss.backward()
     with torch.no_grad():
         ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -142,17 +142,17 @@ def test_image_space_dmd_gradient_is_the_normalised_decoded_difference(teacher):
     assert torch.allclose(x0.grad, probe.grad, atol=1e-4, rtol=1e-3)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.unet.parameters())
     # SwiftBrush's weighting with CFG on the fake branch too: D_cfg(fake) - D_cfg(real), no normalisation
-    core.cfg = ScoreCoreConfig(3.0, 2.0, "sigma2", reduction="sum", space="image")
+    core.cfg = ScoreConfig(3.0, 2.0, "sigma2", reduction="sum", space="image")
     with torch.no_grad():
         with lora.active():
             fake_u, fake_c = (decoded(teacher.unet(noisy, t, encoder_hidden_states=e).sample) for e in (uncond, cond))
         fake_cfg = (fake_u + 2.0 * (fake_c - fake_u)).clamp(0, 1)
-    assert torch.allclose(core(x0, cond, uncond, t=t, noise=noise).grad, fake_cfg - real, atol=2e-4, rtol=1e-3)
+    assert torch.allclose(core.from_latents(x0, cond, uncond, t=t, noise=noise).grad, fake_cfg - real, atol=2e-4, rtol=1e-3)
     # fake score = the teacher and no CFG: nothing to learn
     lora.remove()
     fresh = LoRAScoreNetwork(teacher, rank=4)
-    core = ScoreDifferenceCore(teacher, fresh, ScoreCoreConfig(1.0, 1.0, "dmd", reduction="sum", space="image"))
-    assert core(x0, cond, uncond).grad.abs().max() == 0.0
+    core = ScoreDistillation(teacher, ScoreConfig(1.0, 1.0, "dmd", reduction="sum", space="image"), lora=fresh)
+    assert core.from_latents(x0, cond, uncond).grad.abs().max() == 0.0
     fresh.remove()
 
 
@@ -165,7 +165,7 @@ def test_student_x0_uses_the_schedules_alpha_bar(teacher):
 
 
 def test_one_ttur_iteration_steps_the_fake_score_n_times_and_the_student_once(tiny_teacher_dir, tmp_path):
-    cfg = load_distill_config("dmd2", overrides=[*SMALL, f"teacher={tiny_teacher_dir}", "fake.steps_per_student_step=3"])
+    cfg = load_distill_config("dmd2", overrides=[*SMALL, f"teacher={tiny_teacher_dir}", "fake.steps=3"])
     trainer = Distill2DTrainer(cfg, tmp_path, show_progress=False)
     student_before = [p.detach().clone() for p in trainer.student.unet.parameters()]
     trainer.train_step()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from text3d.teacher_training.data import (BatchOrder, caption_pieces, load_datas
                                        write_fake_dataset)
 from text3d.teacher_training.export import JUDGE_BEGIN, JUDGE_END, fill_model_card_section
 from text3d.teacher_training.run import train_teacher
-from text3d.teacher_training.stages import StopFlag, VAEStage
+from text3d.runtime.signals import StopRequest
+from text3d.teacher_training.stages import VAEStage
 
 # a few thousand times smaller than the shipped teacher: the same classes and data flow
 TINY = Architecture(vae_channels=(16, 32, 32), vae_norm_groups=8, unet_channels=(16, 32, 32), unet_heads=2,
@@ -109,7 +109,7 @@ def test_vae_loss_decreases_on_a_fixed_batch(fake_data):
     assert np.mean(losses[-5:]) < 0.6 * losses[0], losses
 
 
-def _stop_at(stop: StopFlag, stage_name: str, step: int):
+def _stop_at(stop: StopRequest, stage_name: str, step: int):
     def callback(stage, stats):
         if stage.name == stage_name and stage.step == step:
             stop.signal = "SIGINT"  # what the Ctrl-C handler does
@@ -121,7 +121,7 @@ def test_resume_after_interrupts_matches_an_uninterrupted_run(trained, fake_data
     data = load_dataset(fake_data)
     cfg = tiny_config(tmp_path)
     for stage_name, step in (("vae", 1), ("unet", 3)):
-        stop = StopFlag()
+        stop = StopRequest()
         with pytest.raises(Interrupted) as excinfo:
             train_teacher(cfg, data, data_path=fake_data, log=quiet, stop=stop, on_step=_stop_at(stop, stage_name, step))
         assert excinfo.value.exit_code == 130 and "--resume" in str(excinfo.value)
@@ -163,9 +163,9 @@ def test_time_budget_stops_early_and_still_writes_the_teacher(fake_data, tmp_pat
 def test_tokenizer_keeps_every_caption_word_whole(fake_data, tmp_path, monkeypatch):
     from text3d.teacher.tokenizer import build_clip_tokenizer, split_pieces
 
-    catalog = types.ModuleType("text3d.toyworld.catalog")
-    catalog.vocabulary = lambda: ["teapot", "overhead", "wooden"]
-    monkeypatch.setitem(sys.modules, "text3d.toyworld.catalog", catalog)
+    from text3d.toyworld import catalog
+
+    monkeypatch.setattr(catalog, "vocabulary", lambda: ["teapot", "overhead", "wooden"])
     captions = [str(c) for c in load_dataset(fake_data).arrays["captions"]]
     words = world_vocabulary(captions)
     assert {"teapot", "wooden", "red", "square", "view", ","} <= set(words)
@@ -174,13 +174,8 @@ def test_tokenizer_keeps_every_caption_word_whole(fake_data, tmp_path, monkeypat
         pieces = split_pieces(caption)
         ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(pieces), (caption, tokenizer.convert_ids_to_tokens(ids))
-    monkeypatch.delitem(sys.modules, "text3d.toyworld.catalog")
-    monkeypatch.setattr("importlib.import_module", _no_catalog)
-    assert set(world_vocabulary(captions)) == caption_pieces(captions)  # fallback: the captions' words
-
-
-def _no_catalog(name, *args):
-    raise ImportError(name)
+    monkeypatch.setattr(catalog, "vocabulary", lambda: [])
+    assert set(world_vocabulary(captions)) == caption_pieces(captions)  # words the catalog lacks still kept
 
 
 def test_batch_order_is_a_pure_function_of_the_step():
@@ -206,7 +201,51 @@ def test_guard_rails(fake_data, tmp_path, trained):
         load_dataset(tmp_path / "nothing")
 
 
-def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
+def _train(*args: str) -> int:
+    """`text3d teacher train ARGS` in this process: 0, or the exit code of the error."""
+    from text3d.cli import main
+
+    try:
+        return main(["teacher", "train", *map(str, args)])
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_command_exit_codes(monkeypatch, fake_data, tmp_path, capsys):
+    def interrupted(*args, **kwargs):
+        raise Interrupted("stopped by SIGINT")
+
+    monkeypatch.setattr("text3d.teacher_training.run.train_teacher", interrupted)
+    assert _train("--data", fake_data, "--work", tmp_path / "w", "--out", tmp_path / "o") == 130
+    assert _train("--data", tmp_path / "missing", "--work", tmp_path / "w") == 2
+    assert _train("--data", fake_data, "--resume", "--fresh") == 2
+    assert _train("--data", fake_data, "--vae-steps", "-1") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: stopped by SIGINT", f"error: {tmp_path / 'missing'} is not a toyworld dataset (no meta.json); "
+                   "render one with --render N", "error: --resume and --fresh cannot be combined",
+                   "error: --vae-steps must be >= 0, got -1"]
+    seen = {}
+
+    def finetune(cfg, dataset, init, **kwargs):
+        seen.update(kwargs, command=cfg.command, out=cfg.out)
+        raise Interrupted("stopped by SIGINT")
+
+    monkeypatch.setattr("text3d.teacher_training.finetune.finetune_teacher", finetune)
+    base = ["--data", fake_data, "--work", tmp_path / "w", "--out", tmp_path / "o", "--init", "t"]
+    assert _train(*base, "--repeat-views", "front, back", "--replay", "3", "--no-progress") == 130
+    assert seen["repeat_views"] == ["front", "back"] and seen["replay"] == 3 and seen["out"] == str(tmp_path / "o")
+    # the recorded command: the options given, runnable as they are (a fake dataset gets no --render)
+    assert seen["command"] == (f"text3d teacher train --data {fake_data} --out {tmp_path / 'o'} --work "
+                               f"{tmp_path / 'w'} --no-progress --init t --repeat-views 'front, back' --replay 3")
+    assert _train(*base, "--repeat-views", "front,top") == 2
+    assert "unknown view label(s) top" in capsys.readouterr().err
+    from text3d.teacher_training.cli import reproduce_command
+
+    command = reproduce_command(["--data", "d"], {"n": 100, "seed": 4})
+    assert command == "text3d teacher train --data d --render 100 --render-seed 4"
+
+
+def test_script_wraps_the_command(monkeypatch, fake_data, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
         import train_teacher as script
@@ -217,21 +256,36 @@ def test_script_exit_codes(monkeypatch, fake_data, tmp_path):
         raise Interrupted("stopped by SIGINT")
 
     monkeypatch.setattr("text3d.teacher_training.run.train_teacher", interrupted)
-    assert script.main(["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 130
-    assert script.main(["--data", str(tmp_path / "missing"), "--work", str(tmp_path / "w")]) == 2
-    seen = {}
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 130
 
-    def finetune(cfg, dataset, init, **kwargs):
-        seen.update(kwargs)
-        raise Interrupted("stopped by SIGINT")
 
-    monkeypatch.setattr("text3d.teacher_training.finetune.finetune_teacher", finetune)
-    base = ["--data", str(fake_data), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--init", "t"]
-    assert script.main(base + ["--repeat-views", "front, back"]) == 130 and seen["repeat_views"] == ["front", "back"]
-    with pytest.raises(SystemExit):
-        script.main(base + ["--repeat-views", "front,top"])
-    command = script.reproduce_command(["--data", "d"], {"n": 100, "seed": 4})
-    assert command.endswith("--data d --render 100 --render-seed 4")
+def test_command_help_and_one_line_error(tmp_path):
+    from tests.helpers import run_cli
+
+    result = run_cli("teacher", "train", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ("--data", "--render", "--init", "--view-repeat", "--repeat-views", "--replay", "--time-budget-min",
+                   "--resume", "--fresh", "--no-preview", "--ema-decay"):
+        assert option in result.stdout, option
+    result = run_cli("teacher", "train", "--data", str(tmp_path / "nothing"), "--work", str(tmp_path / "w"),
+                     "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'nothing'} is not a toyworld dataset (no meta.json); "
+                                          "render one with --render N"]
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_render_option_renders_the_toyworld(tmp_path):
+    folder = tmp_path / "data"
+    data = load_dataset(folder, render=3, seed=2, progress=False)  # `--render 3 --render-seed 2`
+    assert len(data) == 3 and data.meta["n"] == 3 and data.meta["seed"] == 2 and not data.meta.get("fake")
+    assert data.arrays["images"].shape == (3, 64, 64, 3)
+    from text3d.toyworld.generate import render_dataset
+
+    again = render_dataset(tmp_path / "again", 3, seed=2, progress=False)  # what `text3d toyworld render` writes
+    assert np.array_equal(load_dataset(again).arrays["images"], data.arrays["images"])
 
 
 def test_fit_steps_to_budget_and_foreground_weights():
@@ -314,7 +368,7 @@ def test_finetune_writes_a_teacher_that_reloads_and_resumes_exactly(trained, fak
     assert "## Fine-tune 1" in again and again.index("## Fine-tune 1") < again.index("## Fine-tune 2")
 
     # Ctrl-C at step 2, then --resume: the same weights as the uninterrupted run
-    stop = StopFlag()
+    stop = StopRequest()
     with pytest.raises(Interrupted):
         finetune_teacher(cfg("b"), data, init, view_repeat=2, replay=2, log=quiet, stop=stop,
                          on_step=_stop_at(stop, "unet", 2))

@@ -8,7 +8,7 @@ from tests.helpers import FAST, assert_same_state, checkpoint_state
 from text3d.cameras import CameraSamplerConfig, sample_cameras
 from text3d.generate.config import load_config
 from text3d.guidance import VSDConfig, VSDGuidance
-from text3d.guidance.lora import LoRAScoreNetwork
+from text3d.guidance.lora import LoRAScoreConfig, LoRAScoreNetwork
 from text3d.guidance.vsd import camera_features
 from text3d.teacher import load_teacher
 from text3d.generate.run import generate, resume
@@ -120,7 +120,7 @@ def test_image_space_vsd_compares_with_the_loras_decoded_x0(teacher):
 
 def test_one_lora_step_lowers_its_loss_on_a_fixed_batch(teacher):
     torch.manual_seed(2)
-    guidance = VSDGuidance(teacher, VSDConfig(lora_lr=1e-2, camera_drop=0.0))
+    guidance = VSDGuidance(teacher, VSDConfig(lora=LoRAScoreConfig(rank=4, alpha=4.0, lr=1e-2, camera_condition=True)))
     latents = teacher.encode_images(torch.rand(4, 3, 64, 64)).detach()
     cond = teacher.encode_prompts(["a red cube"] * 4)
     t = torch.tensor([100, 300, 500, 700])
@@ -141,7 +141,7 @@ def test_a_lora_step_trains_the_lora_weights_themselves(teacher):
     """The adapters' own weights (not only the camera MLP) get gradients and move, also when the loss is
     backpropagated after the adapters were switched off again (peft's switch clears requires_grad)."""
     torch.manual_seed(3)
-    guidance = VSDGuidance(teacher, VSDConfig(lora_lr=1e-2, camera_drop=0.0))
+    guidance = VSDGuidance(teacher, VSDConfig(lora=LoRAScoreConfig(rank=4, alpha=4.0, lr=1e-2, camera_condition=True)))
     lora = guidance.lora
     b_weights = {n: p.detach().clone() for n, p in lora._lora_params.items() if "lora_B" in n}
     assert b_weights and all(float(w.abs().max()) == 0.0 for w in b_weights.values())  # peft starts B at zero
@@ -160,7 +160,7 @@ def test_a_lora_step_trains_the_lora_weights_themselves(teacher):
 
 def _vsd_cfg(teacher_dir, steps, particles=2):
     cfg = load_config(overrides=FAST + [f"teacher.name_or_path={teacher_dir}", f"train.steps={steps}", "seed=3",
-                                        "guidance=vsd", f"train.particles={particles}", "vsd.lora_lr=0.01",
+                                        "guidance=vsd", f"train.particles={particles}", "vsd.lora.lr=0.01",
                                         "train.albedo_warmup=0.2"])
     cfg.prompt = "a blue torus"
     return cfg

@@ -33,8 +33,8 @@ def _overrides_and_prompt(prompt: Optional[str], extra: Optional[List[str]]) -> 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. \"a red cube\"."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key=value, e.g. train.lr=0.005."),
-    guidance: Optional[str] = typer.Option(None, help="Guidance: sds | vsd (vsd also loads text3d/configs/vsd.yaml unless "
-                                           "--config is given)."),
+    guidance: Optional[str] = typer.Option(None, help="Guidance method: a registered name, built in sds | vsd (also loads "
+                                           "the method's preset, vsd: text3d/configs/vsd.yaml, unless --config is given)."),
     particles: Optional[int] = typer.Option(None, help="Independent assets optimised together (train.particles); "
                                             "with VSD they share one LoRA."),
     stages: Optional[str] = typer.Option(None, help="Stages to run, in order: nerf,geometry,texture (default nerf)."),
@@ -71,10 +71,11 @@ def generate(
     else:
         if prompt is None:
             raise UserError("give a prompt, e.g. text3d generate \"a red cube\" (or --resume RUN_DIR)")
-        if not config and guidance == "vsd":
-            from text3d.generate.config import CONFIG_DIR
+        if not config and guidance is not None:
+            from text3d.generate.config import guidance_preset
 
-            config = [CONFIG_DIR / "vsd.yaml"]
+            preset = guidance_preset(guidance)  # from the method's registry entry; unknown names: one-line error
+            config = [preset] if preset is not None else config
         cfg = load_config(files=config or (), overrides=flags + extra)
         cfg.prompt = prompt
         result = run_generate(cfg, out=out, show_progress=not quiet, video=video, from_dir=from_run)
@@ -125,12 +126,15 @@ def _register_subcommands() -> None:
     from text3d.distill2d.cli import distill2d
     from text3d.eval.cli import eval_app
     from text3d.distill2d.sample_cli import sample
+    from text3d.teacher_training.cli import teacher_app
     from text3d.toyworld.cli import toyworld_app
 
     app.command("sample")(sample)
     app.command("distill2d", context_settings={"allow_interspersed_args": True})(distill2d)
     app.add_typer(eval_app, name="eval", help="Score sampled images and generated assets with the judge.")
     app.add_typer(toyworld_app, name="toyworld", help="The embedded synthetic world: render datasets, list objects.")
+    app.add_typer(teacher_app, name="teacher", help="Train the embedded teacher on the synthetic world, or fine-tune "
+                                                    "one (--init).")
 
 
 _register_subcommands()

@@ -12,8 +12,8 @@ from text3d.errors import UserError
 
 def distill2d(
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key=value, e.g. fake.lr=0.0005."),
-    method: str = typer.Option("swiftbrush", help="swiftbrush | dmd | dmd2 | kd | pd | guided "
-                               "(preset text3d/configs/distill2d/METHOD.yaml)."),
+    method: str = typer.Option("swiftbrush", help="A registered method, built in swiftbrush | dmd | dmd2 | kd | pd | "
+                               "guided (preset text3d/configs/distill2d/METHOD.yaml)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher: diffusers SD folder or hub id (default: embedded)."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (default: the embedded "
                                            "world's captions, with and without view suffixes)."),

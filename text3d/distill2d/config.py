@@ -1,46 +1,26 @@
-"""Typed configuration of `text3d distill2d`; presets per method live in ``text3d/configs/distill2d/``."""
+"""Typed configuration of `text3d distill2d`; presets per method live in ``text3d/configs/distill2d/``.
+
+Methods come from the registry :data:`DISTILL2D_REGISTRY`, filled by the Python entry points of group
+``text3d.distill2d`` (:mod:`text3d.runtime.registry`): text3d's six (:mod:`text3d.distill2d.builtins`) exactly
+like a plug-in's. A method's entry names its trainer, the function that runs it and its preset YAML; a method
+with a config dataclass of its own gets a section under its name in :func:`distill_config_schema`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from text3d.runtime.config import check as _check, load_structured
 from text3d.runtime.resources import CONFIG_DIR
-from text3d.errors import ConfigError
+from text3d.runtime.registry import DISTILL2D_GROUP, Entry, PluginError, Registry, preset_path
+from text3d.guidance.core import ScoreConfig, check_score_config
+from text3d.guidance.lora import LoRAScoreConfig, check_lora_config
 
-METHODS = ("swiftbrush", "dmd", "dmd2", "kd", "pd", "guided")
-SCORE_METHODS = ("swiftbrush", "dmd", "dmd2")  # trained by the score-difference trainer; the rest by trajectory.py
-WEIGHTINGS = ("sigma2", "dmd")
-
-
-@dataclass
-class ScoreCoreConfig:
-    """The score-difference gradient every method shares (see :mod:`text3d.distill2d.score_core`)."""
-
-    real_guidance_scale: float = 4.5  # CFG of the frozen teacher ("real score")
-    fake_guidance_scale: float = 4.5  # CFG of the LoRA ("fake score"); 1 = conditional only
-    weighting: str = "sigma2"  # sigma2: (1 - ab_t)(eps_real - eps_fake); dmd: (x0_fake - x0_real) / mean|x - x0_real|
-    t_min: float = 0.02
-    t_max: float = 0.98
-    reduction: str = "mean"  # mean (the gradient divided by the element count) | sum (exactly the gradient)
-    grad_clip: Optional[float] = None
-    space: str = "latent"  # latent | image: CFG on the decoded x0s, gradient on the decoded student image
-
-
-@dataclass
-class FakeScoreConfig:
-    """The LoRA on the teacher's UNet that models the student's distribution."""
-
-    rank: int = 4
-    alpha: Optional[float] = None  # None = rank (scale 1)
-    lr: float = 1e-3
-    steps_per_student_step: int = 1  # DMD2's two time-scale update rule uses 5
-    t_min: float = 0.0
-    t_max: float = 1.0
-    null_prompt_prob: float = 0.1  # SwiftBrush trains the LoRA on 10% empty prompts
-    alpha_weighted: bool = True  # weight the eps-MSE by alpha_bar_t (SwiftBrush); False = plain eps-MSE (DMD)
 
 
 @dataclass
@@ -102,22 +82,74 @@ class Distill2DConfig:
     sample_every: int = 100
     checkpoint_every: int = 50
     log_every: int = 10
-    core: ScoreCoreConfig = field(default_factory=ScoreCoreConfig)
-    fake: FakeScoreConfig = field(default_factory=FakeScoreConfig)
+    max_nonfinite_steps: int = 10  # consecutive steps with a NaN/inf loss before the run stops
+    # the score-distillation core (text3d.guidance.core) and the fake score (a LoRA, text3d.guidance.lora)
+    core: ScoreConfig = field(default_factory=lambda: ScoreConfig(guidance_scale=4.5, lora_guidance_scale=4.5,
+                                                                   reduction="mean"))
+    fake: LoRAScoreConfig = field(default_factory=lambda: LoRAScoreConfig(lr=1e-3, null_prompt_prob=0.1,
+                                                                          alpha_weighted=True))
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
 
 
-def method_preset(method: str) -> Path:
-    return CONFIG_DIR / "distill2d" / f"{method}.yaml"
+@dataclass(frozen=True, kw_only=True)
+class Distill2DMethod(Entry):
+    """A 2D distillation method (entry-point group ``text3d.distill2d``), selected by ``--method NAME``.
+
+    ``build(cfg, out, teacher=None, show_progress=True)``: its trainer (``Distill2DTrainer`` for the score
+    methods, ``TrajectoryTrainer`` for the trajectory ones), with ``load()`` for a resumed run;
+    ``run(trainer, evaluate)``: trains it and returns a :class:`~text3d.distill2d.results.DistillResult`;
+    ``preset``: the YAML merged first (``text3d/configs/distill2d/NAME.yaml`` for text3d's own);
+    ``validate(cfg)``: range checks of its settings; ``config``: its own section under ``NAME`` (None: it
+    uses the shared sections ``core``, ``fake``, ``regression``, ``gan``, ``trajectory``).
+    """
+
+    run: Callable[[Any, bool], Any]
+    preset: str | os.PathLike | None = None
+    validate: Callable[[Distill2DConfig], None] | None = None
+
+    @property
+    def preset_path(self) -> Path | None:
+        return preset_path(self.preset)
+
+
+DISTILL2D_REGISTRY: Registry[Distill2DMethod] = Registry(DISTILL2D_GROUP, "--method", Distill2DMethod)
+
+
+@functools.lru_cache(maxsize=None)
+def distill_config_schema() -> type:
+    """:class:`Distill2DConfig` plus a section per registered method that has a config (none of text3d's own)."""
+    taken = {f.name for f in dataclasses.fields(Distill2DConfig)}
+    sections = []
+    for name in DISTILL2D_REGISTRY.names():
+        try:
+            method = DISTILL2D_REGISTRY.get(name)
+        except PluginError:  # a broken plug-in raises when its name is used, not here
+            continue
+        if method.config is None:
+            continue
+        if name in taken:
+            raise PluginError(f"the distill2d plug-in {name!r} cannot have a config section: {name!r} is already a "
+                              f"key of the distill2d config")
+        sections.append((name, method.config, field(default_factory=method.section)))
+    if not sections:
+        return Distill2DConfig
+    return dataclasses.make_dataclass("Distill2DConfig", sections, bases=(Distill2DConfig,), module=__name__)
+
+
+def method_preset(method: str) -> Path | None:
+    """The preset YAML of a registered method (one-line error for an unknown one)."""
+    return DISTILL2D_REGISTRY.get(method).preset_path
 
 
 def load_distill_config(method: str, files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Distill2DConfig:
     """The method's preset, then ``files``, then ``key=value`` overrides; validated."""
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    cfg: Distill2DConfig = load_structured(Distill2DConfig, [method_preset(method), *files], overrides)
+    if method not in DISTILL2D_REGISTRY:
+        raise DISTILL2D_REGISTRY.unknown(method)
+    preset = method_preset(method)
+    cfg: Distill2DConfig = load_structured(distill_config_schema(), [*([preset] if preset else []), *files],
+                                           overrides)
     cfg.method = method
     validate(cfg)
     return cfg
@@ -129,16 +161,9 @@ def validate(cfg: Distill2DConfig) -> None:
     ts = list(cfg.timesteps)
     _check(len(ts) >= 1 and all(0 <= t <= 999 for t in ts) and ts == sorted(ts, reverse=True) and len(set(ts)) == len(ts),
            f"timesteps must be distinct, descending and in [0, 999], got {ts}")
-    c = cfg.core
-    _check(c.weighting in WEIGHTINGS, f"core.weighting must be one of {', '.join(WEIGHTINGS)}, got {c.weighting!r}")
-    _check(c.reduction in ("mean", "sum"), f"core.reduction must be mean or sum, got {c.reduction!r}")
-    _check(c.space in ("latent", "image"), f"core.space must be latent or image, got {c.space!r}")
-    _check(0.0 <= c.t_min < c.t_max <= 1.0, "need 0 <= core.t_min < core.t_max <= 1")
-    _check(c.real_guidance_scale >= 0 and c.fake_guidance_scale >= 0, "guidance scales must be >= 0")
-    f = cfg.fake
-    _check(f.rank >= 1 and f.steps_per_student_step >= 1, "fake.rank and fake.steps_per_student_step must be >= 1")
-    _check(0.0 <= f.t_min < f.t_max <= 1.0 and 0.0 <= f.null_prompt_prob <= 1.0,
-           "need 0 <= fake.t_min < fake.t_max <= 1 and fake.null_prompt_prob in [0, 1]")
+    check_score_config(cfg.core, "core")
+    check_lora_config(cfg.fake, "fake")
+    _check(cfg.fake.steps >= 1, "fake.steps must be >= 1")
     r = cfg.regression
     _check(r.weight >= 0 and r.pairs >= 1 and r.sampler_steps >= 1 and r.batch_size >= 1,
            "regression.weight must be >= 0 and regression.pairs/sampler_steps/batch_size >= 1")
@@ -157,5 +182,10 @@ def validate(cfg: Distill2DConfig) -> None:
     _check(j.round_steps >= 1 and j.stage1_steps >= 0, "trajectory.round_steps must be >= 1, stage1_steps >= 0")
     _check(1.0 <= j.w_min <= j.w_max, f"need 1 <= trajectory.w_min <= trajectory.w_max, got {j.w_min}, {j.w_max}")
     _check(j.w_embed_dim >= 2 and j.w_embed_dim % 2 == 0, "trajectory.w_embed_dim must be even and >= 2")
-    for name in ("sample_every", "checkpoint_every", "log_every"):
+    for name in ("sample_every", "checkpoint_every", "log_every", "max_nonfinite_steps"):
         _check(getattr(cfg, name) >= 1, f"{name} must be at least 1")
+    if cfg.method not in DISTILL2D_REGISTRY:
+        raise DISTILL2D_REGISTRY.unknown(cfg.method)
+    method = DISTILL2D_REGISTRY.get(cfg.method)  # a plug-in that fails to load says so here
+    if method.validate is not None:
+        method.validate(cfg)

@@ -6,28 +6,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from text3d.distill2d.config import SCORE_METHODS, Distill2DConfig, validate
+from text3d.distill2d.config import DISTILL2D_REGISTRY, Distill2DConfig, distill_config_schema, validate
+from text3d.distill2d.results import EVAL_DIR, SUMMARY, DistillResult, evaluate_student
 from text3d.distill2d.trainer import CHECKPOINT, CONFIG_NAME, STUDENT_DIR, Distill2DTrainer, write_config
 from text3d.errors import UserError
 from text3d.runtime.run_folder import probe_writable
 from text3d.runtime.atomic import atomic_write_text
 
-EVAL_DIR = "eval_samples"
-SUMMARY = "summary.json"
-
-
-@dataclass
-class DistillResult:
-    out: Path
-    steps: int
-    seconds: float
-    student: Path
-    scores: dict | None = None
-    files: dict = field(default_factory=dict)
+__all__ = ["EVAL_DIR", "SUMMARY", "DistillResult", "distill", "evaluate_student", "resume_distill"]
 
 
 def distill(cfg: Distill2DConfig, out: Path, show_progress: bool = True, teacher=None,
@@ -56,7 +45,7 @@ def resume_distill(out: Path, overrides: Sequence[str] = (), show_progress: bool
         raise UserError(f"{out} is not a text3d distill2d folder (no {CONFIG_NAME})")
     if not (out / CHECKPOINT).is_file():
         raise UserError(f"{out} has no checkpoint to resume from ({CHECKPOINT})")
-    cfg = load_structured(Distill2DConfig, [out / CONFIG_NAME], overrides)
+    cfg = load_structured(distill_config_schema(), [out / CONFIG_NAME], overrides)
     validate(cfg)
     trainer = _trainer(cfg, out, teacher, show_progress)
     trainer.load()
@@ -65,18 +54,17 @@ def resume_distill(out: Path, overrides: Sequence[str] = (), show_progress: bool
 
 
 def _trainer(cfg: Distill2DConfig, out: Path, teacher, show_progress: bool):
-    if cfg.method in SCORE_METHODS:
-        return Distill2DTrainer(cfg, out, teacher=teacher, show_progress=show_progress)
-    from text3d.distill2d.trajectory import TrajectoryTrainer
-
-    return TrajectoryTrainer(cfg, out, teacher=teacher, show_progress=show_progress)
+    """The trainer of the method registered as ``cfg.method``."""
+    return DISTILL2D_REGISTRY.get(cfg.method).build(cfg, out, teacher=teacher, show_progress=show_progress)
 
 
 def _train(trainer, evaluate: bool) -> DistillResult:
-    if not isinstance(trainer, Distill2DTrainer):
-        from text3d.distill2d.trajectory import run_trajectory
+    """Train with the run function of the trainer's method (:func:`run_score` or ``run_trajectory``)."""
+    return DISTILL2D_REGISTRY.get(trainer.cfg.method).run(trainer, evaluate)
 
-        return run_trajectory(trainer, evaluate)
+
+def run_score(trainer: Distill2DTrainer, evaluate: bool) -> DistillResult:
+    """A score method's run (SwiftBrush, DMD, DMD2): train, then preview, export and score the student."""
     start = time.perf_counter()
     steps = trainer.fit()
     seconds = time.perf_counter() - start
@@ -95,20 +83,3 @@ def _train(trainer, evaluate: bool) -> DistillResult:
     atomic_write_text(trainer.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return DistillResult(trainer.out, steps, seconds, student, scores)
 
-
-def evaluate_student(student: Path, out: Path, prompts: Sequence[str], show_progress: bool = True) -> dict | None:
-    """One sample per embedded-world prompt (all of the student's steps), scored by the judge; None when the
-    prompts are not embedded-world captions or no judge is installed."""
-    from text3d.eval.score_images import DEFAULT_JUDGE_DIR, score_folder
-    from text3d.teacher import load_teacher
-    from text3d.distill2d.sample_cli import run_sample
-    from text3d.toyworld.catalog import parse_caption
-
-    known = [p for p in dict.fromkeys(prompts) if parse_caption(p) is not None]
-    if not known or not DEFAULT_JUDGE_DIR.is_dir():
-        return None
-    model = load_teacher(str(student), "cpu")
-    record = run_sample(known, out, teacher=model, n=1, progress=show_progress, batch_size=64)
-    scores = score_folder(out)
-    return {k: scores.get(k) for k in ("object_accuracy", "colour_accuracy", "view_accuracy", "n_images")} | {
-        "images_per_second": record["images_per_second"], "steps": record["steps"]}

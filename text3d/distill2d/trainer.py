@@ -1,9 +1,9 @@
 """The `text3d distill2d` training loop, one for every method.
 
-One iteration = one student step (score-difference gradient from the shared core, plus DMD's
-regression and DMD2's generator GAN term when enabled) followed by ``fake.steps_per_student_step``
-updates of the fake score (the LoRA's diffusion loss on detached student samples, plus DMD2's
-discriminator loss). The student runs under `accelerate` (DDP across processes, mixed precision on
+One iteration = one student step (the score-distillation gradient of :mod:`text3d.guidance.core`
+with the fake score as its baseline branch, plus DMD's regression and DMD2's generator GAN term when
+enabled) followed by ``fake.steps`` updates of the fake score (the LoRA training step of
+:mod:`text3d.guidance.lora` on detached student samples, plus DMD2's discriminator loss). The student runs under `accelerate` (DDP across processes, mixed precision on
 CUDA); the LoRA and the GAN head average their gradients across processes by hand. All
 randomness comes from torch's global RNG, saved in every checkpoint, so a resumed run continues
 like an uninterrupted one.
@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from text3d.distill2d.config import Distill2DConfig
 from text3d.distill2d.data import encode_images, load_prompts, real_images, regression_pairs
 from text3d.distill2d.gan import FakeScoreDiscriminator, discriminator_loss, generator_loss
-from text3d.distill2d.score_core import ScoreDifferenceCore
 from text3d.distill2d.student import Student, save_student, student_card
-from text3d.errors import NumericalError, UserError
-from text3d.guidance.lora import LoRAScoreNetwork
+from text3d.errors import UserError
+from text3d.guidance.core import ScoreDistillation
+from text3d.guidance.lora import LoRAScoreNetwork, lora_denoising_loss, optimizer_step
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.runtime.preview import save_preview
-from text3d.runtime.progress import LoopProgress
-from text3d.runtime.signals import Interrupted, StopRequest
+from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
 from text3d.runtime.atomic import atomic_write_text
 from text3d.runtime.seed import rng_state, seed_everything, set_rng_state
 
@@ -59,6 +58,7 @@ def setup_run(trainer, cfg: Distill2DConfig, out: Path, teacher, show_progress: 
     from text3d.teacher import load_teacher
 
     trainer.cfg, trainer.out, trainer.show_progress = cfg, Path(out), show_progress
+    trainer.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps, trainer.out / CHECKPOINT, "try a lower lr")
     trainer.accelerator = _accelerator(cfg)
     trainer.device = trainer.accelerator.device
     seed_everything(cfg.seed + trainer.accelerator.process_index)
@@ -70,13 +70,19 @@ def setup_run(trainer, cfg: Distill2DConfig, out: Path, teacher, show_progress: 
 
 class RunCheckpoint:
     """What the 2D trainers share once :func:`setup_run` has run: the run folder's checkpoint, written by the
-    main process only (``self.state_dict()`` is each trainer's own)."""
+    main process only (``self.state_dict()`` is each trainer's own), and its training log."""
 
     def save(self) -> Path:
         path = self.out / CHECKPOINT
         if self.accelerator.is_main_process:
             save_checkpoint(path, self.state_dict())
         return path
+
+    def append_log(self, records: list[dict]) -> None:
+        """Append ``records`` to ``train_log.jsonl`` (main process only)."""
+        if records and self.accelerator.is_main_process:
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 class Distill2DTrainer(RunCheckpoint):
@@ -86,7 +92,7 @@ class Distill2DTrainer(RunCheckpoint):
         if cfg.gradient_checkpointing:
             self.student.unet.enable_gradient_checkpointing()
         self.fake = LoRAScoreNetwork(self.teacher, rank=cfg.fake.rank, alpha=cfg.fake.alpha)
-        self.core = ScoreDifferenceCore(self.teacher, self.fake, cfg.core)
+        self.core = ScoreDistillation(self.teacher, cfg.core, lora=self.fake)
         self.disc = FakeScoreDiscriminator(self.fake, self.teacher) if cfg.gan.generator_weight > 0 else None
         fake_groups = [{"params": self.fake.trainable_parameters(), "lr": cfg.fake.lr}]
         if self.disc is not None:
@@ -153,7 +159,7 @@ class Distill2DTrainer(RunCheckpoint):
         prompts = self.draw_prompts(cfg.batch_size)
         x0 = self.student_sample(prompts, grad=True)
         cond, uncond = self._embed(prompts), self._uncond(len(prompts))
-        sd = self.core(x0, cond, uncond)
+        sd = self.core.from_latents(x0, cond, uncond)
         loss = sd.loss
         stats = {"score_grad": float(sd.grad.flatten(1).norm(dim=1).mean())}
         if cfg.regression.weight > 0:
@@ -206,14 +212,7 @@ class Distill2DTrainer(RunCheckpoint):
         cfg = self.cfg
         batch = x0.shape[0]
         cond, uncond = self._embed(prompts), self._uncond(batch)
-        if cfg.fake.null_prompt_prob > 0:
-            null = (torch.rand(batch) < cfg.fake.null_prompt_prob).to(self.device).view(-1, 1, 1)
-            cond = torch.where(null, uncond, cond)
-        T = self.teacher.num_train_timesteps
-        lo = int(cfg.fake.t_min * T)
-        t = torch.randint(lo, max(lo + 1, int(cfg.fake.t_max * T)), (batch,)).to(self.device)
-        weights = self.teacher.alpha_bar(t).flatten() if cfg.fake.alpha_weighted else None
-        loss = self.fake.denoising_loss(x0, cond, t, self._noise(batch), weights=weights)
+        loss = lora_denoising_loss(self.fake, x0, cond, cfg.fake, uncond=uncond)
         stats = {"fake": float(loss.detach())}
         if self.disc is not None:
             real, captions = self.real_data()
@@ -225,23 +224,16 @@ class Distill2DTrainer(RunCheckpoint):
                                         self.disc.logits(fake_noisy, t_fake, self._embed(prompts)))
             stats["gan_d"] = float(d_loss.detach())
             loss = loss + cfg.gan.discriminator_weight * d_loss
-        self.fake_optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not optimizer_step(self.fake_optimizer, loss, cfg.max_grad_norm, self._average_fake_grads):
             return self._nonfinite(stats, "fake-score loss")
-        loss.backward()
-        self._average_fake_grads()
-        params = [p for g in self.fake_optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        self.fake_optimizer.step()
-        self.fake_optimizer.zero_grad(set_to_none=True)
         self.counts["fake_steps"] += 1
         return stats
 
     def train_step(self) -> dict:
-        """One student step, then ``fake.steps_per_student_step`` fake-score steps (the first on the
+        """One student step, then ``fake.steps`` fake-score steps (the first on the
         student step's own samples, the others on fresh ones)."""
         stats, x0, prompts = self.student_step()
-        for i in range(self.cfg.fake.steps_per_student_step):
+        for i in range(self.cfg.fake.steps):
             if i > 0:
                 prompts = self.draw_prompts(self.cfg.batch_size)
                 x0 = self.student_sample(prompts, grad=False)
@@ -249,10 +241,7 @@ class Distill2DTrainer(RunCheckpoint):
         return stats
 
     def _nonfinite(self, stats: dict, what: str) -> dict:
-        self._nonfinite_run += 1
-        if self._nonfinite_run >= 10:
-            raise NumericalError(f"the {what} was NaN/inf for 10 consecutive steps (at step {self.step + 1}); the last "
-                                 f"good checkpoint is {self.out / CHECKPOINT}; try a lower lr")
+        self.nonfinite.skip(what, self.step + 1)  # NumericalError after max_nonfinite_steps steps in a row
         stats["skipped"] = 1.0
         return stats
 
@@ -323,30 +312,28 @@ class Distill2DTrainer(RunCheckpoint):
 
     def fit(self) -> int:
         cfg = self.cfg
-        start = self.step
         log = []
-        with StopRequest() as stop, LoopProgress(cfg.steps, start, f"distilling ({cfg.method})",
-                                                 self.show_progress) as bar:
-            for step in range(start + 1, cfg.steps + 1):
-                t0 = time.perf_counter()
-                stats = self.train_step()
-                self.step = step
-                stats["seconds"] = time.perf_counter() - t0
-                self.train_seconds += stats["seconds"]
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "fake", "gan_d", "regression")})
-                    log.append({"step": step, **{k: round(v, 6) for k, v in stats.items() if math.isfinite(v)}})
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    self.save()
-                if step % cfg.sample_every == 0 and self.accelerator.is_main_process:
-                    self.preview(self.out / "samples" / f"step_{step:06d}.png")
-                if stop.signal is not None:
-                    path = self.save()
-                    raise Interrupted(f"stopped by {stop.signal} after step {step}; checkpoint saved to {path}; "
-                                      f"continue with: text3d distill2d --resume {self.out}")
-        if log and self.accelerator.is_main_process:
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in log))
+
+        def step_fn(step: int) -> dict:
+            t0 = time.perf_counter()
+            stats = self.train_step()
+            self.step = step
+            stats["seconds"] = time.perf_counter() - t0
+            self.train_seconds += stats["seconds"]
+            return stats
+
+        def sample(step: int, stats: dict) -> None:
+            if self.accelerator.is_main_process:
+                self.preview(self.out / "samples" / f"step_{step:06d}.png")
+
+        TrainingLoop(cfg.steps, self.step, description=f"distilling ({cfg.method})", show_progress=self.show_progress,
+                     save=self.save, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                     show=lambda s: {k: v for k, v in s.items() if k in ("loss", "fake", "gan_d", "regression")},
+                     log=lambda step, s: log.append({"step": step, **{k: round(v, 6) for k, v in s.items()
+                                                                      if math.isfinite(v)}}),
+                     every=[(cfg.sample_every, sample)], nonfinite=self.nonfinite,
+                     resume=f"text3d distill2d --resume {self.out}").run(step_fn)
+        self.append_log(log)
         return self.step
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +30,16 @@ import torch.nn.functional as F
 
 from text3d.distill2d.config import Distill2DConfig
 from text3d.distill2d.data import encode_images, real_images, regression_pairs
+from text3d.distill2d.results import EVAL_DIR, SUMMARY, DistillResult, evaluate_student
 from text3d.distill2d.student import save_student
 from text3d.distill2d.trainer import CHECKPOINT, RunCheckpoint, setup_run
-from text3d.errors import CheckpointError, NumericalError, UserError
+from text3d.errors import CheckpointError, UserError
 from text3d.teacher.sampling import (ddim_timesteps, guidance_embedding, guidance_conditioned, predict_x0,
                                      progressive_target)
 from text3d.teacher.teacher import Teacher
 from text3d.runtime.checkpoint import load_checkpoint, save_checkpoint
-from text3d.runtime.progress import LoopProgress
-from text3d.runtime.signals import Interrupted, StopRequest
+from text3d.runtime.loop import TrainingLoop
+from text3d.runtime.signals import StopRequest
 from text3d.runtime.seed import rng_state, set_rng_state
 
 PHASES_DIR = "phases"
@@ -99,7 +101,6 @@ class TrajectoryTrainer(RunCheckpoint):
         self.phase_index, self.step = 0, 0  # step counts within the phase
         self._real = None
         self._pairs = None
-        self._nonfinite = 0
         self.saved: list[Path] = []
 
     # --------------------------------------------------------------- phases
@@ -212,11 +213,8 @@ class TrajectoryTrainer(RunCheckpoint):
         loss = {"kd": self.kd_loss, "w": self.w_loss, "pd": self.pd_loss}[self.phase.kind]()
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            self._nonfinite += 1
-            if self._nonfinite >= 10:
-                raise NumericalError(f"the {self.phase.name} loss was NaN/inf for 10 consecutive steps; try a lower lr")
+            self.nonfinite.skip(f"{self.phase.name} loss", self.step + 1)  # NumericalError after max_nonfinite_steps
             return float("nan")
-        self._nonfinite = 0
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.unet.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -255,39 +253,34 @@ class TrajectoryTrainer(RunCheckpoint):
         self.saved.append(path)
         return path
 
+    def _step(self, step: int) -> dict:
+        loss = self.train_step()
+        self.step = step
+        return {"loss": loss} if math.isfinite(loss) else {"loss": loss, "skipped": 1.0}
+
     def fit(self) -> list[Path]:
-        total = sum(p.steps for p in self.phases)
-        done = sum(p.steps for p in self.phases[: self.phase_index]) + self.step
+        """Every phase from the current one on: one TrainingLoop a phase (checkpoints every ``checkpoint_every``
+        steps; the phase's end saves its student and a boundary checkpoint), one Ctrl-C handler for all."""
         log = []
-        with StopRequest() as stop, LoopProgress(total, done, f"distilling ({self.cfg.method})",
-                                                 self.show_progress) as bar:
+        with StopRequest() as stop:
             while self.phase_index < len(self.phases):
                 if self.step == 0 or not hasattr(self, "unet"):
                     self._start_phase(self.phase_index, self._phase_teacher(self.phase_index))
                 phase = self.phases[self.phase_index]
                 phase_start = time.perf_counter()
-                while self.step < phase.steps:
-                    loss = self.train_step()
-                    self.step += 1
-                    done += 1
-                    if self.step % self.cfg.log_every == 0 or self.step == phase.steps:
-                        bar.update(done, {"round": self.phase_index + 1, "loss": loss})
-                        log.append({"phase": phase.name, "step": self.step, "loss": loss})
-                    if self.step % self.cfg.checkpoint_every == 0:
-                        self.save()
-                    if stop.signal is not None:
-                        path = self.save()
-                        raise Interrupted(f"stopped by {stop.signal} in phase {phase.name} at step {self.step}; "
-                                          f"checkpoint saved to {path}; continue with: text3d distill2d --resume "
-                                          f"{self.out}")
+                TrainingLoop(phase.steps, self.step, description=f"distilling ({self.cfg.method}, {phase.name})",
+                             show_progress=self.show_progress, save=self.save,
+                             checkpoint_every=self.cfg.checkpoint_every, save_last=False,
+                             log_every=self.cfg.log_every, show=lambda s: {"loss": s["loss"]},
+                             log=lambda step, s: log.append({"phase": phase.name, "step": step, "loss": s["loss"]}),
+                             nonfinite=self.nonfinite, stop=stop, where=f" in phase {phase.name}",
+                             resume=f"text3d distill2d --resume {self.out}").run(self._step)
                 if self.accelerator.is_main_process:
                     self.finish_phase(time.perf_counter() - phase_start)
                 self.phase_index, self.step = self.phase_index + 1, 0
                 del self.unet
                 self.save_boundary()
-        if log and self.accelerator.is_main_process:
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in log))
+        self.append_log(log)
         return self.saved
 
     def save_boundary(self) -> None:
@@ -312,7 +305,6 @@ def phase_card(phase: Phase, cfg: Distill2DConfig, T: int, teacher_source) -> di
 
 
 def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
-    from text3d.distill2d.run import SUMMARY, DistillResult, evaluate_student
     from text3d.runtime.atomic import atomic_write_text
 
     start = time.perf_counter()
@@ -329,7 +321,7 @@ def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
 
         with atomic_dir(student) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
-    scores = evaluate_student(student, trainer.out / "eval_samples", trainer.prompts,
+    scores = evaluate_student(student, trainer.out / EVAL_DIR, trainer.prompts,
                               show_progress=trainer.show_progress) if evaluate else None
     summary = {"method": trainer.cfg.method, "phases": [p.name for p in trainer.phases],
                "train_seconds_this_session": round(seconds, 2), "teacher": str(trainer.base.source),

@@ -291,36 +291,43 @@ def train_judge(dataset, steps: int | None = None, cfg: JudgeTrainConfig | None 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     train_t = torch.from_numpy(train_idx)
     history = []
-    from text3d.runtime.progress import LoopProgress
+    from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
 
-    with LoopProgress(total=cfg.steps, description="judge", enabled=progress) as bar:
-        order, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
-        for step in range(cfg.steps):
-            if pos + cfg.batch_size > len(order):  # reshuffle each epoch
-                order, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
-            idx = order[pos:pos + cfg.batch_size]
-            pos += cfg.batch_size
-            x = images[idx].float() / 255.0
-            if cfg.augment:
-                x = augment_batch(x, cfg, gen)
-            logits = judge(x.to(device))
-            loss = sum(F.cross_entropy(logits[h], labels[h][idx].to(device), label_smoothing=cfg.label_smoothing)
-                       for h in HEADS)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                from text3d.errors import NumericalError
+    nonfinite = NonFiniteSteps(1, hint="lower the learning rate")  # the first NaN/inf loss stops the training
+    order, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
 
-                raise NumericalError(f"judge training loss became {value} at step {step}; lower the learning rate")
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(step + 1, {"loss": value})
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and len(hold_idx):
-                acc = accuracy(judge, images[torch.from_numpy(hold_idx)], {h: labels[h][hold_idx] for h in HEADS})
-                history.append({"step": step + 1, "loss": value, **acc})
-                bar.log(f"step {step + 1}: holdout " + " ".join(f"{h}={a:.3f}" for h, a in acc.items()))
+    def step_fn(step: int) -> dict:  # step counts from 1; lr_at from 0
+        nonlocal order, pos
+        if pos + cfg.batch_size > len(order):  # reshuffle each epoch
+            order, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        x = images[idx].float() / 255.0
+        if cfg.augment:
+            x = augment_batch(x, cfg, gen)
+        logits = judge(x.to(device))
+        loss = sum(F.cross_entropy(logits[h], labels[h][idx].to(device), label_smoothing=cfg.label_smoothing)
+                   for h in HEADS)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            nonfinite.skip("judge training loss", step)
+            return {"loss": value, "skipped": 1.0}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": value}
+
+    def evaluate(step: int, stats: dict) -> None:
+        if len(hold_idx):
+            acc = accuracy(judge, images[torch.from_numpy(hold_idx)], {h: labels[h][hold_idx] for h in HEADS})
+            history.append({"step": step, "loss": stats["loss"], **acc})
+            loop.message(f"step {step}: holdout " + " ".join(f"{h}={a:.3f}" for h, a in acc.items()))
+
+    loop = TrainingLoop(cfg.steps, description="judge", show_progress=progress, every=[(cfg.eval_every, evaluate)],
+                        nonfinite=nonfinite)
+    loop.run(step_fn)
 
     judge.eval()
     judge.requires_grad_(False)

@@ -4,13 +4,25 @@ Each layer owns its dataclass (``NeRFConfig`` in renderers, ``SDSConfig`` in gui
 :class:`RunConfig` composes them. Loading order: dataclass defaults < ``text3d/configs/default.yaml``
 < ``--config FILE`` < CLI flags < ``key=value`` overrides. Unknown keys and values of the wrong
 type or range raise :class:`~text3d.errors.ConfigError` with one line naming the key.
+
+Guidance methods and stages come from registries filled by Python entry points
+(:mod:`text3d.runtime.registry`; groups ``text3d.guidance`` and ``text3d.stages``), text3d's own (``sds``,
+``vsd``; ``nerf``, ``geometry``, ``texture``, in :mod:`text3d.generate.builtins`) exactly like a plug-in's.
+The config of a registered method lives under its name: the schema every run is loaded into,
+:func:`run_config_schema`, is :class:`RunConfig` (what every run has) plus one section per registered
+guidance and per stage that has a config, so ``sds.guidance_scale=50``, ``geometry.steps=100`` and a
+plug-in's ``my_sds.extra=2`` are all ordinary keys: typed, validated, in ``config.yaml``, and resumable.
+The schema is built on first use, never at import, so importing this module loads no plug-in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Protocol, Sequence
 
 from omegaconf import OmegaConf
 
@@ -18,13 +30,17 @@ from text3d.cameras import CameraSamplerConfig
 from text3d.runtime.config import check as _check, load_structured
 from text3d.runtime.resources import CONFIG_DIR
 from text3d.export import ExportConfig, check_export_config
-from text3d.guidance.sds import SDSConfig
-from text3d.guidance.vsd import VSDConfig
 from text3d.prompts import PromptConfig
 from text3d.renderers.nerf import NeRFConfig, check_nerf_config
+from text3d.runtime.registry import GUIDANCE_GROUP, STAGES_GROUP, Entry, PluginError, Registry, preset_path
 from text3d.teacher import TeacherConfig
 
-GUIDANCES = ("sds", "vsd")
+if TYPE_CHECKING:
+    import torch
+
+    from text3d.guidance import GuidanceOutput
+    from text3d.renderers.protocol import Renderer
+
 SHADINGS = ("albedo", "lambertian", "textureless")
 
 
@@ -57,9 +73,6 @@ class TrainConfig:
     preview_views: int = 4
 
 
-STAGES = ("nerf", "geometry", "texture")
-
-
 @dataclass
 class MeshStageConfig:
     """A mesh stage (geometry: DMTet refinement; texture: albedo on the frozen surface)."""
@@ -75,6 +88,9 @@ class MeshStageConfig:
 
 @dataclass
 class RunConfig:
+    """What every run has. A loaded run config is an instance of :func:`run_config_schema`, this class plus a
+    section per registered guidance (``sds``, ``vsd``, ...) and stage with a config (``geometry``, ``texture``)."""
+
     prompt: str = ""
     guidance: str = "sds"
     seed: int = 0
@@ -84,15 +100,144 @@ class RunConfig:
     camera: CameraSamplerConfig = field(default_factory=CameraSamplerConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
-    sds: SDSConfig = field(default_factory=SDSConfig)
-    vsd: VSDConfig = field(default_factory=VSDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     stages: List[str] = field(default_factory=lambda: ["nerf"])  # nerf[,geometry][,texture]
-    geometry: MeshStageConfig = field(default_factory=MeshStageConfig)
-    texture: MeshStageConfig = field(default_factory=lambda: MeshStageConfig(
-        steps=300, resolution=128, lr=0.005, lambda_laplacian=0.0, lambda_normal_consistency=0.0,
-        shadings=["albedo", "lambertian"]))
+
+
+# ------------------------------------------------------------------------------------ registered methods
+class Guidance(Protocol):
+    """What the 3D loop calls on a guidance (:class:`text3d.guidance.SDSGuidance`'s interface)."""
+
+    def __call__(self, images: "torch.Tensor", prompts: Sequence[str], progress: float = 0.0,
+                 cameras: Any = None) -> "GuidanceOutput": ...
+
+    def update(self, output: "GuidanceOutput", prompts: Sequence[str], cameras: Any = None) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class GuidanceBuilder(Protocol):
+    def __call__(self, teacher: Any, cfg: Any, negative_prompt: str = "") -> Guidance: ...
+
+
+class StageBuilder(Protocol):
+    def __call__(self, cfg: RunConfig, device: "torch.device", sources: "list[Renderer] | None") -> "list[Renderer]": ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidanceMethod(Entry):
+    """A guidance method (entry-point group ``text3d.guidance``), selected by ``guidance: NAME``.
+
+    ``build(teacher, section, negative_prompt=...)`` makes the guidance from the run's section ``NAME`` (an
+    instance of ``config``); ``preset``: a YAML file that ``--guidance NAME`` merges over the defaults (unless
+    ``--config`` is given); ``validate(section, NAME)``: range checks raising ConfigError.
+    """
+
+    build: GuidanceBuilder
+    preset: str | os.PathLike | None = None
+    validate: Callable[[Any, str], None] | None = None
+
+    @property
+    def preset_path(self) -> Path | None:
+        return preset_path(self.preset)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageKind(Entry):
+    """A stage of ``text3d generate`` (entry-point group ``text3d.stages``), run when ``stages`` names it.
+
+    ``order``: where it runs among the stages (nerf 0, geometry 10, texture 20); ``build(cfg, device,
+    sources)``: its particles (:class:`~text3d.renderers.protocol.Renderer`), from the previous stage's
+    (``sources``, None for a first stage); ``train_config(cfg)``: its loop settings; ``regularisers``: render
+    keys it adds to the loss -> the field of its section that weights each; ``checkpoint``: its checkpoint in
+    the run folder (default ``checkpoints/NAME.pt``); ``validate(section, NAME)``: range checks; ``config``:
+    its section (None: the stage uses ``nerf`` and ``train``). Its particles draw their shading from
+    ``train``'s probabilities (the ``nerf`` stage) or from the section's ``shadings`` list.
+    """
+
+    build: StageBuilder
+    order: int
+    train_config: Callable[[RunConfig], TrainConfig]
+    regularisers: Mapping[str, str] = field(default_factory=dict)
+    checkpoint: str | os.PathLike | None = None
+    validate: Callable[[Any, str], None] | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Relative to the run folder."""
+        return Path(self.checkpoint) if self.checkpoint is not None else Path("checkpoints") / f"{self.name}.pt"
+
+
+GUIDANCE_REGISTRY: Registry[GuidanceMethod] = Registry(GUIDANCE_GROUP, "guidance", GuidanceMethod)
+STAGE_REGISTRY: Registry[StageKind] = Registry(STAGES_GROUP, "stage", StageKind)
+
+
+def _loadable(registry: Registry) -> dict:
+    """The registry's entries that load; a broken plug-in is left out here and raises its PluginError when its
+    name is used (validation of ``guidance``/``stages``), so it cannot break runs that do not use it."""
+    entries = {}
+    for name in registry.names():
+        try:
+            entries[name] = registry.get(name)
+        except PluginError:
+            pass
+    return entries
+
+
+def stage_order() -> tuple[str, ...]:
+    """The registered stages in the order they run (nerf, geometry, texture for the built-in ones)."""
+    entries = _loadable(STAGE_REGISTRY)
+    return tuple(sorted(entries, key=lambda name: (entries[name].order, name)))
+
+
+def stage_checkpoint(stage: str) -> Path:
+    """The checkpoint of ``stage``, relative to the run folder (``checkpoints/last.pt`` for the NeRF)."""
+    return STAGE_REGISTRY.get(stage).checkpoint_path
+
+
+@functools.lru_cache(maxsize=None)
+def run_config_schema() -> type:
+    """:class:`RunConfig` plus one section per registered guidance (by name) and per registered stage that has
+    a config (in stage order), built once per process from the registries.
+
+    Why one schema with every registered section rather than only the selected method's: a key such as
+    ``vsd.lora.rank=8`` stays valid whatever ``guidance`` says (as it always was), ``--guidance`` can switch
+    method on a loaded config, and the snapshot in ``config.yaml`` lists every setting a run could use.
+    """
+    taken = {f.name for f in dataclasses.fields(RunConfig)}
+    sections = []
+    guidances = _loadable(GUIDANCE_REGISTRY)
+    stages = _loadable(STAGE_REGISTRY)
+    for kind, names, entries in (("guidance", sorted(guidances), guidances), ("stage", stage_order(), stages)):
+        for name in names:
+            entry = entries[name]
+            if entry.config is None:
+                continue
+            if name in taken:
+                raise PluginError(f"the {kind} plug-in {name!r} cannot have a config section: {name!r} is already a "
+                                  f"key of the run config")
+            taken.add(name)
+            sections.append((name, entry.config, field(default_factory=entry.section)))
+    if not sections:
+        return RunConfig
+    return dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,), module=__name__)
+
+
+def guidance_preset(name: str) -> Path | None:
+    """The preset YAML that ``--guidance NAME`` loads (None: the defaults alone); one-line error for an unknown
+    name listing the registered ones."""
+    return GUIDANCE_REGISTRY.get(name).preset_path
+
+
+def check_mesh_stage_config(m: MeshStageConfig, name: str) -> None:
+    """Range checks of a mesh stage's section."""
+    _check(m.steps >= 1 and m.lr > 0 and m.resolution >= 16 and m.resolution % 8 == 0 and m.grid_resolution >= 4,
+           f"{name}.steps/lr/resolution/grid_resolution out of range")
+    _check(len(m.shadings) >= 1 and all(x in SHADINGS for x in m.shadings),
+           f"{name}.shadings must be among {', '.join(SHADINGS)}")
 
 
 def render_resolution(t: TrainConfig, step: int) -> int:
@@ -106,7 +251,7 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
                 use_default_file: bool = True) -> RunConfig:
     """Build a :class:`RunConfig` from the defaults, YAML files and ``key=value`` overrides."""
     paths = [CONFIG_DIR / "default.yaml"] if (use_default_file and base is None) else []
-    run: RunConfig = load_structured(RunConfig if base is None else base, paths + list(files), overrides)
+    run: RunConfig = load_structured(run_config_schema() if base is None else base, paths + list(files), overrides)
     validate(run)
     return run
 
@@ -118,7 +263,9 @@ def to_yaml(cfg: RunConfig) -> str:
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     t = cfg.train
-    _check(cfg.guidance in GUIDANCES, f"guidance must be one of {', '.join(GUIDANCES)}, got {cfg.guidance!r}")
+    if cfg.guidance not in GUIDANCE_REGISTRY:
+        raise GUIDANCE_REGISTRY.unknown(cfg.guidance)
+    GUIDANCE_REGISTRY.get(cfg.guidance)  # a plug-in that fails to load says so here, before anything is made
     _check(t.steps >= 1, f"train.steps must be at least 1, got {t.steps}")
     _check(t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}")
     _check(t.resolution >= 16 and t.resolution % 8 == 0,
@@ -136,23 +283,20 @@ def validate(cfg: RunConfig) -> None:
            f"train.high_resolution must be null or a multiple of 8 and at least 16, got {t.high_resolution}")
     _check(0.0 <= t.high_resolution_from <= 1.0, "train.high_resolution_from must be in [0, 1]")
     _check(t.particles >= 1, f"train.particles must be at least 1, got {t.particles}")
-    for name in ("sds", "vsd"):
-        _check_guidance(getattr(cfg, name), name)
-    _check(len(cfg.stages) >= 1 and all(s in STAGES for s in cfg.stages) and len(set(cfg.stages)) == len(cfg.stages)
-           and list(cfg.stages) == [s for s in STAGES if s in cfg.stages],
-           f"stages must be an ordered subset of {', '.join(STAGES)}, got {list(cfg.stages)}")
-    for name in ("geometry", "texture"):
-        m = getattr(cfg, name)
-        _check(m.steps >= 1 and m.lr > 0 and m.resolution >= 16 and m.resolution % 8 == 0 and m.grid_resolution >= 4,
-               f"{name}.steps/lr/resolution/grid_resolution out of range")
-        _check(len(m.shadings) >= 1 and all(x in SHADINGS for x in m.shadings),
-               f"{name}.shadings must be among {', '.join(SHADINGS)}")
-    v = cfg.vsd
-    _check(v.lora_rank >= 1 and v.lora_alpha > 0, "vsd.lora_rank must be >= 1 and vsd.lora_alpha > 0")
-    _check(v.lora_lr > 0 and v.lora_steps >= 0, "vsd.lora_lr must be > 0 and vsd.lora_steps >= 0")
-    _check(0.0 <= v.lora_t_min < v.lora_t_max <= 1.0, "need 0 <= vsd.lora_t_min < vsd.lora_t_max <= 1")
-    _check(0.0 <= v.camera_drop <= 1.0 and v.camera_hidden >= 1,
-           "vsd.camera_drop must be in [0, 1] and vsd.camera_hidden >= 1")
+    for name, method in _loadable(GUIDANCE_REGISTRY).items():
+        if method.validate is not None and hasattr(cfg, name):
+            method.validate(getattr(cfg, name), name)
+    for name in cfg.stages:
+        if name in STAGE_REGISTRY:
+            STAGE_REGISTRY.get(name)  # a stage plug-in that fails to load says so here
+    order = stage_order()
+    _check(len(cfg.stages) >= 1 and all(s in order for s in cfg.stages) and len(set(cfg.stages)) == len(cfg.stages)
+           and list(cfg.stages) == [s for s in order if s in cfg.stages],
+           f"stages must be an ordered subset of {', '.join(order)}, got {list(cfg.stages)}")
+    for name in order:
+        kind = STAGE_REGISTRY.get(name)
+        if kind.validate is not None and hasattr(cfg, name):
+            kind.validate(getattr(cfg, name), name)
     for name in ("radius", "elevation", "azimuth", "fovy"):
         lo, hi = getattr(cfg.camera, name)
         _check(lo <= hi, f"camera.{name} must be a [low, high] pair with low <= high, got [{lo}, {hi}]")
@@ -160,17 +304,3 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < cfg.camera.fovy[0] and cfg.camera.fovy[1] < 180, "camera.fovy must be in (0, 180) degrees")
     check_nerf_config(cfg.nerf)
     check_export_config(cfg.export)
-
-
-def _check_guidance(s: SDSConfig, name: str) -> None:
-    """The timestep-schedule, CFG and clipping fields that SDS and VSD share."""
-    _check(0.0 <= s.t_min < s.t_max <= 1.0, f"need 0 <= {name}.t_min < {name}.t_max <= 1, got {s.t_min}, {s.t_max}")
-    _check(s.guidance_scale >= 0, f"{name}.guidance_scale must be >= 0, got {s.guidance_scale}")
-    _check(s.t_anneal in ("none", "linear", "sqrt", "cosine"),
-           f"{name}.t_anneal must be none, linear, sqrt or cosine, got {s.t_anneal!r}")
-    if s.t_anneal != "none" and s.t_max_end is not None:
-        _check(s.t_min <= s.t_max_end <= s.t_max, f"need {name}.t_min <= {name}.t_max_end <= {name}.t_max")
-    _check(s.grad_clip is None or s.grad_clip > 0, f"{name}.grad_clip must be > 0 or null")
-    _check(s.space in ("latent", "image"), f"{name}.space must be latent or image, got {s.space!r}")
-    _check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")
-    _check(s.perp_neg >= 0, f"{name}.perp_neg must be >= 0, got {s.perp_neg}")

@@ -11,15 +11,16 @@ import torch
 
 from text3d.cameras import orbit_cameras
 from text3d.generate.config import RunConfig
-from text3d.export import export_asset, write_turntable
+from text3d.export import export_textured_mesh, write_turntable
 from text3d.generate.preview import render_views, save_run_preview
+from text3d.renderers.protocol import Renderer
 from text3d.runtime.run_folder import SUMMARY_NAME
 from text3d.runtime.atomic import atomic_write_text
 
 FORMATS = {"obj": ("obj",), "glb": ("glb",), "ply": ("ply",), "both": ("obj", "glb"), "all": ("obj", "glb", "ply")}
 
 
-def turntable_frames(renderer, cfg: RunConfig, device: torch.device) -> list[np.ndarray]:
+def turntable_frames(renderer: Renderer, cfg: RunConfig, device: torch.device) -> list[np.ndarray]:
     cams = orbit_cameras(cfg.camera, cfg.export.video_frames)
     images = render_views(renderer, cams, cfg.export.video_resolution, device, shading="lambertian")["rgb"]
     return [(img.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8) for img in images]
@@ -30,39 +31,24 @@ def particle_dir(run_dir: Path, index: int, count: int) -> Path:
     return Path(run_dir) if count == 1 else Path(run_dir) / f"particle_{index}"
 
 
-def export_particle(renderer, cfg: RunConfig, device: torch.device, out_dir: Path,
+def export_particle(renderer: Renderer, cfg: RunConfig, device: torch.device, out_dir: Path,
                     formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
-    """Mesh files (and the turntable video) of one trained renderer in ``out_dir``: a NeRF through marching
-    cubes, a mesh-stage model through its own surface; either way pieces smaller than
-    ``export.min_component_fraction`` of the largest are dropped and the albedo is baked into a UV atlas."""
+    """Mesh files (and the turntable video) of one trained renderer in ``out_dir``: its
+    :meth:`~text3d.renderers.protocol.Renderer.export_surface` (a NeRF's marching-cubes mesh, a mesh stage's
+    own surface; either way pieces smaller than ``export.min_component_fraction`` of the largest are
+    dropped), with its colour baked into a UV atlas."""
     renderer.eval()
     with torch.no_grad():
-        if hasattr(renderer, "surface"):
-            import trimesh
-
-            from text3d.export import export_textured_mesh
-            from text3d.export.marching import remove_small_components
-
-            surface = renderer.surface()
-            mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
-            mesh = remove_small_components(mesh, float(cfg.export.min_component_fraction))  # as marching cubes does
-            field = renderer.colour_field()
-            device = surface.vertices.device
-            files: dict[str, object] = dict(export_textured_mesh(
-                mesh, lambda p: field.query_albedo(p.to(device)).float(), out_dir, cfg.run_name, cfg.export,
-                formats=tuple(formats), bound=cfg.nerf.bound))
-        else:
-            field = renderer.field
-            colour = renderer.seen_albedo if cfg.export.bake == "seen" else field.query_albedo
-            files = dict(export_asset(field.query_density, colour, cfg.nerf.bound, out_dir, cfg.run_name,
-                                      cfg.export, formats=tuple(formats)))
+        surface = renderer.export_surface(cfg.export)
+        files: dict[str, object] = dict(export_textured_mesh(surface.mesh, surface.colour, out_dir, cfg.run_name,
+                                                             cfg.export, formats=tuple(formats), bound=cfg.nerf.bound))
     if video:
         files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
                                          cfg.export.video_fps)
     return files
 
 
-def export_run(particles, cfg: RunConfig, device: torch.device, run_dir: Path,
+def export_run(particles: Renderer | Sequence[Renderer], cfg: RunConfig, device: torch.device, run_dir: Path,
                formats: Sequence[str] = ("obj", "glb"), video: bool = True) -> dict[str, object]:
     """Export every particle (``particle_i/`` when there are several) and a preview grid that shows
     them side by side; returns what was written (per particle under ``particle_i`` keys)."""

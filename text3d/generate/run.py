@@ -13,13 +13,13 @@ from typing import Callable, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from text3d.generate.config import RunConfig, load_config, to_yaml
+from text3d.generate.config import RunConfig, load_config, run_config_schema, stage_checkpoint, stage_order, to_yaml
 from text3d.errors import UserError
 from text3d.prompts import validate_prompt
 from text3d.generate.finalize import export_run, write_summary
 from text3d.runtime.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
                                         probe_writable, require_run_dir)
-from text3d.generate.trainer import STAGE_CHECKPOINTS, AssetTrainer
+from text3d.generate.trainer import AssetTrainer
 from text3d.runtime.atomic import atomic_write_text
 from text3d.utils.backends import resolve_device
 from text3d.runtime.seed import seed_everything
@@ -72,10 +72,9 @@ def generate(cfg: RunConfig, out: Path | None = None, show_progress: bool = True
 
 def _from_run(from_dir: Path, cfg: RunConfig, device: torch.device) -> list:
     """The particles of the last stage of ``from_dir`` that comes before this run's first stage."""
-    from text3d.generate.config import STAGES
-
+    order = stage_order()
     source_cfg = load_run_config(from_dir)
-    before = [s for s in STAGES[: STAGES.index(cfg.stages[0])] if s in source_cfg.stages]
+    before = [s for s in order[: order.index(cfg.stages[0])] if s in source_cfg.stages]
     if not before:
         raise UserError(f"--from {from_dir}: it ran no stage before {cfg.stages[0]} (its stages: "
                         f"{','.join(source_cfg.stages)})")
@@ -87,9 +86,9 @@ def load_stage_particles(run_dir: Path, cfg: RunConfig, device: torch.device, st
     """Rebuild ``stages`` of a run in order from their checkpoints; the particles of the last one."""
     sources = None
     for stage in stages:
-        path = Path(run_dir) / STAGE_CHECKPOINTS[stage]
+        path = Path(run_dir) / stage_checkpoint(stage)
         if not path.is_file():
-            raise UserError(f"{run_dir} has no checkpoint of its {stage} stage ({STAGE_CHECKPOINTS[stage]})")
+            raise UserError(f"{run_dir} has no checkpoint of its {stage} stage ({stage_checkpoint(stage)})")
         holder = AssetTrainer(cfg, None, device, Path(run_dir), show_progress=False, stage=stage, sources=sources,
                               with_guidance=False)
         holder.load()
@@ -120,7 +119,8 @@ def _run_stages(cfg: RunConfig, teacher, device, run_dir: Path, show_progress: b
 
 def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> RunConfig:
     run_dir = require_run_dir(run_dir)
-    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(run_dir / CONFIG_NAME)))
+    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(run_config_schema()),
+                                               OmegaConf.load(run_dir / CONFIG_NAME)))
     return load_config(overrides=overrides, base=base)
 
 
@@ -131,7 +131,7 @@ def resume(run_dir: Path, overrides: Sequence[str] = (), show_progress: bool = T
     cfg = load_run_config(run_dir, overrides)
     if device:
         cfg.device = device
-    if not any((run_dir / STAGE_CHECKPOINTS[stage]).is_file() for stage in cfg.stages):
+    if not any((run_dir / stage_checkpoint(stage)).is_file() for stage in cfg.stages):
         raise UserError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT})")
     torch_device = resolve_device(cfg.device)
     teacher = teacher if teacher is not None else load_teacher_for(cfg, torch_device)
@@ -147,7 +147,7 @@ def export_existing(run_dir: Path, formats: Sequence[str], video: bool = True, d
     if max_faces is not None:
         cfg.export.max_faces = int(max_faces)
     run_dir = Path(run_dir)
-    done = [s for s in cfg.stages if (run_dir / STAGE_CHECKPOINTS[s]).is_file()]
+    done = [s for s in cfg.stages if (run_dir / stage_checkpoint(s)).is_file()]
     if not done:
         raise UserError(f"{run_dir} has no checkpoint to export ({CHECKPOINT})")
     torch_device = resolve_device(device)

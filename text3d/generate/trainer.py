@@ -12,34 +12,30 @@ continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
-from text3d.generate.config import RunConfig, TrainConfig, render_resolution, to_yaml
-from text3d.errors import CheckpointError, NumericalError, UserError
-from text3d.guidance import SDSGuidance, VSDGuidance
+from text3d.generate.config import (GUIDANCE_REGISTRY, STAGE_REGISTRY, Guidance, RunConfig, TrainConfig,
+                                    render_resolution, stage_checkpoint, to_yaml)
+from text3d.errors import CheckpointError
 from text3d.prompts import prompts_for_cameras
-from text3d.renderers.nerf import NeRFRenderer
+from text3d.renderers.protocol import Renderer
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.generate.preview import save_run_preview
-from text3d.runtime.progress import LoopProgress
-from text3d.runtime.run_folder import CHECKPOINT
-from text3d.runtime.signals import Interrupted, StopRequest  # noqa: F401  (Interrupted is part of this API)
+from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
+from text3d.runtime.signals import Interrupted  # noqa: F401  (Interrupted is part of this API)
 from text3d.runtime.seed import rng_state, set_rng_state
 
 SHADINGS = ("albedo", "lambertian", "textureless")
 
 
-def build_guidance(cfg: RunConfig, teacher):
-    if cfg.guidance == "sds":
-        return SDSGuidance(teacher, cfg.sds, negative_prompt=cfg.prompts.negative)
-    if cfg.guidance == "vsd":
-        return VSDGuidance(teacher, cfg.vsd, negative_prompt=cfg.prompts.negative)
-    raise UserError(f"unknown guidance {cfg.guidance!r}")
+def build_guidance(cfg: RunConfig, teacher) -> Guidance:
+    """The guidance registered as ``cfg.guidance``, built from its section of the config (``cfg.<name>``)."""
+    method = GUIDANCE_REGISTRY.get(cfg.guidance)
+    return method.build(teacher, getattr(cfg, method.name), negative_prompt=cfg.prompts.negative)
 
 
 def opacity_entropy(opacity: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -62,43 +58,17 @@ def load_particles(particles: list, state: dict) -> None:
         load_module_state(renderer, {"renderer": particle_state}, "renderer")
 
 
-STAGE_CHECKPOINTS = {"nerf": CHECKPOINT, "geometry": Path("checkpoints/geometry.pt"),
-                     "texture": Path("checkpoints/texture.pt")}
-
-
 def stage_train_config(cfg: RunConfig, stage: str) -> TrainConfig:
-    """The loop settings of a stage: ``train`` for the NeRF, the stage's own steps/resolution/lr for meshes."""
-    if stage == "nerf":
-        return cfg.train
-    m = getattr(cfg, stage)
-    return replace(cfg.train, steps=m.steps, resolution=m.resolution, high_resolution=None, lr=m.lr,
-                   lr_background=0.0, albedo_warmup=0.0, lambda_orientation=0.0, lambda_sparsity=0.0,
-                   lambda_opaque=0.0)
+    """The loop settings of a stage, from its registry entry: ``train`` for the NeRF, the stage's own
+    steps/resolution/lr for meshes."""
+    return STAGE_REGISTRY.get(stage).train_config(cfg)
 
 
-def build_stage_particles(stage: str, cfg: RunConfig, device: torch.device, sources: list | None) -> list:
-    """Fresh NeRFs for stage 1; mesh-stage models built from the previous stage's particles otherwise."""
-    if stage == "nerf":
-        return [NeRFRenderer(cfg.nerf).to(device) for _ in range(cfg.train.particles)]
-    from text3d.renderers.mesh_stages import GeometryStageModel, TextureStageModel
-
-    if not sources:
-        raise UserError(f"the {stage} stage needs the particles of an earlier stage")
-    if stage == "geometry":
-        return [GeometryStageModel(src, cfg.geometry.grid_resolution).to(device) for src in sources]
-    models = []
-    for src in sources:
-        if hasattr(src, "surface"):  # a geometry-stage model: its surface and the NeRF albedo it carries
-            mesh = src.surface()
-            field = src.colour_field()
-            models.append(TextureStageModel(mesh.vertices, mesh.faces, field, src.background).to(device))
-        else:  # straight from the NeRF: its marching-cubes surface
-            from text3d.export import extract_mesh
-
-            mesh = extract_mesh(src.field.query_density, cfg.nerf.bound, cfg.export, device=device)
-            models.append(TextureStageModel(torch.as_tensor(mesh.vertices, dtype=torch.float32),
-                                            torch.as_tensor(mesh.faces), src.field, src.background).to(device))
-    return models
+def build_stage_particles(stage: str, cfg: RunConfig, device: torch.device,
+                          sources: list[Renderer] | None) -> list[Renderer]:
+    """The particles of ``stage``, built by its registry entry: fresh NeRFs for stage 1, mesh-stage models
+    from the previous stage's particles otherwise."""
+    return STAGE_REGISTRY.get(stage).build(cfg, device, sources)
 
 
 class AssetTrainer:
@@ -106,13 +76,14 @@ class AssetTrainer:
     guidance (SDS or VSD)."""
 
     def __init__(self, cfg: RunConfig, teacher, device: torch.device, run_dir: Path,
-                 show_progress: bool = True, stage: str = "nerf", sources: list | None = None,
+                 show_progress: bool = True, stage: str = "nerf", sources: list[Renderer] | None = None,
                  with_guidance: bool = True):
         self.cfg, self.teacher, self.device, self.run_dir = cfg, teacher, device, Path(run_dir)
         self.show_progress, self.stage = show_progress, stage
+        self.kind = STAGE_REGISTRY.get(stage)  # the stage's registry entry
         self.train_cfg = stage_train_config(cfg, stage)
-        self.checkpoint_path = self.run_dir / STAGE_CHECKPOINTS[stage]
-        self.particles = build_stage_particles(stage, cfg, device, sources)
+        self.checkpoint_path = self.run_dir / stage_checkpoint(stage)
+        self.particles: list[Renderer] = build_stage_particles(stage, cfg, device, sources)
         self.guidance = build_guidance(cfg, teacher) if with_guidance else None
         groups = []
         for renderer in self.particles:
@@ -124,10 +95,11 @@ class AssetTrainer:
                 groups.append({"params": background, "lr": self.train_cfg.lr_background})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
-        self._nonfinite_run = 0
+        self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, self.checkpoint_path,
+                                        "try a lower train.lr or sds.guidance_scale")
 
     @property
-    def renderer(self) -> NeRFRenderer:
+    def renderer(self) -> Renderer:
         """The first particle (the only one unless ``train.particles`` > 1)."""
         return self.particles[0]
 
@@ -187,9 +159,8 @@ class AssetTrainer:
             loss = loss + t.lambda_sparsity * out["opacity_sparsity"]
         if t.lambda_opaque > 0:
             loss = loss + t.lambda_opaque * opacity_entropy(out["opacity"])
-        if self.stage == "geometry":
-            m = cfg.geometry
-            loss = loss + m.lambda_laplacian * out["laplacian"] + m.lambda_normal_consistency * out["normal_consistency"]
+        for key, weight in self.kind.regularisers.items():  # the stage's own terms (geometry: Laplacian, normal
+            loss = loss + getattr(getattr(cfg, self.stage), weight) * out[key]  # consistency), weighted by its section
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": float(loss.detach()), "t": float(g.t.float().mean())}
         if not math.isfinite(stats["loss"]):
@@ -207,11 +178,7 @@ class AssetTrainer:
         return stats
 
     def _nonfinite(self, step: int, stats: dict, what: str) -> dict:
-        self._nonfinite_run += 1
-        if self._nonfinite_run >= self.cfg.train.max_nonfinite_steps:
-            raise NumericalError(
-                f"the {what} was NaN/inf for {self._nonfinite_run} consecutive steps (at step {step}); the last good "
-                f"checkpoint is {self.checkpoint_path}; try a lower train.lr or sds.guidance_scale")
+        self.nonfinite.skip(what, step)  # NumericalError after train.max_nonfinite_steps in a row
         stats["skipped"] = 1.0
         return stats
 
@@ -219,25 +186,22 @@ class AssetTrainer:
     def fit(self, callbacks: Iterable[Callable[["AssetTrainer", int, dict], None]] = ()) -> int:
         """Run from ``self.step + 1`` to ``train.steps``; returns the last completed step."""
         t = self.train_cfg
-        start = self.step
-        with StopRequest() as stop, LoopProgress(t.steps, start, f"optimising ({self.stage})" if self.stage != "nerf" else "optimising",
-                                                 self.show_progress) as bar:
-            for step in range(start + 1, t.steps + 1):
-                stats = self.train_step(step)
-                self.step = step
-                if step % t.log_every == 0 or step == t.steps:
-                    bar.update(step, {k: v for k, v in stats.items() if k in ("loss", "t", "grad", "lora_loss")})
-                if step % t.checkpoint_every == 0 or step == t.steps:
-                    self.save()
-                if step % t.preview_every == 0:
-                    prefix = "" if self.stage == "nerf" else f"{self.stage}_"
-                    self.preview(self.run_dir / "previews" / f"{prefix}step_{step:06d}.png")
-                for callback in callbacks:
-                    callback(self, step, stats)
-                if stop.signal is not None:
-                    path = self.save()
-                    raise Interrupted(f"stopped by {stop.signal} after step {step}; checkpoint saved to {path}; "
-                                      f"continue with: text3d generate --resume {self.run_dir}")
+        prefix = "" if self.stage == "nerf" else f"{self.stage}_"
+
+        def step_fn(step: int) -> dict:
+            stats = self.train_step(step)
+            self.step = step
+            return stats
+
+        def preview(step: int, stats: dict) -> None:
+            self.preview(self.run_dir / "previews" / f"{prefix}step_{step:06d}.png")
+
+        TrainingLoop(
+            t.steps, self.step, description=f"optimising ({self.stage})" if self.stage != "nerf" else "optimising",
+            show_progress=self.show_progress, save=self.save, checkpoint_every=t.checkpoint_every,
+            log_every=t.log_every, show=lambda s: {k: v for k, v in s.items() if k in ("loss", "t", "grad", "lora_loss")},
+            every=[(t.preview_every, preview), *((1, lambda step, s, cb=cb: cb(self, step, s)) for cb in callbacks)],
+            nonfinite=self.nonfinite, resume=f"text3d generate --resume {self.run_dir}").run(step_fn)
         return self.step
 
     # --------------------------------------------------------------- preview

@@ -8,18 +8,60 @@ the unmodified frozen model. An optional condition vector (the flattened camera-
 for 3D) goes through a small MLP whose output is added to the UNet's timestep embedding by a
 forward hook. The MLP's last layer and peft's LoRA ``B`` matrices start at zero, so a fresh
 network predicts exactly what the teacher predicts.
+
+One training step serves VSD's LoRA and the 2D fake score alike (:func:`lora_denoising_loss`,
+:func:`optimizer_step`): the teacher's own diffusion loss on detached samples ``x``,
+``L = mean_b w_b ||f_LoRA(x_t, t, c) - target(x, eps, t)||^2`` at ``t ~ U[t_min, t_max) * T`` in the
+teacher's prediction space (eps, v or x0), with ``w_b = alpha_bar_t`` (SwiftBrush) or 1, a fraction
+``null_prompt_prob`` of prompts replaced by the empty one (SwiftBrush) and a fraction ``camera_drop`` of
+conditions zeroed (VSD). Its settings are one :class:`LoRAScoreConfig`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from text3d.errors import ConfigError
+
 ADAPTER_NAME = "text3d_lora"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoRAScoreConfig:
+    """A LoRA score network and its training (VSD's ``vsd.lora``, the 2D fake score's ``fake``)."""
+
+    rank: int = 4
+    alpha: Optional[float] = None  # LoRA scale is alpha / rank; None = rank (scale 1)
+    lr: float = 1e-3
+    steps: int = 1  # LoRA updates per 3D step / per student step (DMD2's two time-scale rule uses 5)
+    t_min: float = 0.0  # training timesteps ~ U[t_min, t_max) * T
+    t_max: float = 1.0
+    null_prompt_prob: float = 0.0  # fraction of training prompts replaced by the empty one (SwiftBrush: 0.1)
+    alpha_weighted: bool = False  # weight the per-sample loss by alpha_bar_t (SwiftBrush)
+    camera_condition: bool = False  # condition on the camera through the time embedding (VSD)
+    camera_drop: float = 0.0  # fraction of training samples whose condition is zeroed
+    camera_hidden: int = 64
+
+
+def check_lora_config(c: LoRAScoreConfig, name: str) -> None:
+    """Range checks of a :class:`LoRAScoreConfig` under the config key ``name`` (one-line ConfigError)."""
+    problems = [
+        (c.rank >= 1 and (c.alpha is None or c.alpha > 0), f"{name}.rank must be >= 1 and {name}.alpha > 0 or null"),
+        (c.lr > 0 and c.steps >= 0, f"{name}.lr must be > 0 and {name}.steps >= 0"),
+        (0.0 <= c.t_min < c.t_max <= 1.0, f"need 0 <= {name}.t_min < {name}.t_max <= 1"),
+        (0.0 <= c.null_prompt_prob <= 1.0, f"{name}.null_prompt_prob must be in [0, 1]"),
+        (0.0 <= c.camera_drop <= 1.0 and c.camera_hidden >= 1,
+         f"{name}.camera_drop must be in [0, 1] and {name}.camera_hidden >= 1"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _time_embedding_dim(unet) -> int:
@@ -187,3 +229,52 @@ class LoRAScoreNetwork(nn.Module):
 @contextmanager
 def _null():
     yield
+
+
+def lora_denoising_loss(lora: LoRAScoreNetwork, latents: torch.Tensor, cond: torch.Tensor, cfg: LoRAScoreConfig,
+                        uncond: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA's training loss on detached ``latents`` (module docstring). Draws, in this order: the null
+    prompts (when ``null_prompt_prob > 0``; needs ``uncond``), ``t``, the noise, the dropped conditions."""
+    teacher = lora.teacher
+    batch = latents.shape[0]
+    if cfg.null_prompt_prob > 0:
+        null = (torch.rand(batch) < cfg.null_prompt_prob).to(cond.device).view(-1, 1, 1)
+        cond = torch.where(null, uncond, cond)
+    T = teacher.num_train_timesteps
+    lo = int(cfg.t_min * T)
+    t = torch.randint(lo, max(lo + 1, int(cfg.t_max * T)), (batch,)).to(teacher.device)
+    noise = torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
+    if condition is not None and cfg.camera_drop > 0:
+        keep = (torch.rand(batch) >= cfg.camera_drop).float().to(condition.device)
+        condition = condition * keep[:, None]
+    weights = teacher.alpha_bar(t).flatten() if cfg.alpha_weighted else None
+    return lora.denoising_loss(latents, cond, t, noise, condition, weights=weights)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None = None,
+                   reduce_grads: Callable[[], None] | None = None) -> bool:
+    """Zero the gradients, then, if ``loss`` is finite: backward, ``reduce_grads()`` (e.g. averaging across
+    processes), clip to ``max_grad_norm``, step. Returns False (nothing changed) for a non-finite loss."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    if reduce_grads is not None:
+        reduce_grads()
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def lora_training_step(lora: LoRAScoreNetwork, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
+                       cond: torch.Tensor, cfg: LoRAScoreConfig, uncond: torch.Tensor | None = None,
+                       condition: torch.Tensor | None = None) -> torch.Tensor:
+    """One LoRA update (:func:`lora_denoising_loss` then :func:`optimizer_step`); returns the loss, which is
+    non-finite when the step was skipped."""
+    loss = lora_denoising_loss(lora, latents, cond, cfg, uncond, condition)
+    optimizer_step(optimizer, loss)
+    return loss
+

@@ -8,12 +8,14 @@
   then baked into a UV atlas at export.
 
 Both render through :func:`text3d.renderers.mesh.render_mesh` (antialiased, nvdiffrast on CUDA) and
-composite over the NeRF's background, so the trainer and guidance do not care which stage runs.
+composite over the NeRF's background, so the trainer and guidance do not care which stage runs: both
+implement :class:`text3d.renderers.protocol.Renderer`.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +23,10 @@ from torch import nn
 from text3d.cameras import Cameras
 from text3d.renderers.dmtet import DMTet, SurfaceMesh, laplacian_loss, normal_consistency_loss
 from text3d.renderers.mesh.render import MeshAsset, render_mesh
+from text3d.renderers.protocol import ColourField, ExportSurface, RenderOutput
+
+if TYPE_CHECKING:
+    from text3d.export import ExportConfig
 
 
 def density_iso_level(density_fn, bound: float, resolution: int = 64) -> float:
@@ -39,6 +45,22 @@ def _composite(out: dict, background: nn.Module, cameras: Cameras, height: int, 
     return out
 
 
+@torch.no_grad()
+def _export_surface(model, export: "ExportConfig") -> ExportSurface:
+    """A mesh stage's surface welded into a trimesh with pieces under ``export.min_component_fraction`` of the
+    largest dropped (as marching cubes does for a NeRF), coloured by its colour field's albedo."""
+    import trimesh
+
+    from text3d.export.marching import remove_small_components
+
+    surface = model.surface()
+    mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
+    mesh = remove_small_components(mesh, float(export.min_component_fraction))
+    field = model.colour_field()
+    device = surface.vertices.device
+    return ExportSurface(mesh, lambda p: field.query_albedo(p.to(device)).float())
+
+
 class GeometryStageModel(nn.Module):
     def __init__(self, nerf, grid_resolution: int = 64, iso_level: float | None = None):
         super().__init__()
@@ -54,15 +76,19 @@ class GeometryStageModel(nn.Module):
     def update_occupancy(self, step: int) -> None:  # the NeRF's interface; nothing to do for a surface
         return None
 
-    def surface(self) -> SurfaceMesh:
+    def surface(self, export: "ExportConfig | None" = None) -> SurfaceMesh:
+        """The DMTet surface (differentiable in the SDF and offsets); ``export`` is not needed."""
         return self.dmtet()
 
-    def colour_field(self) -> nn.Module:
+    def colour_field(self) -> ColourField:
         """The field whose ``query_albedo`` colours this surface (the frozen NeRF's)."""
         return self.albedo_field
 
+    def export_surface(self, export: "ExportConfig") -> ExportSurface:
+        return _export_surface(self, export)
+
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "lambertian",
-                light_dirs=None, ambient: float = 0.3, **_) -> dict:
+                light_dirs=None, ambient: float = 0.3, **_) -> RenderOutput:
         mesh = self.surface()
         if mesh.faces.numel() == 0:
             raise ValueError("the DMTet surface is empty (the SDF has no zero crossing)")
@@ -86,15 +112,19 @@ class TextureStageModel(nn.Module):
     def update_occupancy(self, step: int) -> None:
         return None
 
-    def surface(self) -> SurfaceMesh:
+    def surface(self, export: "ExportConfig | None" = None) -> SurfaceMesh:
+        """The frozen mesh; ``export`` is not needed."""
         return SurfaceMesh(self.vertices, self.faces)
 
-    def colour_field(self) -> nn.Module:
+    def colour_field(self) -> ColourField:
         """The field whose ``query_albedo`` colours this surface (the one this stage trains)."""
         return self.field
 
+    def export_surface(self, export: "ExportConfig") -> ExportSurface:
+        return _export_surface(self, export)
+
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "albedo",
-                light_dirs=None, ambient: float = 0.3, **_) -> dict:
+                light_dirs=None, ambient: float = 0.3, **_) -> RenderOutput:
         asset = MeshAsset(self.vertices, self.faces)
         out = render_mesh(asset, cameras, height, width, shading, light_dirs, ambient, background=(0.0, 0.0, 0.0),
                           albedo_fn=lambda p: self.field.query_albedo(p).float())

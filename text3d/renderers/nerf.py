@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,15 @@ from text3d.errors import ConfigError
 from text3d.renderers import volume
 from text3d.renderers.allocator import tune_malloc
 from text3d.renderers.background import Background
+from text3d.renderers.dmtet import SurfaceMesh
 from text3d.renderers.field import DENSITY_ACTIVATIONS, NeRFField
 from text3d.renderers.occupancy import OccupancyGrid
+from text3d.renderers.protocol import ExportSurface, RenderOutput
 from text3d.renderers.shading import SHADING_MODES, shade
 from text3d.utils.backends import has_nerfacc, has_tcnn
+
+if TYPE_CHECKING:
+    from text3d.export import ExportConfig
 
 
 @dataclass
@@ -153,6 +159,33 @@ class NeRFRenderer(nn.Module):
             out.append((rays["rgb"] + (1.0 - rays["opacity"]) * self.background(dirs)).clamp(0.0, 1.0))
         return torch.cat(out) if out else points.new_zeros(0, 3)
 
+    # ------------------------------------------------------------------------- surface (renderers.protocol)
+    @torch.no_grad()
+    def surface(self, export: "ExportConfig | None" = None) -> SurfaceMesh:
+        """The marching-cubes mesh of the density (:func:`text3d.export.extract_mesh` with ``export``'s grid,
+        iso-level, small-piece and smoothing settings), float32 on this NeRF's device: where a texture stage
+        started straight from the NeRF begins."""
+        from text3d.export import ExportConfig, extract_mesh
+
+        device = self.occupancy.density.device
+        mesh = extract_mesh(self.field.query_density, self.bound, export if export is not None else ExportConfig(),
+                            device=device)
+        return SurfaceMesh(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device),
+                           torch.as_tensor(mesh.faces, device=device))
+
+    def colour_field(self) -> NeRFField:
+        """The field whose ``query_albedo`` colours the surface."""
+        return self.field
+
+    @torch.no_grad()
+    def export_surface(self, export: "ExportConfig") -> ExportSurface:
+        """The marching-cubes mesh (float64, as extracted) and, per ``export.bake``, the colour a camera sees at
+        the surface (:meth:`seen_albedo`) or the field's albedo."""
+        from text3d.export import extract_mesh
+
+        mesh = extract_mesh(self.field.query_density, self.bound, export)
+        return ExportSurface(mesh, self.seen_albedo if export.bake == "seen" else self.field.query_albedo)
+
     # --------------------------------------------------------------------------------------------- render
     def _nerfacc_ready(self, device: torch.device) -> bool:
         if not (self.use_nerfacc and device.type == "cuda"):
@@ -164,7 +197,7 @@ class NeRFRenderer(nn.Module):
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "albedo",
                 light_dirs: torch.Tensor | None = None, ambient: float = 0.3, want_normals: bool = False,
                 stratified: bool | None = None,
-                background_color: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                background_color: torch.Tensor | None = None) -> RenderOutput:
         """Render ``cameras`` at ``height x width``.
 
         ``shading``: albedo | lambertian | textureless; ``light_dirs`` [B,3] unit vectors towards the light
@@ -215,8 +248,8 @@ class NeRFRenderer(nn.Module):
         def image(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, height, width, -1).permute(0, 3, 1, 2).contiguous()
 
-        result = {"rgb": image(rgb), "opacity": image(out["opacity"]), "depth": image(out["depth"]),
-                  "opacity_sparsity": out["opacity"].mean()}
+        result: RenderOutput = {"rgb": image(rgb), "opacity": image(out["opacity"]), "depth": image(out["depth"]),
+                                 "opacity_sparsity": out["opacity"].mean()}
         if need_normals:
             result["normal"] = image(out["normal"])
             result["orientation_loss"] = orient / n_rays

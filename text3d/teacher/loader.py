@@ -33,7 +33,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_FOLDER_HINT = ("a diffusers Stable Diffusion folder must contain the subfolders "
                   "unet/, vae/, text_encoder/, tokenizer/ and scheduler/")
 # The teacher used when none is named: the embedded one in the repository's text3d/assets/teacher/, once trained
-# there by scripts/train_teacher.py (it counts as present when its model_index.json is).
+# there by `text3d teacher train` (it counts as present when its model_index.json is).
 DEFAULT_TEACHER_DIR = package_path("assets", "teacher")
 
 
@@ -197,7 +197,7 @@ def resolve_source(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
         raise TeacherError("no teacher given and no default teacher is installed yet (text3d/assets/teacher/ is empty): "
                            "pass --teacher with a diffusers Stable Diffusion folder or hub id "
                            "(e.g. stabilityai/stable-diffusion-2-1-base), or train the embedded one with "
-                           "scripts/train_teacher.py")
+                           "text3d teacher train")
     if not is_local_path(name_or_path):
         return str(name_or_path), False
     path = Path(os.path.expanduser(os.fspath(name_or_path))).resolve()

@@ -1,5 +1,5 @@
 """Training of the embedded teacher: a small latent diffusion model in the Stable Diffusion format,
-trained from scratch on the synthetic world (``scripts/train_teacher.py`` is its command line).
+trained from scratch on the synthetic world (``text3d teacher train`` is its command line).
 
   models.py  the architecture (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, DDPM schedule)
   data.py    dataset loading/rendering, vocabulary, caption tokens, batch order, a fake dataset
@@ -7,10 +7,12 @@ trained from scratch on the synthetic world (``scripts/train_teacher.py`` is its
   run.py     train_teacher: both stages, latent caching, time budget, resume, writing the folder
   finetune.py  finetune_teacher: stage 2 again from a written teacher, visible-view examples weighted up
   export.py  the diffusers folder (atomic), the load check, the model card, preview samples
+  cli.py     `text3d teacher train` (scripts/train_teacher.py wraps it)
 """
 
+from text3d.runtime.signals import Interrupted
 from text3d.teacher_training.models import Architecture
-from text3d.teacher_training.stages import Interrupted, TeacherTrainConfig
+from text3d.teacher_training.stages import TeacherTrainConfig
 
 __all__ = ["Architecture", "Interrupted", "TeacherTrainConfig", "train_teacher", "write_fake_dataset"]
 

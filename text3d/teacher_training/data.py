@@ -8,7 +8,6 @@ objects whose front and back differ, and the views are part of the captions.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,8 +17,6 @@ import torch
 
 from text3d.errors import UserError
 from text3d.toyworld.dataset import META_NAME, ToyworldDataset, shard_name, write_meta, write_shard
-
-_GENERATE_MODULES = ("text3d.toyworld.generate", "text3d.toyworld.render.generate")
 
 
 # ------------------------------------------------------------------ vocabulary
@@ -35,50 +32,39 @@ def caption_pieces(captions: Iterable[str]) -> set[str]:
 def world_vocabulary(captions: Iterable[str] = ()) -> list[str]:
     """The words the teacher's tokenizer keeps whole: the world's vocabulary and every caption piece.
 
-    The world's list comes from ``text3d.toyworld.catalog.vocabulary()`` when that module exists
-    (imported here, on first use); the caption pieces are always added, so every caption word is
-    one token even if the catalog forgets one.
+    The world's list is ``text3d.toyworld.catalog.vocabulary()``; the caption pieces are always added,
+    so every caption word is one token even if the catalog forgets one (a fake or older dataset).
     """
-    words: set[str] = set()
-    try:
-        catalog = importlib.import_module("text3d.toyworld.catalog")
-        words |= {str(w) for w in catalog.vocabulary()}
-    except (ImportError, AttributeError):
-        pass
-    words |= caption_pieces(captions)
+    from text3d.toyworld import catalog
+
+    words = {str(w) for w in catalog.vocabulary()} | caption_pieces(captions)
     return sorted(w for w in words if w.strip())
 
 
 # ------------------------------------------------------------------ datasets
 
 
-def render_toyworld(folder: Path, n: int, seed: int) -> None:
-    """Render ``n`` examples of the synthetic world into ``folder`` with the world's own generator."""
-    for name in _GENERATE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "render_dataset"):
-            import inspect
-
-            kwargs = {}
-            if "workers" in inspect.signature(module.render_dataset).parameters:
-                kwargs["workers"] = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                           else os.cpu_count() or 1))
-            module.render_dataset(folder, n, seed, **kwargs)
-            return
-    raise UserError("cannot render a toyworld dataset: text3d.toyworld.generate.render_dataset is not available "
-                    "in this checkout; pass --data with an existing dataset folder")
+def render_workers() -> int:
+    """Processes for rendering a dataset: one per CPU core available, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
-def load_dataset(folder: str | Path, render: int | None = None, seed: int = 0) -> ToyworldDataset:
+def render_toyworld(folder: Path, n: int, seed: int, progress: bool = True) -> Path:
+    """Render ``n`` examples of the synthetic world into ``folder`` (``text3d toyworld render``'s renderer)."""
+    from text3d.toyworld.generate import render_dataset
+
+    return render_dataset(folder, n, seed=seed, progress=progress, workers=render_workers())
+
+
+def load_dataset(folder: str | Path, render: int | None = None, seed: int = 0,
+                 progress: bool = True) -> ToyworldDataset:
     """Load the toyworld dataset in ``folder``; render ``render`` examples there first if it has no meta.json."""
     folder = Path(folder).expanduser()
     if not (folder / META_NAME).is_file():
         if not render:
             raise UserError(f"{folder} is not a toyworld dataset (no {META_NAME}); render one with --render N")
-        render_toyworld(folder, int(render), seed)
+        render_toyworld(folder, int(render), seed, progress=progress)
     data = ToyworldDataset.load(folder)
     if len(data) == 0:
         raise UserError(f"toyworld dataset {folder} has no examples")

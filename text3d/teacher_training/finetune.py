@@ -26,7 +26,8 @@ import torch
 from text3d.errors import UserError
 from text3d.teacher_training import export
 from text3d.teacher_training.data import caption_table, tokenize
-from text3d.teacher_training.stages import DiffusionStage, StopFlag, TeacherTrainConfig, load_stage_state, run_stage
+from text3d.runtime.signals import StopRequest
+from text3d.teacher_training.stages import DiffusionStage, TeacherTrainConfig, load_stage_state, run_stage
 from text3d.toyworld.dataset import ToyworldDataset
 from text3d.runtime.atomic import atomic_dir
 
@@ -125,7 +126,7 @@ def finetune_card(previous: str, info: dict) -> str:
         "Final losses (mean of the last 100 steps): " + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items()),
         "",
         "```bash",
-        info.get("command") or "python scripts/train_teacher.py --init text3d/assets/teacher",
+        info.get("command") or "text3d teacher train --init text3d/assets/teacher",
         "```",
         "",
     ])
@@ -139,7 +140,7 @@ def finetune_card(previous: str, info: dict) -> str:
 
 
 def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
-                     replay: int | None = None, data_path: str = "", log=print, stop: StopFlag | None = None,
+                     replay: int | None = None, data_path: str = "", log=print, stop: StopRequest | None = None,
                      on_step=None, repeat_views: Sequence[str] | None = None) -> dict:
     """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``.
 
@@ -207,7 +208,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     budget = None  # the invocation's wall clock, less what loading and encoding took and ~30 s to write
     if cfg.time_budget_min:
         budget = max(1.0, cfg.time_budget_min * 60.0 - (time.perf_counter() - t_start) - 30.0)
-    with (stop or StopFlag()).installed() as flag:  # Ctrl-C: checkpoint, then Interrupted
+    with (stop or StopRequest()) as flag:  # Ctrl-C: checkpoint, then Interrupted
         run_stage(stage, ckpt, extra, budget, flag, log, on_step)
 
     final_unet, final_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()

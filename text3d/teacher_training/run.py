@@ -27,8 +27,9 @@ from text3d.teacher_training import export
 from text3d.teacher_training.data import caption_table, tokenize, world_vocabulary
 from text3d.teacher_training.models import (Architecture, build_scheduler, build_text_encoder, build_unet, build_vae,
                                          n_params)
-from text3d.teacher_training.stages import (DiffusionStage, Stage, StopFlag, TeacherTrainConfig, VAEStage,
-                                         load_stage_state, run_stage)
+from text3d.runtime.signals import StopRequest
+from text3d.teacher_training.stages import (DiffusionStage, Stage, TeacherTrainConfig, VAEStage, load_stage_state,
+                                         run_stage)
 from text3d.toyworld.dataset import ToyworldDataset
 
 VAE_CKPT, UNET_CKPT, LATENTS = "vae.pt", "unet.pt", "latents.pt"
@@ -168,7 +169,7 @@ def _check_same_data(state: dict, n: int) -> None:
 
 def train_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, data_path: str | os.PathLike = "",
                   words: Sequence[str] | None = None, log: Callable[[str], None] = print,
-                  stop: StopFlag | None = None, on_step: Callable[[Stage, dict], None] | None = None) -> dict:
+                  stop: StopRequest | None = None, on_step: Callable[[Stage, dict], None] | None = None) -> dict:
     """Train the teacher on ``dataset`` and write it to ``cfg.out``; returns the run summary.
 
     ``words`` is the tokenizer's whole-word vocabulary (default: the world's vocabulary plus every
@@ -252,8 +253,8 @@ def _train(cfg, dataset, data_path, words, log, stop, on_step) -> dict:
         if projected and projected["vae"] + projected["unet"] > budget - reserve > 0:
             cfg = fit_steps_to_budget(cfg, projected, budget - reserve, vae_state, unet_state, vae_done, log)
 
-    stop = stop or StopFlag()
-    with stop.installed():
+    stop = stop or StopRequest()
+    with stop:
         # ---------------------------------------------------------------- stage 1: VAE
         vae_stage = VAEStage(cfg, device, vae, images_u8)
         if vae_state is not None:

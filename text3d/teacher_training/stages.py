@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,19 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from text3d.errors import NumericalError, UserError
+from text3d.errors import UserError
 from text3d.teacher_training.data import BatchOrder, images_to_model
 from text3d.teacher_training.models import Architecture
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from text3d.runtime.progress import LoopProgress
+from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
+from text3d.runtime.signals import Interrupted, StopRequest  # noqa: F401  (Interrupted: raised by run_stage)
 
 MAX_NONFINITE = 20  # consecutive NaN/inf steps before giving up
-
-
-class Interrupted(UserError):
-    """Ctrl-C or SIGTERM: the stage stopped after a checkpoint was saved."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -188,7 +181,7 @@ class Stage:
         self.running = RunningLoss()
         self.amp = amp_dtype(cfg.precision, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
-        self._nonfinite = 0
+        self.nonfinite = NonFiniteSteps(MAX_NONFINITE, hint="resume from it with a lower learning rate")
         self.optimizer: torch.optim.Optimizer
         self.peak_lr = 0.0
 
@@ -232,7 +225,6 @@ class Stage:
             return self._skip(step, stats, "gradient")
         self.scaler.step(self.optimizer)  # skips the update itself on inf gradients under fp16
         self.scaler.update()
-        self._nonfinite = 0
         self.after_step()
         self.step = step
         stats["grad"] = grad
@@ -240,10 +232,7 @@ class Stage:
         return stats
 
     def _skip(self, step: int, stats: dict, what: str) -> dict:
-        self._nonfinite += 1
-        if self._nonfinite >= MAX_NONFINITE:
-            raise NumericalError(f"{self.name} stage: the {what} was NaN/inf for {self._nonfinite} consecutive steps "
-                                 f"(at step {step}); resume from the last checkpoint with a lower learning rate")
+        self.nonfinite.skip(f"{self.name} stage's {what}", step)  # NumericalError after MAX_NONFINITE in a row
         self.step = step  # the batch is consumed, so a resumed run stays in step
         return {**stats, "skipped": 1.0}
 
@@ -400,32 +389,6 @@ class DiffusionStage(Stage):
 # ------------------------------------------------------------------ the loop
 
 
-class StopFlag:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second one
-    raises KeyboardInterrupt at once."""
-
-    def __init__(self):
-        self.signal: str | None = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-
-        def handler(signum, frame):
-            if self.signal is not None:
-                raise KeyboardInterrupt
-            self.signal = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
 def save_stage(stage: Stage, path: Path, extra: dict) -> Path:
     return save_checkpoint(path, {**stage.state_dict(), **extra})
 
@@ -435,47 +398,39 @@ def load_stage_state(path: Path) -> dict:
 
 
 def run_stage(stage: Stage, checkpoint: Path, extra: dict, budget_s: float | None = None,
-              stop: StopFlag | None = None, log: Callable[[str], None] = print,
+              stop: StopRequest | None = None, log: Callable[[str], None] = print,
               on_step: Callable[[Stage, dict], None] | None = None) -> Stage:
-    """Train ``stage`` from its current step to ``stage.total_steps``.
+    """Train ``stage`` from its current step to ``stage.total_steps`` in a :class:`TrainingLoop`.
 
     Checkpoints (atomically) every ``checkpoint_every`` steps and at the end; stops early, with a
     checkpoint, when the next step would overrun ``budget_s`` seconds of wall clock; a signal in
-    ``stop`` saves a checkpoint and raises :class:`Interrupted`. ``extra`` goes into every checkpoint.
+    ``stop`` (installed by the caller; one is installed here when None) saves a checkpoint and raises
+    :class:`Interrupted`. ``extra`` goes into every checkpoint.
     """
-    cfg = stage.cfg
-    stop = stop or StopFlag()
-    if stop.signal is not None:  # a signal during the latents or the set-up of this stage
-        raise Interrupted(f"stopped by {stop.signal} before the {stage.name} stage (step {stage.step}); "
-                          f"continue with --resume")
-    start_step, t0 = stage.step, time.perf_counter()
-    last_save = stage.step
+    stage.nonfinite.checkpoint = checkpoint
+
+    def save() -> Path:
+        stage.stopped_early = loop.stopped_early  # saved with the checkpoint the time budget ends on
+        return save_stage(stage, checkpoint, extra)
+
+    def step_fn(step: int) -> dict:
+        t_step = time.perf_counter()
+        stats = stage.train_step()
+        stage.elapsed += time.perf_counter() - t_step
+        return stats
+
+    def show(stats: dict) -> dict:
+        shown = stage.running.means()
+        return {k: shown[k] for k in ("loss", "l1", "psnr", "mse") if k in shown} | {
+            "lr": stage.optimizer.param_groups[0]["lr"]}
+
+    loop = TrainingLoop(stage.total_steps, stage.step, description=stage.name, show_progress=stage.cfg.progress,
+                        save=save, checkpoint_every=stage.cfg.checkpoint_every,
+                        show=show, every=[(1, lambda step, stats: on_step(stage, stats))] if on_step else [],
+                        nonfinite=stage.nonfinite, stop=stop, where=f" in the {stage.name} stage",
+                        resume="the same command and --resume", budget_s=budget_s)
     stage.stopped_early = False
-    with LoopProgress(stage.total_steps, start_step, f"{stage.name}", cfg.progress) as bar:
-        while stage.step < stage.total_steps:
-            t_step = time.perf_counter()
-            stats = stage.train_step()
-            now = time.perf_counter()
-            stage.elapsed += now - t_step
-            shown = stage.running.means()
-            bar.update(stage.step, {k: shown[k] for k in ("loss", "l1", "psnr", "mse") if k in shown}
-                       | {"lr": stage.optimizer.param_groups[0]["lr"]})
-            if on_step is not None:
-                on_step(stage, stats)
-            finished = stage.step >= stage.total_steps
-            if finished:
-                break
-            if stop.signal is not None:
-                path = save_stage(stage, checkpoint, extra)
-                raise Interrupted(f"stopped by {stop.signal} in the {stage.name} stage after step {stage.step}; "
-                                  f"checkpoint saved to {path}; continue with --resume")
-            done_now = stage.step - start_step
-            if budget_s is not None and (now - t0) + (now - t0) / done_now > budget_s:
-                stage.stopped_early = True
-                log(f"{stage.name} stage: time budget reached after step {stage.step}/{stage.total_steps}")
-                break
-            if stage.step - last_save >= cfg.checkpoint_every:
-                save_stage(stage, checkpoint, extra)
-                last_save = stage.step
-    save_stage(stage, checkpoint, extra)
+    loop.run(step_fn)
+    if loop.stopped_early:
+        log(f"{stage.name} stage: time budget reached after step {stage.step}/{stage.total_steps}")
     return stage

@@ -1,0 +1,298 @@
+"""The one score-distillation gradient: SDS, VSD, SwiftBrush, DMD and DMD2 are configurations of it.
+
+For latents ``x`` of what is being generated (in 3D the VAE latents of a render, in 2D a student's x0),
+draw ``t ~ U[t_min, t_max(progress)] * T`` (:class:`~text3d.guidance.schedules.TimestepSchedule`) and
+noise ``eps``, and form ``x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps``. Two branches look at ``x_t``:
+
+* the **real** branch: the frozen teacher with CFG ``guidance_scale`` (the project's one formula,
+  :func:`~text3d.teacher.teacher.apply_cfg`; with Perp-Neg negatives,
+  :func:`~text3d.teacher.teacher.apply_perp_neg`),
+* the **baseline** branch: the injected noise ``eps`` itself (SDS), or a LoRA on the teacher's own UNet
+  (:class:`~text3d.guidance.lora.LoRAScoreNetwork`: VSD's variational score, the "fake score" of SwiftBrush,
+  DMD and DMD2) with CFG ``lora_guidance_scale`` (1 = conditional only) and an optional condition (VSD's
+  camera).
+
+``weighting`` turns the two into a gradient on ``x``:
+
+* ``sigma2`` (DreamFusion, ProlificDreamer, SwiftBrush): ``grad = (1 - ab_t) (eps_real - eps_base)``
+* ``dmd`` (DMD, DMD2): ``grad = (x0_base - x0_real) / mean|x - x0_real|`` (the mean per sample)
+
+With ``space = "image"`` each branch's x0 prediction is decoded, the CFG is applied to the decoded images
+(extrapolating images keeps hues that a latent space non-linear in colour turns into other colours) and
+the gradient is formed on an image ``D``: the render's pixels in 3D, the decoded student ``D(x)`` in 2D:
+``grad = image_weight (base - clamp(real, 0, 1))`` with ``base = D`` for the noise baseline and the LoRA's
+decoded x0 otherwise; ``dmd`` divides it by ``mean|D - real|``.
+
+The gradient is sanitised (NaN/inf zeroed and counted, optional clamp to ``grad_clip``) and injected with
+the target trick ``loss = 0.5 ||y - (y - grad).detach()||^2`` on ``y`` (the latents or the image), so
+``d loss / d y = grad`` exactly with ``reduction = "sum"`` and ``grad / y.numel()`` with ``"mean"``.
+
+Everything goes through :func:`score_gradient`; :class:`ScoreDistillation` draws ``t`` and the noise,
+encodes prompts and injects the result. 3D guidance calls it with rendered images and prompts
+(:meth:`ScoreDistillation.__call__`), 2D students with latents and embeddings
+(:meth:`ScoreDistillation.from_latents`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from text3d.errors import ConfigError
+from text3d.guidance.schedules import TimestepSchedule
+from text3d.prompts import other_view_prompts
+from text3d.teacher.sampling import predict_x0
+from text3d.teacher.teacher import apply_perp_neg
+
+WEIGHTINGS = ("sigma2", "dmd")
+SPACES = ("latent", "image")
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class ScoreConfig:
+    """The score-distillation gradient's settings (module docstring); SDS's defaults."""
+
+    guidance_scale: float = 100.0  # CFG of the real branch (the frozen teacher)
+    lora_guidance_scale: float = 1.0  # CFG of the LoRA baseline, when there is one (1 = conditional only)
+    weighting: str = "sigma2"  # sigma2: (1 - ab_t)(eps_real - eps_base) | dmd: (x0_base - x0_real) / mean|x - x0_real|
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_anneal: str = "none"  # none | linear | sqrt | cosine: t_max -> t_max_end over the run
+    t_max_end: Optional[float] = None
+    t_anneal_start: float = 0.0  # fraction of the run before annealing starts
+    grad_clip: Optional[float] = None  # clamp each gradient element to [-grad_clip, grad_clip]
+    space: str = "latent"  # latent | image: where CFG is applied and the gradient injected (module docstring)
+    image_weight: float = 1.0  # image space: the gradient is image_weight * (base - target)
+    perp_neg: float = 0.0  # Perp-Neg: weight of each other azimuth view's prompt as a negative (0 = plain CFG)
+    reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
+
+
+def check_score_config(s: ScoreConfig, name: str) -> None:
+    """Range checks of a :class:`ScoreConfig` under the config key ``name`` (one-line ConfigError)."""
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    check(0.0 <= s.t_min < s.t_max <= 1.0, f"need 0 <= {name}.t_min < {name}.t_max <= 1, got {s.t_min}, {s.t_max}")
+    check(s.guidance_scale >= 0 and s.lora_guidance_scale >= 0,
+          f"{name}.guidance_scale and {name}.lora_guidance_scale must be >= 0")
+    check(s.t_anneal in TimestepSchedule.KINDS,
+          f"{name}.t_anneal must be one of {', '.join(TimestepSchedule.KINDS)}, got {s.t_anneal!r}")
+    if s.t_anneal != "none" and s.t_max_end is not None:
+        check(s.t_min <= s.t_max_end <= s.t_max, f"need {name}.t_min <= {name}.t_max_end <= {name}.t_max")
+    check(s.grad_clip is None or s.grad_clip > 0, f"{name}.grad_clip must be > 0 or null")
+    check(s.weighting in WEIGHTINGS, f"{name}.weighting must be one of {', '.join(WEIGHTINGS)}, got {s.weighting!r}")
+    check(s.space in SPACES, f"{name}.space must be latent or image, got {s.space!r}")
+    check(s.reduction in REDUCTIONS, f"{name}.reduction must be sum or mean, got {s.reduction!r}")
+    check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")
+    check(s.perp_neg >= 0, f"{name}.perp_neg must be >= 0, got {s.perp_neg}")
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor  # scalar; backward() sends ``grad`` into the latents (image space: the image)
+    grad: torch.Tensor  # [B, C, h, w] (image space: [B, 3, H, W]), detached
+    t: torch.Tensor  # [B] integer timesteps
+    latents: torch.Tensor  # [B, C, h, w]: the noised latents (attached to the caller's graph in latent space)
+    nonfinite: int  # gradient elements that were NaN/inf and were zeroed
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad.flatten(1).norm(dim=1).mean())
+
+
+def target_trick_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient with respect to ``latents`` is exactly ``grad``."""
+    target = (latents - grad).detach()
+    return 0.5 * (latents - target).pow(2).sum()
+
+
+def sanitize_grad(grad: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, int]:
+    """Zero NaN/inf elements (returning how many) and optionally clamp."""
+    finite = torch.isfinite(grad)
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        grad = torch.where(finite, grad, torch.zeros_like(grad))
+    if clip is not None:
+        grad = grad.clamp(-clip, clip)
+    return grad, nonfinite
+
+
+def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
+                  weights=None) -> torch.Tensor:
+    """One branch in image space: clamp(CFG of its decoded x0 predictions, 0, 1); at scale 1 without negatives
+    only the conditional prediction is made (the same image, one UNet batch instead of two)."""
+
+    def decoded(eps):
+        return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
+
+    adapters = lora.active(condition) if lora is not None else nullcontext()
+    if scale == 1.0 and not negatives:
+        with adapters:
+            eps = teacher.predict_eps(noisy, t, cond)
+        return decoded(eps)
+    with adapters:
+        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives])
+    images = [decoded(e) for e in eps]
+    if weights is None:
+        weights = torch.zeros(0, noisy.shape[0])
+    return apply_perp_neg(images[0], images[1], images[2:], weights, scale).clamp(0.0, 1.0)
+
+
+def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weights=None) -> torch.Tensor:
+    """The real branch in latent space: the teacher's guided noise prediction (Perp-Neg with negatives)."""
+    if negatives:
+        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives])
+        return apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale)
+    return teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=scale)
+
+
+def score_gradient(teacher, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+                   uncond: torch.Tensor, cfg: ScoreConfig, lora=None, condition: torch.Tensor | None = None,
+                   image: torch.Tensor | None = None, negatives: Sequence[torch.Tensor] = (),
+                   negative_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of every score-distillation method (module docstring), without a graph.
+
+    ``latents`` [B, C, h, w] are noised with ``noise`` at ``t``; ``lora`` is the baseline branch (None: the
+    noise itself, i.e. SDS), called with ``condition``; ``image`` [B, 3, H, W] is what the gradient applies
+    to in image space (the render, or the decoded student). ``negatives`` are Perp-Neg's extra embedding
+    batches for the real branch, with ``negative_weights`` [K, B]. Returns the unsanitised gradient, shaped
+    like ``latents`` (latent space) or ``image`` (image space)."""
+    with torch.no_grad():
+        x = latents.detach().float()
+        noisy = teacher.add_noise(x, noise, t)
+        if cfg.space == "image":
+            if image is None:
+                raise ValueError("image-space score distillation needs the image the gradient applies to")
+            real = _guided_image(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
+                                 weights=negative_weights)
+            base = image.detach() if lora is None else _guided_image(
+                teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale, lora=lora, condition=condition)
+            grad = cfg.image_weight * (base - real)
+            if cfg.weighting == "dmd":
+                grad = grad / (image.detach() - real).abs().flatten(1).mean(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
+            elif cfg.weighting != "sigma2":
+                raise ValueError(f"unknown weighting {cfg.weighting!r}")
+            return grad
+        eps_real = _real_eps(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives, negative_weights)
+        eps_base = noise if lora is None else lora.predict_eps(noisy, t, cond, condition, uncond_embeddings=uncond,
+                                                              guidance_scale=cfg.lora_guidance_scale)
+        if cfg.weighting == "sigma2":
+            return (1.0 - teacher.alpha_bar(t)) * (eps_real - eps_base)
+        if cfg.weighting == "dmd":
+            x0_real = predict_x0(teacher, noisy, eps_real, t)
+            x0_base = predict_x0(teacher, noisy, eps_base, t)
+            scale = (x - x0_real).abs().flatten(1).mean(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
+            return (x0_base - x0_real) / scale
+        raise ValueError(f"unknown weighting {cfg.weighting!r}")
+
+
+class ScoreDistillation:
+    """Score distillation against a frozen :class:`~text3d.teacher.teacher.Teacher`, with the noise (``lora``
+    None: SDS) or a LoRA score network (VSD, the 2D fake score) as the baseline branch.
+
+    ``cfg`` is read at every call, so it may be replaced between calls. Trainable state belongs to the
+    configuration that owns a LoRA (:meth:`update`, :meth:`state_dict`); the noise baseline has none.
+    """
+
+    def __init__(self, teacher, cfg: ScoreConfig, lora=None, negative_prompt: str = ""):
+        self.teacher, self.cfg, self.lora, self.negative_prompt = teacher, cfg, lora, negative_prompt
+        self.schedule = TimestepSchedule(teacher.num_train_timesteps, cfg.t_min, cfg.t_max, cfg.t_anneal,
+                                         cfg.t_max_end, cfg.t_anneal_start)
+
+    # -------------------------------------------------------------- draws
+    def sample_t(self, batch: int, progress: float = 0.0) -> torch.Tensor:
+        """Integer timesteps [batch] on the teacher's device from the schedule at ``progress``."""
+        return self.schedule.sample(batch, progress, device=self.teacher.device)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The ``sigma2`` weighting w(t) = 1 - alpha_bar_t, shaped [B, 1, 1, 1]."""
+        return 1.0 - self.teacher.alpha_bar(t)
+
+    def condition(self, cameras, batch: int) -> torch.Tensor | None:
+        """The baseline's condition for these cameras (none here; VSD conditions its LoRA on the camera)."""
+        return None
+
+    # ---------------------------------------------------------- gradients
+    def guide(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, progress: float = 0.0,
+              image: torch.Tensor | None = None, condition: torch.Tensor | None = None, negatives=(),
+              negative_weights: torch.Tensor | None = None, t: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> GuidanceOutput:
+        """Draw ``t`` and the noise (unless given), form :func:`score_gradient` and inject it into ``latents``
+        (latent space) or ``image`` (image space) with the target trick."""
+        cfg = self.cfg
+        batch = latents.shape[0]
+        t = self.schedule.sample(batch, progress, device=latents.device) if t is None else t.to(latents.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
+        grad = score_gradient(self.teacher, latents, t, noise, cond, uncond, cfg, self.lora, condition=condition,
+                              image=image if cfg.space == "image" else None, negatives=negatives,
+                              negative_weights=negative_weights)
+        grad, nonfinite = sanitize_grad(grad, cfg.grad_clip)
+        target = image if cfg.space == "image" else latents.float()
+        loss = target_trick_loss(target, grad)
+        if cfg.reduction == "mean":
+            loss = loss / target.numel()
+        return GuidanceOutput(loss, grad, t, latents, nonfinite)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
+                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
+        """The gradient for rendered ``images`` [B, 3, H, W] in [0, 1], one prompt per image: into the VAE
+        latents (back through the encoder) in latent space, straight into the resized pixels in image space."""
+        if self.cfg.space != "image":
+            return self.guide_latents(self.teacher.encode_images(images), prompts, progress, cameras, t=t, noise=noise)
+        pixels = self.teacher.resize_images(images).float()
+        with torch.no_grad():
+            latents = self.teacher.encode_images(pixels.detach())
+        return self.guide_latents(latents, prompts, progress, cameras, t=t, noise=noise, image=pixels)
+
+    def guide_latents(self, latents: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                      image: torch.Tensor | None = None) -> GuidanceOutput:
+        """:meth:`guide` for ``latents`` of views with one prompt each (and, in image space, their ``image``):
+        the prompts are encoded, Perp-Neg's negatives and the cameras' condition formed here."""
+        batch = latents.shape[0]
+        if len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} images")
+        cond = self.teacher.encode_prompts(list(prompts))
+        uncond = self.teacher.encode_prompts([self.negative_prompt] * batch)
+        negatives, weights = self.perp_negatives(prompts)
+        return self.guide(latents, cond, uncond, progress, image=image, condition=self.condition(cameras, batch),
+                          negatives=negatives, negative_weights=weights, t=t, noise=noise)
+
+    def from_latents(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, progress: float = 0.0,
+                     t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
+        """The gradient for generated latents ``x`` (a 2D student's x0, attached to its graph): into ``x``,
+        or in image space into its decoding ``D(x)`` and back through the decoder."""
+        image = self.teacher.decode_latents(x.float(), clamp=False) if self.cfg.space == "image" else None
+        return self.guide(x, cond, uncond, progress, image=image, t=t, noise=noise)
+
+    def perp_negatives(self, prompts: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Perp-Neg's negatives: K embedding batches (the k-th other azimuth view of each prompt) and their
+        weights [K, B]; ``([], empty)`` when ``perp_neg`` is 0 or no prompt has a view suffix. A prompt with
+        fewer negatives (plain, overhead) repeats itself there with weight 0, which changes nothing."""
+        w = float(self.cfg.perp_neg)
+        others = [other_view_prompts(p) for p in prompts] if w != 0.0 else []
+        k = max((len(o) for o in others), default=0)
+        if k == 0:
+            return [], torch.zeros(0, len(prompts))
+        texts = [[o[i] if i < len(o) else p for o, p in zip(others, prompts)] for i in range(k)]
+        weights = torch.tensor([[w if i < len(o) else 0.0 for o in others] for i in range(k)])
+        return [self.teacher.encode_prompts(batch) for batch in texts], weights
+
+    # ------------------------------------------------- trainable state (none)
+    def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:
+        """Called once per 3D step after the asset's update, with that step's guidance output."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise RuntimeError(f"{type(self).__name__} has no state, got keys {sorted(state)[:3]}")
