@@ -217,13 +217,16 @@ def test_command_exit_codes(monkeypatch, fake_data, tmp_path, capsys):
 
     monkeypatch.setattr("text3d.teacher_training.run.train_teacher", interrupted)
     assert _train("--data", fake_data, "--work", tmp_path / "w", "--out", tmp_path / "o") == 130
-    assert _train("--data", tmp_path / "missing", "--work", tmp_path / "w") == 2
+    assert _train("--data", tmp_path / "missing", "--work", tmp_path / "w", "--out", tmp_path / "o") == 2
     assert _train("--data", fake_data, "--resume", "--fresh") == 2
     assert _train("--data", fake_data, "--vae-steps", "-1") == 2
+    assert _train("--data", fake_data, "--work", tmp_path / "w") == 2  # no --out: never the installed teacher
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: stopped by SIGINT", f"error: {tmp_path / 'missing'} is not a toyworld dataset (no meta.json); "
                    "render one with --render N", "error: --resume and --fresh cannot be combined",
-                   "error: --vae-steps must be >= 0, got -1"]
+                   "error: --vae-steps must be >= 0, got -1",
+                   "error: give --out DIR, the teacher folder to write (text3d/assets/teacher in a checkout replaces "
+                   "the embedded teacher)"]
     seen = {}
 
     def finetune(cfg, dataset, init, **kwargs):

@@ -99,7 +99,8 @@ def test_wheel_installs_and_generates_outside_the_checkout(tmp_path):
 
     before = _files(installed)
     out = tmp_path / "out"
-    proc = _run([python, "-m", "text3d", "generate", "a red cube", "--steps", "3", "--no-video", "--quiet",
+    small = ["export.grid_resolution=64", "export.texture_size=128"]  # a third of the default export's time
+    proc = _run([python, "-m", "text3d", "generate", "a red cube", *small, "--steps", "3", "--no-video", "--quiet",
                  "--out", out], timeout=600, cwd=work, env=env)
     glbs = list(out.glob("*.glb"))
     assert len(glbs) == 1 and glbs[0].stat().st_size > 1000, (proc.stdout, sorted(p.name for p in out.iterdir()))

@@ -223,7 +223,7 @@ def run_config_schema() -> type:
             sections.append((name, entry.config, field(default_factory=entry.section)))
     if not sections:
         return RunConfig
-    return dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,), module=__name__)
+    return dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,), namespace={"__module__": __name__})
 
 
 def guidance_preset(name: str) -> Path | None:

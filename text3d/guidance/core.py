@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -46,6 +46,11 @@ from text3d.guidance.schedules import TimestepSchedule
 from text3d.prompts import other_view_prompts
 from text3d.teacher.sampling import predict_x0
 from text3d.teacher.teacher import apply_perp_neg
+
+if TYPE_CHECKING:
+    from text3d.cameras import Cameras
+    from text3d.guidance.lora import LoRAScoreNetwork
+    from text3d.teacher.teacher import Teacher
 
 WEIGHTINGS = ("sigma2", "dmd")
 SPACES = ("latent", "image")
@@ -152,8 +157,8 @@ def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weigh
     return teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=scale)
 
 
-def score_gradient(teacher, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
-                   uncond: torch.Tensor, cfg: ScoreConfig, lora=None, condition: torch.Tensor | None = None,
+def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+                   uncond: torch.Tensor, cfg: ScoreConfig, lora: LoRAScoreNetwork | None = None, condition: torch.Tensor | None = None,
                    image: torch.Tensor | None = None, negatives: Sequence[torch.Tensor] = (),
                    negative_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of every score-distillation method (module docstring), without a graph.
@@ -200,7 +205,8 @@ class ScoreDistillation:
     configuration that owns a LoRA (:meth:`update`, :meth:`state_dict`); the noise baseline has none.
     """
 
-    def __init__(self, teacher, cfg: ScoreConfig, lora=None, negative_prompt: str = ""):
+    def __init__(self, teacher: Teacher, cfg: ScoreConfig, lora: LoRAScoreNetwork | None = None,
+                 negative_prompt: str = ""):
         self.teacher, self.cfg, self.lora, self.negative_prompt = teacher, cfg, lora, negative_prompt
         self.schedule = TimestepSchedule(teacher.num_train_timesteps, cfg.t_min, cfg.t_max, cfg.t_anneal,
                                          cfg.t_max_end, cfg.t_anneal_start)
@@ -214,7 +220,7 @@ class ScoreDistillation:
         """The ``sigma2`` weighting w(t) = 1 - alpha_bar_t, shaped [B, 1, 1, 1]."""
         return 1.0 - self.teacher.alpha_bar(t)
 
-    def condition(self, cameras, batch: int) -> torch.Tensor | None:
+    def condition(self, cameras: Cameras | None, batch: int) -> torch.Tensor | None:
         """The baseline's condition for these cameras (none here; VSD conditions its LoRA on the camera)."""
         return None
 
@@ -240,7 +246,7 @@ class ScoreDistillation:
             loss = loss / target.numel()
         return GuidanceOutput(loss, grad, t, latents, nonfinite)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras: Cameras | None = None,
                  t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:
         """The gradient for rendered ``images`` [B, 3, H, W] in [0, 1], one prompt per image: into the VAE
         latents (back through the encoder) in latent space, straight into the resized pixels in image space."""
@@ -251,7 +257,8 @@ class ScoreDistillation:
             latents = self.teacher.encode_images(pixels.detach())
         return self.guide_latents(latents, prompts, progress, cameras, t=t, noise=noise, image=pixels)
 
-    def guide_latents(self, latents: torch.Tensor, prompts: Sequence[str], progress: float = 0.0, cameras=None,
+    def guide_latents(self, latents: torch.Tensor, prompts: Sequence[str], progress: float = 0.0,
+                      cameras: Cameras | None = None,
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                       image: torch.Tensor | None = None) -> GuidanceOutput:
         """:meth:`guide` for ``latents`` of views with one prompt each (and, in image space, their ``image``):
@@ -286,7 +293,7 @@ class ScoreDistillation:
         return [self.teacher.encode_prompts(batch) for batch in texts], weights
 
     # ------------------------------------------------- trainable state (none)
-    def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:
+    def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras: Cameras | None = None) -> dict[str, float]:
         """Called once per 3D step after the asset's update, with that step's guidance output."""
         return {}
 

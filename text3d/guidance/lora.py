@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from text3d.errors import ConfigError
+
+if TYPE_CHECKING:
+    from text3d.teacher.teacher import Teacher
 
 ADAPTER_NAME = "text3d_lora"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -87,7 +90,7 @@ class LoRAScoreNetwork(nn.Module):
     One network per teacher: building a second one replaces the first's adapters.
     """
 
-    def __init__(self, teacher, rank: int = 4, alpha: float | None = None, condition_dim: int = 0,
+    def __init__(self, teacher: Teacher, rank: int = 4, alpha: float | None = None, condition_dim: int = 0,
                  condition_hidden: int = 64):
         super().__init__()
         from peft import LoraConfig

@@ -9,7 +9,12 @@ latents and sends the gradient straight to the pixels (the core's docstring).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from text3d.guidance.core import GuidanceOutput, ScoreConfig, ScoreDistillation, sanitize_grad, target_trick_loss
+
+if TYPE_CHECKING:
+    from text3d.teacher.teacher import Teacher
 
 SDSConfig = ScoreConfig  # SDS's settings are the core's, with its defaults
 
@@ -19,5 +24,5 @@ __all__ = ["GuidanceOutput", "SDSConfig", "SDSGuidance", "sanitize_grad", "targe
 class SDSGuidance(ScoreDistillation):
     """SDS against a frozen :class:`~text3d.teacher.teacher.Teacher`: the core with the noise baseline."""
 
-    def __init__(self, teacher, cfg: ScoreConfig, negative_prompt: str = ""):
+    def __init__(self, teacher: Teacher, cfg: ScoreConfig, negative_prompt: str = ""):
         super().__init__(teacher, cfg, lora=None, negative_prompt=negative_prompt)

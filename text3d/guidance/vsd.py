@@ -11,12 +11,16 @@ same step that trains the 2D fake score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from text3d.guidance.core import GuidanceOutput, ScoreConfig, ScoreDistillation
 from text3d.guidance.lora import LoRAScoreConfig, LoRAScoreNetwork, lora_training_step
+
+if TYPE_CHECKING:
+    from text3d.cameras import Cameras
+    from text3d.teacher.teacher import Teacher
 
 CAMERA_DIM = 16  # flattened 4x4 camera-to-world matrix
 
@@ -28,7 +32,7 @@ class VSDConfig(ScoreConfig):
         rank=4, alpha=4.0, lr=1e-4, steps=1, camera_condition=True, camera_drop=0.1))
 
 
-def camera_features(cameras) -> torch.Tensor:
+def camera_features(cameras: Cameras) -> torch.Tensor:
     """[B, 16]: the flattened camera-to-world matrices."""
     return cameras.c2w.reshape(cameras.c2w.shape[0], -1).float()
 
@@ -36,7 +40,7 @@ def camera_features(cameras) -> torch.Tensor:
 class VSDGuidance(ScoreDistillation):
     """VSD against a frozen teacher, with a trainable camera-conditioned LoRA score network."""
 
-    def __init__(self, teacher, cfg: VSDConfig, negative_prompt: str = ""):
+    def __init__(self, teacher: Teacher, cfg: VSDConfig, negative_prompt: str = ""):
         lora_cfg = cfg.lora
         lora = LoRAScoreNetwork(teacher, rank=lora_cfg.rank, alpha=lora_cfg.alpha,
                                 condition_dim=CAMERA_DIM if lora_cfg.camera_condition else 0,
@@ -44,7 +48,7 @@ class VSDGuidance(ScoreDistillation):
         super().__init__(teacher, cfg, lora=lora, negative_prompt=negative_prompt)
         self.optimizer = torch.optim.AdamW(lora.trainable_parameters(), lr=lora_cfg.lr, weight_decay=0.0)
 
-    def condition(self, cameras, batch: int) -> torch.Tensor | None:
+    def condition(self, cameras: Cameras | None, batch: int) -> torch.Tensor | None:
         """The camera features the LoRA is conditioned on (zeros without cameras; None if unconditioned)."""
         if self.lora.condition_mlp is None:
             return None
@@ -52,7 +56,7 @@ class VSDGuidance(ScoreDistillation):
             return torch.zeros(batch, CAMERA_DIM, device=self.teacher.device)
         return camera_features(cameras).to(self.teacher.device)
 
-    def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras=None) -> dict[str, float]:
+    def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras: Cameras | None = None) -> dict[str, float]:
         """``lora.steps`` diffusion-loss steps of the LoRA on the detached latents of this step."""
         latents = output.latents.detach().float()
         cond = self.teacher.encode_prompts(list(prompts))

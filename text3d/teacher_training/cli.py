@@ -104,8 +104,8 @@ def train_cmd(
                                        help="write N fake coloured-shape examples into --data if it has no meta.json "
                                             "(smoke runs)"),
     out: Optional[Path] = typer.Option(None, "--out", show_default=False,
-                                       help="teacher folder to write (default: the embedded teacher, "
-                                            "text3d/assets/teacher of the installed package)"),
+                                       help="teacher folder to write (required; text3d/assets/teacher in a "
+                                            "checkout replaces the embedded teacher)"),
     work: Path = typer.Option(Path(_D.work), "--work", help="checkpoints, latents cache, samples"),
     vae_steps: int = typer.Option(_D.vae_steps, "--vae-steps"),
     unet_steps: int = typer.Option(_D.unet_steps, "--unet-steps"),
@@ -150,10 +150,9 @@ def train_cmd(
     views = _check(dict(ctx.params))
     from text3d.teacher_training.data import load_dataset, write_fake_dataset
 
-    if out is None:
-        from text3d.teacher.loader import DEFAULT_TEACHER_DIR
-
-        out = DEFAULT_TEACHER_DIR
+    if out is None:  # no silent default: it would overwrite the embedded teacher of the installed package
+        raise UserError("give --out DIR, the teacher folder to write (text3d/assets/teacher in a checkout "
+                        "replaces the embedded teacher)")
     data_seed = seed if render_seed is None else render_seed
     t0 = time.perf_counter()
     if fake and not (data / "meta.json").is_file():
