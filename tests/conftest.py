@@ -29,3 +29,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def teacher(tiny_teacher_dir):
+    """The tiny test teacher loaded on the CPU (a fresh object per test)."""
+    import torch
+
+    from text3d.teacher import load_teacher
+
+    return load_teacher(str(tiny_teacher_dir), torch.device("cpu"))

@@ -65,3 +65,15 @@ def assert_same_state(a: dict, b: dict) -> None:
     for i, (pa, pb) in enumerate(zip(a["particles"], b["particles"])):
         _assert_same_tensors(pa, pb, f"particle {i}")
     _assert_same_tensors(a["guidance"].get("lora", {}), b["guidance"].get("lora", {}), "lora")
+
+
+def perturbed_lora(teacher, seed: int = 0):
+    """A LoRA score network on ``teacher`` whose adapters are moved off zero (so it differs from the teacher)."""
+    from text3d.guidance.lora import LoRAScoreNetwork
+
+    lora = LoRAScoreNetwork(teacher, rank=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.lora_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return lora

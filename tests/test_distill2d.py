@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, perturbed_lora, run_cli
 from text3d.distill2d.config import load_distill_config
 from text3d.distill2d.run import distill, resume_distill
 from text3d.guidance.core import ScoreConfig, ScoreDistillation
@@ -22,20 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["batch_size=2", "regression.pairs=4", "regression.sampler_steps=2", "real_images=8",
          "sample_every=1000", "checkpoint_every=2", "log_every=1"]
-
-
-@pytest.fixture()
-def teacher(tiny_teacher_dir):
-    return load_teacher(str(tiny_teacher_dir), torch.device("cpu"))
-
-
-def _perturbed_lora(teacher, seed=0):
-    lora = LoRAScoreNetwork(teacher, rank=4)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora.lora_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return lora
 
 
 def _plain_eps(teacher, noisy, t, cond, uncond, scale, lora=None):
@@ -62,7 +48,7 @@ def _student_x0(teacher):
 
 def test_swiftbrush_gradient_is_sigma2_times_score_difference(teacher):
     student, x0, cond = _student_x0(teacher)
-    lora = _perturbed_lora(teacher)
+    lora = perturbed_lora(teacher)
     uncond = teacher.encode_prompts(["", ""])
     core = ScoreDistillation(teacher, ScoreConfig(4.5, 4.5, "sigma2", reduction="sum"), lora=lora)
     t, noise = torch.tensor([200, 800]), torch.randn(2, 4, 16, 16)
@@ -81,7 +67,7 @@ def test_swiftbrush_gradient_is_sigma2_times_score_difference(teacher):
 
 def test_dmd_gradient_is_the_normalised_x0_difference(teacher):
     student, x0, cond = _student_x0(teacher)
-    lora = _perturbed_lora(teacher, seed=1)
+    lora = perturbed_lora(teacher, seed=1)
     uncond = teacher.encode_prompts(["", ""])
     core = ScoreDistillation(teacher, ScoreConfig(3.0, 1.0, "dmd", reduction="sum"), lora=lora)
     t, noise = torch.tensor([300, 600]), torch.randn(2, 4, 16, 16)
@@ -115,7 +101,7 @@ def test_dmd_gradient_vanishes_when_fake_score_is_the_teacher_without_cfg(teache
 def test_image_space_dmd_gradient_is_the_normalised_decoded_difference(teacher):
     """core.space=image: CFG on the decoded real x0s, gradient on D(x), sent back through the decoder."""
     student, x0, cond = _student_x0(teacher)
-    lora = _perturbed_lora(teacher, seed=2)
+    lora = perturbed_lora(teacher, seed=2)
     uncond = teacher.encode_prompts(["", ""])
     core = ScoreDistillation(teacher, ScoreConfig(3.0, 1.0, "dmd", reduction="sum", space="image"), lora=lora)
     t, noise = torch.tensor([250, 700]), torch.randn(2, 4, 16, 16)

@@ -5,31 +5,16 @@ function, and patching it changes every method at once."""
 import pytest
 import torch
 
+from tests.helpers import perturbed_lora
 from text3d.distill2d.config import load_distill_config
 from text3d.distill2d.trainer import Distill2DTrainer
 from text3d.guidance import core
 from text3d.guidance import SDSConfig, SDSGuidance, VSDConfig, VSDGuidance
 from text3d.guidance.core import ScoreDistillation, score_gradient
-from text3d.guidance.lora import LoRAScoreNetwork
-from text3d.teacher import load_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["batch_size=2", "regression.pairs=2", "regression.sampler_steps=2", "real_images=4", "sample_every=1000"]
-
-
-@pytest.fixture()
-def teacher(tiny_teacher_dir):
-    return load_teacher(str(tiny_teacher_dir), torch.device("cpu"))
-
-
-def _perturbed_lora(teacher, seed=0):
-    lora = LoRAScoreNetwork(teacher, rank=4)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora.lora_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return lora
 
 
 def test_sds_and_swiftbrush_gradients_come_from_the_one_function(teacher):
@@ -45,7 +30,7 @@ def test_sds_and_swiftbrush_gradients_come_from_the_one_function(teacher):
     assert direct.abs().max() > 1e-4
     assert torch.equal(sds.grad, direct)
 
-    lora = _perturbed_lora(teacher)
+    lora = perturbed_lora(teacher)
     sb_cfg = load_distill_config("swiftbrush").core  # SwiftBrush's preset: sigma2 weighting, CFG on both branches
     x = latents.clone().requires_grad_(True)
     swiftbrush = ScoreDistillation(teacher, sb_cfg, lora=lora).from_latents(x, cond, uncond, t=t, noise=noise)

@@ -16,11 +16,6 @@ from text3d.generate.run import generate, resume
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture()
-def teacher(tiny_teacher_dir):
-    return load_teacher(str(tiny_teacher_dir), torch.device("cpu"))
-
-
 def _perturb(network: LoRAScoreNetwork, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
