@@ -28,11 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 DEFAULT_PROMPTS = ["a red cube", "a blue torus", "a green sphere", "a yellow cone", "a purple cylinder",
                    "a orange pyramid", "a pink capsule", "a cyan octahedron", "a grey cube",
                    "a yellow house", "a blue mug", "a red car"]
-METHOD_CONFIG = {"sds": None, "vsd": "vsd.yaml"}
-
-
 def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
-    from text3d.generate.config import CONFIG_DIR, load_config
+    from text3d.generate.config import guidance_preset, load_config
     from text3d.eval.score_run import score_run
     from text3d.generate.run import generate
 
@@ -43,7 +40,8 @@ def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
         import shutil
 
         shutil.rmtree(out_dir)  # an unfinished run: start it again
-    files = [CONFIG_DIR / METHOD_CONFIG[method]] if METHOD_CONFIG[method] else []
+    preset = guidance_preset(method)  # the method's registry entry: vsd -> text3d/configs/vsd.yaml
+    files = [preset] if preset is not None else []
     overrides = [f"guidance={method}", f"seed={args.seed}"]
     if args.teacher:
         overrides.append(f"teacher.name_or_path={args.teacher}")
@@ -137,7 +135,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_CONFIG]
+    from text3d.generate.config import GUIDANCE_REGISTRY
+
+    unknown = [m for m in methods if m not in GUIDANCE_REGISTRY]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}")
     if args.label and len(methods) != 1:

@@ -85,6 +85,7 @@ def test_mesh_stage_export_drops_small_floating_pieces(tmp_path):
 
     from text3d.generate.config import load_config
     from text3d.renderers.dmtet import SurfaceMesh
+    from text3d.renderers.mesh_stages import MeshStageModel
     from text3d.generate.finalize import export_particle
 
     body = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
@@ -96,8 +97,8 @@ def test_mesh_stage_export_drops_small_floating_pieces(tmp_path):
         def query_albedo(self, points):
             return torch.full((points.shape[0], 3), 0.5)
 
-    class SurfaceModel(nn.Module):
-        def surface(self):
+    class SurfaceModel(MeshStageModel):  # a surface and a colour field; export comes from the base
+        def surface(self, export=None):
             return SurfaceMesh(torch.as_tensor(both.vertices, dtype=torch.float32), torch.as_tensor(both.faces))
 
         def colour_field(self):

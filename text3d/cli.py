@@ -33,8 +33,8 @@ def _overrides_and_prompt(prompt: Optional[str], extra: Optional[List[str]]) -> 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. \"a red cube\"."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Config overrides as key=value, e.g. train.lr=0.005."),
-    guidance: Optional[str] = typer.Option(None, help="Guidance method: a registered name, built in sds | vsd (also loads "
-                                           "the method's preset, vsd: text3d/configs/vsd.yaml, unless --config is given)."),
+    guidance: Optional[str] = typer.Option(None, help="Guidance method: a registered name, built in sds | vsd (also "
+                                           "loads its preset, vsd: text3d/configs/vsd.yaml, unless --config is given)."),
     particles: Optional[int] = typer.Option(None, help="Independent assets optimised together (train.particles); "
                                             "with VSD they share one LoRA."),
     stages: Optional[str] = typer.Option(None, help="Stages to run, in order: nerf,geometry,texture (default nerf)."),

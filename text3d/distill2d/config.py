@@ -135,7 +135,8 @@ def distill_config_schema() -> type:
         sections.append((name, method.config, field(default_factory=method.section)))
     if not sections:
         return Distill2DConfig
-    return dataclasses.make_dataclass("Distill2DConfig", sections, bases=(Distill2DConfig,), namespace={"__module__": __name__})
+    return dataclasses.make_dataclass("Distill2DConfig", sections, bases=(Distill2DConfig,),
+                                      namespace={"__module__": __name__})
 
 
 def method_preset(method: str) -> Path | None:

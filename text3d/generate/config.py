@@ -124,7 +124,8 @@ class GuidanceBuilder(Protocol):
 
 
 class StageBuilder(Protocol):
-    def __call__(self, cfg: RunConfig, device: "torch.device", sources: "list[Renderer] | None") -> "list[Renderer]": ...
+    def __call__(self, cfg: RunConfig, device: "torch.device",
+                 sources: "list[Renderer] | None") -> "list[Renderer]": ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +224,8 @@ def run_config_schema() -> type:
             sections.append((name, entry.config, field(default_factory=entry.section)))
     if not sections:
         return RunConfig
-    return dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,), namespace={"__module__": __name__})
+    return dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,),
+                                      namespace={"__module__": __name__})
 
 
 def guidance_preset(name: str) -> Path | None:

@@ -45,23 +45,36 @@ def _composite(out: dict, background: nn.Module, cameras: Cameras, height: int, 
     return out
 
 
-@torch.no_grad()
-def _export_surface(model, export: "ExportConfig") -> ExportSurface:
-    """A mesh stage's surface welded into a trimesh with pieces under ``export.min_component_fraction`` of the
-    largest dropped (as marching cubes does for a NeRF), coloured by its colour field's albedo."""
-    import trimesh
+class MeshStageModel(nn.Module):
+    """The base of a mesh stage's model: it has :meth:`surface` and :meth:`colour_field` (a subclass defines them
+    and ``forward``); export and the occupancy hook of :class:`~text3d.renderers.protocol.Renderer` come with it."""
 
-    from text3d.export.marching import remove_small_components
+    def surface(self, export: "ExportConfig | None" = None) -> SurfaceMesh:
+        raise NotImplementedError
 
-    surface = model.surface()
-    mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
-    mesh = remove_small_components(mesh, float(export.min_component_fraction))
-    field = model.colour_field()
-    device = surface.vertices.device
-    return ExportSurface(mesh, lambda p: field.query_albedo(p.to(device)).float())
+    def colour_field(self) -> ColourField:
+        raise NotImplementedError
+
+    def update_occupancy(self, step: int) -> None:  # the NeRF's interface; nothing to do for a surface
+        return None
+
+    @torch.no_grad()
+    def export_surface(self, export: "ExportConfig") -> ExportSurface:
+        """The surface welded into a trimesh with pieces under ``export.min_component_fraction`` of the largest
+        dropped (as marching cubes does for a NeRF), coloured by the colour field's albedo."""
+        import trimesh
+
+        from text3d.export.marching import remove_small_components
+
+        surface = self.surface()
+        mesh = trimesh.Trimesh(surface.vertices.detach().cpu().numpy(), surface.faces.cpu().numpy(), process=True)
+        mesh = remove_small_components(mesh, float(export.min_component_fraction))
+        field = self.colour_field()
+        device = surface.vertices.device
+        return ExportSurface(mesh, lambda p: field.query_albedo(p.to(device)).float())
 
 
-class GeometryStageModel(nn.Module):
+class GeometryStageModel(MeshStageModel):
     def __init__(self, nerf, grid_resolution: int = 64, iso_level: float | None = None):
         super().__init__()
         bound = float(nerf.cfg.bound)
@@ -73,9 +86,6 @@ class GeometryStageModel(nn.Module):
         with torch.no_grad():
             self.dmtet.init_sdf(lambda p: level - self.albedo_field.query_density(p.to(self.dmtet.grid.device)).float())
 
-    def update_occupancy(self, step: int) -> None:  # the NeRF's interface; nothing to do for a surface
-        return None
-
     def surface(self, export: "ExportConfig | None" = None) -> SurfaceMesh:
         """The DMTet surface (differentiable in the SDF and offsets); ``export`` is not needed."""
         return self.dmtet()
@@ -83,9 +93,6 @@ class GeometryStageModel(nn.Module):
     def colour_field(self) -> ColourField:
         """The field whose ``query_albedo`` colours this surface (the frozen NeRF's)."""
         return self.albedo_field
-
-    def export_surface(self, export: "ExportConfig") -> ExportSurface:
-        return _export_surface(self, export)
 
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "lambertian",
                 light_dirs=None, ambient: float = 0.3, **_) -> RenderOutput:
@@ -101,16 +108,13 @@ class GeometryStageModel(nn.Module):
         return out
 
 
-class TextureStageModel(nn.Module):
+class TextureStageModel(MeshStageModel):
     def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, field: nn.Module, background: nn.Module):
         super().__init__()
         self.register_buffer("vertices", vertices.detach().float().clone())
         self.register_buffer("faces", faces.detach().long().clone())
         self.field = copy.deepcopy(field).requires_grad_(True)
         self.background = copy.deepcopy(background).requires_grad_(False)
-
-    def update_occupancy(self, step: int) -> None:
-        return None
 
     def surface(self, export: "ExportConfig | None" = None) -> SurfaceMesh:
         """The frozen mesh; ``export`` is not needed."""
@@ -119,9 +123,6 @@ class TextureStageModel(nn.Module):
     def colour_field(self) -> ColourField:
         """The field whose ``query_albedo`` colours this surface (the one this stage trains)."""
         return self.field
-
-    def export_surface(self, export: "ExportConfig") -> ExportSurface:
-        return _export_surface(self, export)
 
     def forward(self, cameras: Cameras, height: int, width: int, shading: str = "albedo",
                 light_dirs=None, ambient: float = 0.3, **_) -> RenderOutput:

@@ -6,6 +6,7 @@
   loop.py        the one training-loop helper: progress, checkpoint cadence, NaN policy, Ctrl-C
   preview.py     image grids as PNG
   progress.py    a progress bar on a terminal, plain lines otherwise
+  registry.py    registries by name (guidance, stages, 2D methods) filled from Python entry points
   resources.py   files shipped inside the package (configs, embedded teacher and judge, prompt sets)
   run_folder.py  run-folder naming and creation
   seed.py        seeding and RNG state for exact resume
