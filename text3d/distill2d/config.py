@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
 from text3d.runtime.config import check as _check, load_structured
-from text3d.runtime.resources import CONFIG_DIR
 from text3d.runtime.registry import DISTILL2D_GROUP, Entry, PluginError, Registry, preset_path
 from text3d.guidance.core import ScoreConfig, check_score_config
 from text3d.guidance.lora import LoRAScoreConfig, check_lora_config

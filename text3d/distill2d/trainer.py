@@ -107,7 +107,6 @@ class Distill2DTrainer(RunCheckpoint):
         self.train_seconds = 0.0  # wall time of the training steps over every invocation (kept in the checkpoint)
         self._pairs = None
         self._real = None
-        self._nonfinite_run = 0
 
     # --------------------------------------------------------------- helpers
     def _student_unet(self):
@@ -181,7 +180,6 @@ class Distill2DTrainer(RunCheckpoint):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.counts["student_steps"] += 1
-        self._nonfinite_run = 0
         self._update_ema()
         stats["loss"] = float(loss.detach())
         return stats, x0.detach(), prompts

@@ -26,7 +26,6 @@ from text3d.renderers.protocol import Renderer
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.generate.preview import save_run_preview
 from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
-from text3d.runtime.signals import Interrupted  # noqa: F401  (Interrupted is part of this API)
 from text3d.runtime.seed import rng_state, set_rng_state
 
 SHADINGS = ("albedo", "lambertian", "textureless")
@@ -171,7 +170,6 @@ class AssetTrainer:
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite(step, stats, "gradient")
-        self._nonfinite_run = 0
         self.optimizer.step()
         stats["grad"] = g.grad_norm
         stats.update(self.guidance.update(g, prompts, cameras))

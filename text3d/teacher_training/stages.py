@@ -34,7 +34,7 @@ from text3d.teacher_training.data import BatchOrder, images_to_model
 from text3d.teacher_training.models import Architecture
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
-from text3d.runtime.signals import Interrupted, StopRequest  # noqa: F401  (Interrupted: raised by run_stage)
+from text3d.runtime.signals import StopRequest
 
 MAX_NONFINITE = 20  # consecutive NaN/inf steps before giving up
 
