@@ -88,15 +88,7 @@ def student_card(timesteps: Sequence[int], method: str, steps_trained: int, teac
 
 def save_student(out: str | os.PathLike, unet, teacher, card: dict) -> Path:
     """Write a complete SD folder (the student UNet with the teacher's other components) atomically."""
-    from text3d.teacher_training.export import save_components
-
-    from text3d.runtime.atomic import atomic_dir
-
-    out = Path(out).expanduser().resolve()
-    with atomic_dir(out) as tmp:
-        save_components(tmp, teacher.vae, unet, teacher.text_encoder, teacher.tokenizer, teacher.scheduler)
-        (tmp / STUDENT_CARD).write_text(json.dumps(card, indent=2) + "\n")
-    return out
+    return teacher.save_pretrained(out, unet=unet, extra_files={STUDENT_CARD: json.dumps(card, indent=2) + "\n"})
 
 
 def read_student_card(folder: str | os.PathLike | None) -> dict | None:

@@ -16,8 +16,11 @@ fetched, a corrupt weight file) becomes a one-line :class:`~text3d.errors.Teache
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import os
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -291,3 +294,26 @@ def load_components(name_or_path: str | os.PathLike | None, device: torch.device
         if not hub_reachable():
             raise TeacherError(_describe_failure(ConnectionError("hub unreachable"), "scheduler", source, local))
         return _load_all(source, local, device, dtype, local_files_only=False, offline=False)
+
+
+def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, scheduler) -> None:
+    """A diffusers Stable Diffusion folder: save_pretrained of every component (fp32, on the CPU) plus
+    model_index.json; :func:`load_teacher` reads it back (load and save side by side, as diffusers does).
+
+    ``tokenizer_dir`` is a saved tokenizer folder to copy, or a tokenizer object to save."""
+    from text3d.teacher.tiny import model_index
+
+    with quiet_hf():
+        for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+            copy.deepcopy(module).to("cpu", torch.float32).save_pretrained(folder / name)
+        if hasattr(tokenizer_dir, "save_pretrained"):
+            tokenizer_dir.save_pretrained(folder / "tokenizer")
+        else:
+            shutil.copytree(tokenizer_dir, folder / "tokenizer")
+        scheduler.save_pretrained(folder / "scheduler")
+    for name in ("vae", "unet"):  # a model loaded from a folder records its path there; the teacher moves
+        config_path = folder / name / "config.json"
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")

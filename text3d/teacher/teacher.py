@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -117,6 +118,21 @@ class Teacher:
         self._fingerprint: str | None = None
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
+
+    def save_pretrained(self, out: str | os.PathLike, unet=None, extra_files: dict[str, str] | None = None) -> Path:
+        """Write this teacher as a diffusers Stable Diffusion folder, atomically (``unet``: another UNet in its
+        place, e.g. a distilled student; ``extra_files``: name -> text written beside the components), so
+        :func:`load_teacher` loads it back."""
+        from text3d.runtime.atomic import atomic_dir
+        from text3d.teacher.loader import save_components
+
+        out = Path(out).expanduser().resolve()
+        with atomic_dir(out) as tmp:
+            save_components(tmp, self.vae, unet if unet is not None else self.unet, self.text_encoder, self.tokenizer,
+                            self.scheduler)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        return out
 
     def fingerprint(self) -> str:
         """A short hash of the UNet's, VAE's and text encoder's weights (each tensor's shape, sum and absolute

@@ -11,10 +11,7 @@ between them (the evaluation script's job).
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +19,7 @@ import torch
 
 from text3d.errors import UserError
 from text3d.runtime.atomic import atomic_dir
+from text3d.teacher.loader import save_components
 
 JUDGE_BEGIN = "<!-- judge-scores:begin -->"
 JUDGE_END = "<!-- judge-scores:end -->"
@@ -51,29 +49,6 @@ def check_output_folder(out: Path) -> None:
     parent = out.parent if out.parent.exists() else next(p for p in out.parents if p.exists())
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write into {parent}")
-
-
-def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, scheduler) -> None:
-    """save_pretrained of every component (fp32, on the CPU) plus model_index.json.
-
-    ``tokenizer_dir`` is a saved tokenizer folder to copy, or a tokenizer object to save."""
-    from text3d.teacher.loader import quiet_hf
-    from text3d.teacher.tiny import model_index
-
-    with quiet_hf():
-        for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
-            copy.deepcopy(module).to("cpu", torch.float32).save_pretrained(folder / name)
-        if hasattr(tokenizer_dir, "save_pretrained"):
-            tokenizer_dir.save_pretrained(folder / "tokenizer")
-        else:
-            shutil.copytree(tokenizer_dir, folder / "tokenizer")
-        scheduler.save_pretrained(folder / "scheduler")
-    for name in ("vae", "unet"):  # a model loaded from a folder records its path there; the teacher moves
-        config_path = folder / name / "config.json"
-        config = json.loads(config_path.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 
 @torch.no_grad()
