@@ -158,8 +158,9 @@ class AssetTrainer:
             loss = loss + t.lambda_sparsity * out["opacity_sparsity"]
         if t.lambda_opaque > 0:
             loss = loss + t.lambda_opaque * opacity_entropy(out["opacity"])
-        for key, weight in self.kind.regularisers.items():  # the stage's own terms (geometry: Laplacian, normal
-            loss = loss + getattr(getattr(cfg, self.stage), weight) * out[key]  # consistency), weighted by its section
+        # the stage's own regularisers (geometry: Laplacian, normal consistency), weighted by fields of its section
+        for key, weight in self.kind.regularisers.items():
+            loss = loss + getattr(getattr(cfg, self.stage), weight) * out[key]
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": float(loss.detach()), "t": float(g.t.float().mean())}
         if not math.isfinite(stats["loss"]):
