@@ -8,7 +8,6 @@ with a config dataclass of its own gets a section under its name in :func:`disti
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
 from text3d.runtime.config import check as _check, load_structured
-from text3d.runtime.registry import DISTILL2D_GROUP, Entry, PluginError, Registry, preset_path
+from text3d.runtime.registry import DISTILL2D_GROUP, Entry, Registry, loadable, preset_path, with_sections
 from text3d.guidance.core import ScoreConfig, check_score_config
 from text3d.guidance.lora import LoRAScoreConfig, check_lora_config
 
@@ -119,23 +118,9 @@ DISTILL2D_REGISTRY: Registry[Distill2DMethod] = Registry(DISTILL2D_GROUP, "--met
 @functools.lru_cache(maxsize=None)
 def distill_config_schema() -> type:
     """:class:`Distill2DConfig` plus a section per registered method that has a config (none of text3d's own)."""
-    taken = {f.name for f in dataclasses.fields(Distill2DConfig)}
-    sections = []
-    for name in DISTILL2D_REGISTRY.names():
-        try:
-            method = DISTILL2D_REGISTRY.get(name)
-        except PluginError:  # a broken plug-in raises when its name is used, not here
-            continue
-        if method.config is None:
-            continue
-        if name in taken:
-            raise PluginError(f"the distill2d plug-in {name!r} cannot have a config section: {name!r} is already a "
-                              f"key of the distill2d config")
-        sections.append((name, method.config, field(default_factory=method.section)))
-    if not sections:
-        return Distill2DConfig
-    return dataclasses.make_dataclass("Distill2DConfig", sections, bases=(Distill2DConfig,),
-                                      namespace={"__module__": __name__})
+    methods = loadable(DISTILL2D_REGISTRY)
+    return with_sections(Distill2DConfig, [("distill2d", name, methods[name]) for name in sorted(methods)],
+                         "distill2d config")
 
 
 def method_preset(method: str) -> Path | None:

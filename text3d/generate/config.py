@@ -17,7 +17,6 @@ The schema is built on first use, never at import, so importing this module load
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from text3d.runtime.resources import CONFIG_DIR
 from text3d.export import ExportConfig, check_export_config
 from text3d.prompts import PromptConfig
 from text3d.renderers.nerf import NeRFConfig, check_nerf_config
-from text3d.runtime.registry import GUIDANCE_GROUP, STAGES_GROUP, Entry, PluginError, Registry, preset_path
+from text3d.runtime.registry import (GUIDANCE_GROUP, STAGES_GROUP, Entry, Registry, loadable, preset_path,
+                                     with_sections)
 from text3d.teacher import TeacherConfig
 
 if TYPE_CHECKING:
@@ -176,21 +176,9 @@ GUIDANCE_REGISTRY: Registry[GuidanceMethod] = Registry(GUIDANCE_GROUP, "guidance
 STAGE_REGISTRY: Registry[StageKind] = Registry(STAGES_GROUP, "stage", StageKind)
 
 
-def _loadable(registry: Registry) -> dict:
-    """The registry's entries that load; a broken plug-in is left out here and raises its PluginError when its
-    name is used (validation of ``guidance``/``stages``), so it cannot break runs that do not use it."""
-    entries = {}
-    for name in registry.names():
-        try:
-            entries[name] = registry.get(name)
-        except PluginError:
-            pass
-    return entries
-
-
 def stage_order() -> tuple[str, ...]:
     """The registered stages in the order they run (nerf, geometry, texture for the built-in ones)."""
-    entries = _loadable(STAGE_REGISTRY)
+    entries = loadable(STAGE_REGISTRY)
     return tuple(sorted(entries, key=lambda name: (entries[name].order, name)))
 
 
@@ -208,24 +196,11 @@ def run_config_schema() -> type:
     ``vsd.lora.rank=8`` stays valid whatever ``guidance`` says (as it always was), ``--guidance`` can switch
     method on a loaded config, and the snapshot in ``config.yaml`` lists every setting a run could use.
     """
-    taken = {f.name for f in dataclasses.fields(RunConfig)}
-    sections = []
-    guidances = _loadable(GUIDANCE_REGISTRY)
-    stages = _loadable(STAGE_REGISTRY)
-    for kind, names, entries in (("guidance", sorted(guidances), guidances), ("stage", stage_order(), stages)):
-        for name in names:
-            entry = entries[name]
-            if entry.config is None:
-                continue
-            if name in taken:
-                raise PluginError(f"the {kind} plug-in {name!r} cannot have a config section: {name!r} is already a "
-                                  f"key of the run config")
-            taken.add(name)
-            sections.append((name, entry.config, field(default_factory=entry.section)))
-    if not sections:
-        return RunConfig
-    return dataclasses.make_dataclass("RunConfig", sections, bases=(RunConfig,),
-                                      namespace={"__module__": __name__})
+    guidances = loadable(GUIDANCE_REGISTRY)
+    stages = loadable(STAGE_REGISTRY)
+    named = [("guidance", name, guidances[name]) for name in sorted(guidances)]
+    named += [("stage", name, stages[name]) for name in stage_order()]
+    return with_sections(RunConfig, named, "run config")
 
 
 def guidance_preset(name: str) -> Path | None:
@@ -285,7 +260,7 @@ def validate(cfg: RunConfig) -> None:
            f"train.high_resolution must be null or a multiple of 8 and at least 16, got {t.high_resolution}")
     _check(0.0 <= t.high_resolution_from <= 1.0, "train.high_resolution_from must be in [0, 1]")
     _check(t.particles >= 1, f"train.particles must be at least 1, got {t.particles}")
-    for name, method in _loadable(GUIDANCE_REGISTRY).items():
+    for name, method in loadable(GUIDANCE_REGISTRY).items():
         if method.validate is not None and hasattr(cfg, name):
             method.validate(getattr(cfg, name), name)
     for name in cfg.stages:

@@ -173,3 +173,35 @@ def group_names(group: str) -> tuple[str, ...]:
 
 __all__ = ["DISTILL2D_GROUP", "Entry", "GUIDANCE_GROUP", "PluginError", "Registry", "STAGES_GROUP", "group_names",
            "preset_path"]
+
+
+def loadable(registry: Registry) -> dict[str, Any]:
+    """The registry's entries that load, by name; a broken plug-in is left out here and raises its PluginError
+    when its name is used, so it cannot break runs that do not use it."""
+    entries = {}
+    for name in registry.names():
+        try:
+            entries[name] = registry.get(name)
+        except PluginError:
+            pass
+    return entries
+
+
+def with_sections(base: type, named_entries: Iterator[tuple[str, str, Entry]] | list, what: str) -> type:
+    """``base`` (a config dataclass) extended by one field per ``(kind, name, entry)`` whose entry has a
+    config: the field ``name`` holds an instance of ``entry.config`` (defaults ``entry.section()``); ``base``
+    itself when there is none. A name that is already a field, or given twice, is a PluginError."""
+    taken = {f.name for f in dataclasses.fields(base)}
+    sections = []
+    for kind, name, entry in named_entries:
+        if entry.config is None:
+            continue
+        if name in taken:
+            raise PluginError(f"the {kind} plug-in {name!r} cannot have a config section: {name!r} is already a "
+                              f"key of the {what}")
+        taken.add(name)
+        sections.append((name, entry.config, dataclasses.field(default_factory=entry.section)))
+    if not sections:
+        return base
+    return dataclasses.make_dataclass(base.__name__, sections, bases=(base,), namespace={"__module__": base.__module__})
+
