@@ -301,7 +301,6 @@ def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, schedu
     model_index.json; :func:`load_teacher` reads it back (load and save side by side, as diffusers does).
 
     ``tokenizer_dir`` is a saved tokenizer folder to copy, or a tokenizer object to save."""
-    from text3d.teacher.tiny import model_index
 
     with quiet_hf():
         for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
@@ -317,3 +316,22 @@ def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, schedu
         if config.pop("_name_or_path", None) is not None:
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+
+
+def model_index(scheduler_class: str = "DDPMScheduler") -> dict:
+    """The model_index.json of a StableDiffusionPipeline folder without safety checker."""
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }

@@ -87,26 +87,9 @@ def stable_diffusion_scheduler():
                          prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 
-def model_index(scheduler_class: str = "DDPMScheduler") -> dict:
-    """The model_index.json of a StableDiffusionPipeline folder without safety checker."""
-    import diffusers
-
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
 def _write_folder(folder: Path, seed: int, words: Iterable[str] | None) -> None:
+    from text3d.teacher.loader import model_index
+
     tokenizer = build_clip_tokenizer(folder / "tokenizer", words)
     # each component gets its own seed so changing one never changes the others' weights
     with torch.random.fork_rng(devices=[]):
