@@ -1,7 +1,9 @@
 """The `text3d` command line: generate, export, doctor.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit code; set
-TEXT3D_DEBUG=1 to see the traceback of an unexpected error.
+TEXT3D_DEBUG=1 to see the traceback of an unexpected error. Nothing heavy (torch, diffusers) is imported
+before the arguments are parsed and checked, so help and argument errors come at once; the commands'
+modules import it when their work starts.
 """
 
 from __future__ import annotations
@@ -47,14 +49,22 @@ def generate(
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<prompt>-<time>)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
-    video: bool = typer.Option(True, help="Write a turntable video at the end."),
+    video: Optional[bool] = typer.Option(None, "--video/--no-video", show_default=False,
+                                         help="Write a turntable video at the end (default: yes; with --resume, "
+                                              "as the run chose)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Optimise a 3D asset for PROMPT and export it (.obj, .glb, turntable video)."""
+    prompt, extra = _overrides_and_prompt(prompt, overrides)
+    if resume is not None and from_run is not None:
+        raise UserError("--from cannot be combined with --resume")
+    if resume is not None and config:
+        raise UserError("--config cannot be combined with --resume (the run folder has its config)")
+    if resume is None and prompt is None:
+        raise UserError("give a prompt, e.g. text3d generate \"a red cube\" (or --resume RUN_DIR)")
     from text3d.generate.config import load_config
     from text3d.generate.run import generate as run_generate, resume as run_resume
 
-    prompt, extra = _overrides_and_prompt(prompt, overrides)
     flags = []
     for key, value in (("guidance", guidance), ("teacher.name_or_path", teacher), ("train.steps", steps),
                        ("train.particles", particles), ("seed", seed), ("device", device)):
@@ -63,14 +73,8 @@ def generate(
     if stages is not None:
         flags.append(f"stages=[{stages}]")
     if resume is not None:
-        if from_run is not None:
-            raise UserError("--from cannot be combined with --resume")
-        if config:
-            raise UserError("--config cannot be combined with --resume (the run folder has its config)")
         result = run_resume(resume, flags + extra, show_progress=not quiet, video=video)
     else:
-        if prompt is None:
-            raise UserError("give a prompt, e.g. text3d generate \"a red cube\" (or --resume RUN_DIR)")
         if not config and guidance is not None:
             from text3d.generate.config import guidance_preset
 
@@ -78,7 +82,7 @@ def generate(
             config = [preset] if preset is not None else config
         cfg = load_config(files=config or (), overrides=flags + extra)
         cfg.prompt = prompt
-        result = run_generate(cfg, out=out, show_progress=not quiet, video=video, from_dir=from_run)
+        result = run_generate(cfg, out=out, show_progress=not quiet, video=video is not False, from_dir=from_run)
     typer.echo(f"done: {result.steps} steps in {result.seconds:.1f}s; files in {result.run_dir}")
     for key, value in result.files.items():
         if isinstance(value, (str, Path)):
@@ -95,17 +99,19 @@ def export_cmd(
     format: str = typer.Option("both", "--format", help="obj | glb | ply | both (obj + glb) | all"),
     faces: Optional[int] = typer.Option(None, "--faces", help="Decimate to at most this many faces "
                                         "(quadric edge collapse; default: the run's export.max_faces, 0 = keep all)."),
-    video: bool = typer.Option(True, help="Also write the turntable video."),
+    video: Optional[bool] = typer.Option(None, "--video/--no-video", show_default=False,
+                                         help="Also write the turntable video (default: as the run chose)."),
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
 ):
     """Re-export a run's last checkpoint as .obj/.glb/.ply (and a turntable video)."""
-    from text3d.generate.finalize import FORMATS
-    from text3d.generate.run import export_existing
+    from text3d.generate.choices import FORMATS
 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if faces is not None and faces != 0 and faces < 4:
         raise UserError(f"--faces must be 0 (keep all) or at least 4, got {faces}")
+    from text3d.generate.run import export_existing
+
     files = export_existing(run_dir, FORMATS[format], video=video, device=device, max_faces=faces)
     for key, value in files.items():
         if isinstance(value, (str, Path)):
@@ -140,6 +146,11 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+# recent typer parses with its own copy of click (typer._click), whose errors derive from typer.TyperException
+_USAGE_ERRORS = (click.exceptions.ClickException, getattr(typer, "TyperException", click.exceptions.ClickException))
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     debug = os.environ.get("TEXT3D_DEBUG") == "1"
     if not debug:  # warnings as one plain line each
@@ -150,10 +161,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except UserError as exc:
         _fail(str(exc), exc.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
         _fail("interrupted", 130)
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except _USAGE_ERRORS as exc:  # usage, unknown option, bad value: click's message (and usage line)
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)

@@ -22,7 +22,6 @@ from typing import Optional
 import typer
 
 from text3d.errors import UserError
-from text3d.prompts import read_prompts_file
 
 OUTPUT_ENTRIES = ("grid.png", "images", "prompts.json", "scores.json")  # scores.json: stale once resampled
 GRID_CELL_MAX = 256  # grid cells are downscaled to at most this many pixels
@@ -196,7 +195,7 @@ def sample(
                                           "ddim)."),
 ):
     """Sample images from the teacher (DDIM + classifier-free guidance) into a folder."""
-    from text3d.prompts import validate_prompt
+    from text3d.prompts import read_prompts_file, validate_prompt
 
     if prompt is not None and prompts_file is not None:
         raise UserError("give either a PROMPT or --prompts FILE, not both")

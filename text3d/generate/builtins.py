@@ -37,7 +37,8 @@ vsd = GuidanceMethod(config=VSDConfig, build=VSDGuidance, preset=CONFIG_DIR / "v
 # ---------------------------------------------------------------------------------------------- stages
 def _sources(stage: str, sources: list[Renderer] | None) -> list[Renderer]:
     if not sources:
-        raise UserError(f"the {stage} stage needs the particles of an earlier stage")
+        raise UserError(f"the {stage} stage needs the particles of an earlier stage: run one before it, or give "
+                        f"--from RUN_DIR")
     return sources
 
 
@@ -90,6 +91,6 @@ def _texture_defaults() -> MeshStageConfig:
 nerf = StageKind(order=0, build=_nerf_particles, train_config=_nerf_train, checkpoint=CHECKPOINT)
 geometry = StageKind(order=10, config=MeshStageConfig, build=_geometry_particles, train_config=_mesh_train("geometry"),
                      regularisers={"laplacian": "lambda_laplacian", "normal_consistency": "lambda_normal_consistency"},
-                     validate=check_mesh_stage_config)
+                     validate=check_mesh_stage_config, continues=True)
 texture = StageKind(order=20, config=MeshStageConfig, default=_texture_defaults, build=_texture_particles,
-                    train_config=_mesh_train("texture"), validate=check_mesh_stage_config)
+                    train_config=_mesh_train("texture"), validate=check_mesh_stage_config, continues=True)

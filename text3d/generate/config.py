@@ -155,8 +155,10 @@ class StageKind(Entry):
     (``sources``, None for a first stage); ``train_config(cfg)``: its loop settings; ``regularisers``: render
     keys it adds to the loss -> the field of its section that weights each; ``checkpoint``: its checkpoint in
     the run folder (default ``checkpoints/NAME.pt``); ``validate(section, NAME)``: range checks; ``config``:
-    its section (None: the stage uses ``nerf`` and ``train``). Its particles draw their shading from
-    ``train``'s probabilities (the ``nerf`` stage) or from the section's ``shadings`` list.
+    its section (None: the stage uses ``nerf`` and ``train``); ``continues``: True when ``build`` needs an
+    earlier stage's particles, so that a run starting with this stage needs ``--from RUN_DIR`` (checked
+    before anything is loaded or written). Its particles draw their shading from ``train``'s probabilities
+    (the ``nerf`` stage) or from the section's ``shadings`` list.
     """
 
     build: StageBuilder
@@ -165,6 +167,7 @@ class StageKind(Entry):
     regularisers: Mapping[str, str] = field(default_factory=dict)
     checkpoint: str | os.PathLike | None = None
     validate: Callable[[Any, str], None] | None = None
+    continues: bool = False
 
     @property
     def checkpoint_path(self) -> Path:

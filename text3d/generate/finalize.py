@@ -17,8 +17,6 @@ from text3d.renderers.protocol import Renderer
 from text3d.runtime.run_folder import SUMMARY_NAME
 from text3d.runtime.atomic import atomic_write_text
 
-FORMATS = {"obj": ("obj",), "glb": ("glb",), "ply": ("ply",), "both": ("obj", "glb"), "all": ("obj", "glb", "ply")}
-
 
 def turntable_frames(renderer: Renderer, cfg: RunConfig, device: torch.device) -> list[np.ndarray]:
     cams = orbit_cameras(cfg.camera, cfg.export.video_frames)

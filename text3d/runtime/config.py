@@ -7,13 +7,32 @@ Every layer owns its dataclass; a command composes them (``RunConfig`` for gener
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from text3d.errors import ConfigError
+
+
+def _closest_key(base, key: str | None) -> str | None:
+    """The existing key nearest in spelling to the unknown ``key`` among the keys at its level of ``base``,
+    as a full dotted path (``train.stpes`` -> ``train.steps``), or None when none is close."""
+    if not key:
+        return None
+    parent, _, name = str(key).rpartition(".")
+    try:
+        node = OmegaConf.select(base, parent) if parent else base
+    except OmegaConfBaseException:
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    match = difflib.get_close_matches(name, [str(k) for k in node.keys()], n=1)
+    if not match:
+        return None
+    return f"{parent}.{match[0]}" if parent else match[0]
 
 
 def _merge(base, other, where: str):
@@ -23,7 +42,9 @@ def _merge(base, other, where: str):
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
         if "Key" in type(exc).__name__ or "not in" in reason:
-            raise ConfigError(f"unknown config key '{key}' in {where}") from None
+            near = _closest_key(base, key)
+            hint = f"; did you mean '{near}'?" if near else ""
+            raise ConfigError(f"unknown config key '{key}' in {where}{hint}") from None
         raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from None
 
 

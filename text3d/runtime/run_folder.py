@@ -3,6 +3,7 @@
 Layout of a run folder::
 
     config.yaml                 the full config snapshot (prompt, seed, run_name included)
+    cli.json                    command-line choices that are not config keys (video, --from); --resume keeps them
     checkpoints/last.pt         the latest checkpoint (atomic); --resume continues from it
     previews/step_000200.png    preview grids during training
     preview.png                 the final preview grid

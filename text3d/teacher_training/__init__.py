@@ -2,6 +2,7 @@
 trained from scratch on the synthetic world (``text3d teacher train`` is its command line).
 
   models.py  the architecture (AutoencoderKL, UNet2DConditionModel, CLIPTextModel, DDPM schedule)
+  config.py  TeacherTrainConfig, the settings of a run
   data.py    dataset loading/rendering, vocabulary, caption tokens, batch order, a fake dataset
   stages.py  the VAE stage, the UNet + text encoder stage, EMA, and the checkpointed training loop
   run.py     train_teacher: both stages, latent caching, time budget, resume, writing the folder
@@ -12,7 +13,7 @@ trained from scratch on the synthetic world (``text3d teacher train`` is its com
 
 from text3d.runtime.signals import Interrupted
 from text3d.teacher_training.models import Architecture
-from text3d.teacher_training.stages import TeacherTrainConfig
+from text3d.teacher_training.config import TeacherTrainConfig
 
 __all__ = ["Architecture", "Interrupted", "TeacherTrainConfig", "train_teacher", "write_fake_dataset"]
 

@@ -24,7 +24,7 @@ from typing import Optional
 import typer
 
 from text3d.errors import UserError
-from text3d.teacher_training.stages import TeacherTrainConfig
+from text3d.teacher_training.config import TeacherTrainConfig
 
 COMMAND = ("text3d", "teacher", "train")
 _D = TeacherTrainConfig()

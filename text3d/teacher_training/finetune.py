@@ -27,7 +27,8 @@ from text3d.errors import UserError
 from text3d.teacher_training import export
 from text3d.teacher_training.data import caption_table, tokenize
 from text3d.runtime.signals import StopRequest
-from text3d.teacher_training.stages import DiffusionStage, TeacherTrainConfig, load_stage_state, run_stage
+from text3d.teacher_training.config import TeacherTrainConfig
+from text3d.teacher_training.stages import DiffusionStage, load_stage_state, run_stage
 from text3d.toyworld.dataset import ToyworldDataset
 from text3d.runtime.atomic import atomic_dir
 

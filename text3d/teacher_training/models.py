@@ -18,8 +18,10 @@ on 2 CPU cores in about two hours and fits in 40 MB (fp32).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
@@ -63,6 +65,7 @@ def build_vae(arch: Architecture, scaling_factor: float = 1.0, logvar_init: floa
     themselves, and shrinks only slowly: the decoder then trains on noise for hundreds of steps
     and learns blurry, colour-shifted reconstructions first.
     """
+    import torch
     from diffusers import AutoencoderKL
 
     if len(arch.vae_channels) != 3:

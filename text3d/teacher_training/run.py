@@ -28,8 +28,8 @@ from text3d.teacher_training.data import caption_table, tokenize, world_vocabula
 from text3d.teacher_training.models import (Architecture, build_scheduler, build_text_encoder, build_unet, build_vae,
                                          n_params)
 from text3d.runtime.signals import StopRequest
-from text3d.teacher_training.stages import (DiffusionStage, Stage, TeacherTrainConfig, VAEStage, load_stage_state,
-                                         run_stage)
+from text3d.teacher_training.config import TeacherTrainConfig
+from text3d.teacher_training.stages import DiffusionStage, Stage, VAEStage, load_stage_state, run_stage
 from text3d.toyworld.dataset import ToyworldDataset
 
 VAE_CKPT, UNET_CKPT, LATENTS = "vae.pt", "unet.pt", "latents.pt"

@@ -13,6 +13,7 @@ A training caption may end with a view suffix of :mod:`text3d.prompts` (``"a red
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -385,6 +386,38 @@ def vocabulary() -> list[str]:
             if word not in words:
                 words.append(word)
     return words
+
+
+# Everyday words for the world's objects and colours, each with the world's own word: what a spelling match
+# cannot find ("ball" looks nothing like "sphere"). Used to suggest a known word for one the teacher never saw.
+SYNONYMS: dict[str, str] = {
+    "ball": "sphere", "globe": "sphere", "orb": "sphere", "marble": "sphere",
+    "box": "cube", "block": "cube", "dice": "cube", "die": "cube", "crate": "cube",
+    "tube": "cylinder", "can": "cylinder", "pipe": "cylinder", "pillar": "cylinder", "column": "cylinder",
+    "funnel": "cone",
+    "donut": "torus", "doughnut": "torus", "ring": "torus", "bagel": "torus", "hoop": "torus",
+    "tetrahedron": "pyramid", "triangle": "pyramid",
+    "pill": "capsule", "tablet": "capsule",
+    "diamond": "octahedron", "gem": "octahedron", "crystal": "octahedron",
+    "snowmen": "snowman",
+    "home": "house", "hut": "house", "cottage": "house", "cabin": "house", "building": "house",
+    "cup": "mug", "teacup": "mug", "tankard": "mug",
+    "automobile": "car", "vehicle": "car", "truck": "car", "taxi": "car",
+    "crimson": "red", "scarlet": "red", "amber": "orange", "gold": "yellow", "golden": "yellow",
+    "lime": "green", "navy": "blue", "violet": "purple", "lilac": "purple", "magenta": "pink",
+    "turquoise": "cyan", "aqua": "cyan", "teal": "cyan", "gray": "grey", "silver": "grey",
+}
+
+
+def nearest_word(word: str, known: Sequence[str]) -> str | None:
+    """The word among ``known`` (the words a teacher knows) that ``word`` most likely means: its synonym
+    (:data:`SYNONYMS`, plurals included), else the closest spelling ("cubee" -> "cube"), else None."""
+    word = word.lower()
+    for form in (word, word[:-1] if word.endswith("s") else word):
+        if SYNONYMS.get(form) in known:
+            return SYNONYMS[form]
+    match = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def parse_caption(text: str) -> tuple[str, str] | None:
