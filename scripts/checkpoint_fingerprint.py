@@ -4,8 +4,9 @@
     python scripts/checkpoint_fingerprint.py --distill swiftbrush --steps 4 --out ref_sb.json
     python scripts/checkpoint_fingerprint.py --compare ref_sds.json new_sds.json
 
-Each tensor of ``checkpoints/*.pt`` is hashed (sha256 of its bytes) with its shape, dtype and sum, so two
-fingerprints are equal exactly when every tensor is bit-identical; ``--compare`` prints the tensors that
+Each tensor of ``checkpoints/*.pt`` and of a distill2d run's saved students (``student/``, ``phases/*/``) is
+hashed (sha256 of its bytes) with its shape, dtype and sum, so two fingerprints are equal exactly when every
+tensor is bit-identical; ``--compare`` prints the tensors that
 differ and their largest absolute difference is not known from hashes alone (sums are shown instead).
 Without ``--teacher`` a tiny random test teacher (seed 0) is built in a temporary folder.
 """
@@ -64,6 +65,11 @@ def run(guidance: str, steps: int, teacher: str | None, seed: int, distill: str 
             state = torch.load(path, map_location="cpu", weights_only=False)
             state.pop("rng", None)  # the RNG state is compared through what it produced
             result[path.name] = fingerprint(state)
+        # a distill2d run's saved students (KD, PD and guided end on a boundary checkpoint without tensors)
+        for path in sorted(run_dir.glob("*/**/*.safetensors")):
+            from safetensors.torch import load_file
+
+            result[str(path.relative_to(run_dir))] = fingerprint(load_file(path))
         return result
 
 

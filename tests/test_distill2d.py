@@ -217,6 +217,30 @@ def test_cli_trains_each_method_briefly_and_scores_it(tiny_teacher_dir, tmp_path
         assert summary["fake_steps"] == 2 * (5 if method == "dmd2" else 1)
 
 
+def test_regression_pairs_follow_the_run_length_unless_set():
+    """regression.pairs unset: batch_size * steps pairs, at least 32 and at most max_pairs (the preset's count); a
+    set value is kept."""
+    assert load_distill_config("dmd").regression.pairs == 256  # the presets' runs: 300 x 8 and 600 x 16 pairs' worth
+    assert load_distill_config("kd").regression.pairs == 1024
+    assert load_distill_config("dmd", overrides=["steps=3"]).regression.pairs == 32
+    assert load_distill_config("kd", overrides=["steps=10"]).regression.pairs == 160
+    assert load_distill_config("kd", overrides=["steps=3", "regression.pairs=1024"]).regression.pairs == 1024
+    assert load_distill_config("dmd", overrides=["steps=3", "regression.max_pairs=8"]).regression.pairs == 8
+    with pytest.raises(ConfigError, match="max_pairs"):
+        load_distill_config("dmd", overrides=["regression.max_pairs=0"])
+
+
+def test_cli_dmd_short_run_makes_a_few_pairs_and_says_so(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "dmd"
+    small = [o for o in SMALL if not o.startswith("regression.pairs=")]
+    result = run_cli("distill2d", "--method", "dmd", "--teacher", str(tiny_teacher_dir), "--steps", "2",
+                     "--out", str(out), "--no-eval", *small)
+    assert result.returncode == 0, result.stderr
+    assert "making 32 regression pairs for dmd's regression loss" in result.stderr
+    assert str(out / "cache" / "regression_pairs.pt") in result.stderr
+    assert "pairs: 32" in (out / "config.yaml").read_text()  # the number used, for a resumed run
+
+
 def test_bad_config_is_one_line(tiny_teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match="timesteps"):
         load_distill_config("dmd2", overrides=["timesteps=[249,999]"])

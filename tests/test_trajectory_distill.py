@@ -140,3 +140,44 @@ def test_cli_kd_and_pd_short_runs_are_scored(tiny_teacher_dir, tmp_path):
                          "--out", str(out), "-q", *SMALL)
         assert result.returncode == 0, result.stderr
         assert "judge on 432" in result.stdout and (out / "student" / "student.json").is_file()
+
+
+def test_steps_is_the_total_split_over_the_phases():
+    unset = plan(load_distill_config("guided", overrides=["trajectory.start_steps=4"]))
+    assert [p.steps for p in unset] == [300, 150, 150]  # without steps: the phases' own counts
+    for method, final in (("pd", "pd_1"), ("guided", "guided_pd_1")):
+        for steps in (1, 2, 3, 7, 1000):
+            phases = plan(load_distill_config(method, overrides=[f"steps={steps}"]))
+            assert sum(p.steps for p in phases) == steps and all(p.steps > 0 for p in phases), (method, steps)
+            if method == "pd" or steps > 1:
+                assert phases[-1].name == final  # the run still ends with the one-step student
+            if method == "guided":
+                assert phases[0].name == "guided_w"  # and guided's w-conditioned stage 1 always runs
+    # in proportion: guided's stage 1 is 300 of 1200 updates, each of the 6 rounds 150
+    assert [p.steps for p in plan(load_distill_config("guided", overrides=["steps=120"]))] == [30] + [15] * 6
+    explicit = ["trajectory.start_steps=4", "trajectory.round_steps=2", "trajectory.stage1_steps=2"]
+    assert [p.steps for p in plan(load_distill_config("guided", overrides=[*explicit, "steps=6"]))] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["pd", "guided"])
+def test_cli_steps_bounds_the_student_updates(tiny_teacher_dir, tmp_path, method):
+    out = tmp_path / method
+    result = run_cli("distill2d", "--method", method, "--teacher", str(tiny_teacher_dir), "--steps", "3",
+                     "--out", str(out), "-q", "--no-eval", *SMALL)  # SMALL's rounds alone would be 4 or 6 updates
+    assert result.returncode == 0, result.stderr
+    updates = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]  # log_every=1
+    assert len(updates) == 3 and "done: 3 steps" in result.stdout
+    assert (out / "student" / "student.json").is_file()
+
+
+def test_cli_kd_short_run_makes_a_few_pairs_and_says_so(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "kd"
+    small = [o for o in SMALL if not o.startswith("regression.pairs=")]  # the pairs' count left to the run
+    result = run_cli("distill2d", "--method", "kd", "--teacher", str(tiny_teacher_dir), "--steps", "3",
+                     "--out", str(out), "--no-eval", *small, env_update={"TEXT3D_PROGRESS_INTERVAL": "0.1"})
+    assert result.returncode == 0, result.stderr
+    cache = out / "cache" / "kd_pairs.pt"
+    assert "making 32 regression pairs for the kd student's training data" in result.stderr
+    assert str(cache) in result.stderr and "[regression pairs] step 32/32" in result.stderr
+    assert len(torch.load(cache, weights_only=False)["latents"]) == 32  # batch_size 2 x 3 steps, at least 32
+    assert "pairs: 32" in (out / "config.yaml").read_text()

@@ -17,7 +17,9 @@ def distill2d(
     teacher: Optional[str] = typer.Option(None, help="Teacher: diffusers SD folder or hub id (default: embedded)."),
     prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (default: the embedded "
                                            "world's captions, with and without view suffixes)."),
-    steps: Optional[int] = typer.Option(None, help="Student steps."),
+    steps: Optional[int] = typer.Option(None, help="Student updates in all, for every method (steps=N); pd and "
+                                        "guided split them over their rounds and stage 1 in proportion to "
+                                        "trajectory.round_steps and stage1_steps (default: the preset's count)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default runs/distill2d-METHOD)."),
     config: Optional[List[Path]] = typer.Option(None, "--config", help="YAML file(s) merged over the method preset."),
     seed: Optional[int] = typer.Option(None, help="Random seed; a seed fixes the run."),

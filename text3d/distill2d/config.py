@@ -19,15 +19,21 @@ from text3d.runtime.registry import DISTILL2D_GROUP, Entry, Registry, loadable, 
 from text3d.guidance.core import ScoreConfig, check_score_config
 from text3d.guidance.lora import LoRAScoreConfig, check_lora_config
 
+DEFAULT_STEPS = 300  # student updates of a run whose `steps` is None (PD and guided: their phases' own)
+MIN_AUTO_PAIRS = 32  # the fewest regression pairs of regression.pairs=None
 
 
 @dataclass
 class RegressionConfig:
-    """DMD's regression on (noise, teacher sample) pairs made once by the teacher's DDIM sampler."""
+    """DMD's regression on (noise, teacher sample) pairs made once by the teacher's DDIM sampler; KD's
+    training data are the same pairs."""
 
     weight: float = 0.0  # 0 = off; DMD uses 0.25
     metric: str = "latent_l2"  # latent_l2 | lpips (needs the `lpips` package and its weights)
-    pairs: int = 256
+    # how many pairs; None = as many as the run can draw, within bounds: min(max_pairs, max(MIN_AUTO_PAIRS,
+    # batch_size * steps)), fixed when the config is loaded (a 3-step smoke run makes a few dozen, not 1024)
+    pairs: Optional[int] = None
+    max_pairs: int = 256  # the most pairs of pairs=None (the presets: DMD 256, KD 1024)
     sampler_steps: int = 50
     guidance_scale: float = 4.5
     batch_size: int = 4
@@ -44,17 +50,21 @@ class GANConfig:
 
 @dataclass
 class TrajectoryConfig:
-    """Knowledge (KD), progressive (PD) and guided (w-conditioned) distillation (:mod:`.trajectory`)."""
+    """Knowledge (KD), progressive (PD) and guided (w-conditioned) distillation (:mod:`.trajectory`).
+
+    ``round_steps`` and ``stage1_steps`` are the phases' updates while ``steps`` is not set; a set ``steps``
+    (``--steps``) is the total, split over the phases in proportion to them (``trajectory.plan``)."""
 
     loss: str = "l2"  # KD's regression loss: l2 | l1
     start_steps: int = 64  # PD: the teacher's DDIM steps in the first round (a power of two)
     end_steps: int = 1  # PD: the student's steps after the last round
-    round_steps: int = 200  # student updates per PD round
+    round_steps: int = 200  # student updates per PD round (the share of each round when `steps` is set)
     guidance_scale: float = 4.5  # CFG of the original teacher in PD's first round
     w_min: float = 1.0  # guided: guidance scales drawn from [w_min, w_max] (diffusers' s, 1 = no guidance)
     w_max: float = 8.0
     w_embed_dim: int = 32  # guided: size of the guidance embedding (UNet time_cond_proj_dim)
-    stage1_steps: int = 300  # guided: steps of stage 1 (matching the teacher's CFG output for each w)
+    stage1_steps: int = 300  # guided: steps of stage 1 (matching the teacher's CFG output for each w); its share
+    # of `steps` when that is set
 
 
 @dataclass
@@ -68,7 +78,10 @@ class Distill2DConfig:
     negative_prompt: str = ""
     real_data: Optional[str] = None  # real images (DMD2's GAN, PD and guided distillation): a toyworld dataset
     real_images: int = 1024  # folder or an image folder; without one, this many embedded-world renders are made
-    steps: int = 300
+    # student updates in all, for every method (--steps); None = the method's own count: DEFAULT_STEPS for the
+    # score methods and KD (the presets set theirs), the phases' trajectory.round_steps and stage1_steps for PD
+    # and guided. For PD and guided a set value is split over the rounds (and stage 1) in proportion to those.
+    steps: Optional[int] = None
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -136,12 +149,27 @@ def load_distill_config(method: str, files: Sequence[str | Path] = (), overrides
     cfg: Distill2DConfig = load_structured(distill_config_schema(), [*([preset] if preset else []), *files],
                                            overrides)
     cfg.method = method
+    resolve_regression_pairs(cfg)
     validate(cfg)
     return cfg
 
 
+def total_steps(cfg: Distill2DConfig) -> int:
+    """A run's student updates when they are not split over phases: ``steps``, else :data:`DEFAULT_STEPS`."""
+    return DEFAULT_STEPS if cfg.steps is None else cfg.steps
+
+
+def resolve_regression_pairs(cfg: Distill2DConfig) -> None:
+    """Fix ``regression.pairs=None`` (auto) to ``min(max_pairs, max(MIN_AUTO_PAIRS, batch_size * steps))``: no more
+    pairs than the run's batches can draw, within bounds. A set value stays; so the saved config, and a resumed
+    run, hold the number used."""
+    r = cfg.regression
+    if r.pairs is None:
+        r.pairs = min(r.max_pairs, max(MIN_AUTO_PAIRS, cfg.batch_size * total_steps(cfg)))
+
+
 def validate(cfg: Distill2DConfig) -> None:
-    _check(cfg.steps >= 1 and cfg.batch_size >= 1, "steps and batch_size must be at least 1")
+    _check((cfg.steps is None or cfg.steps >= 1) and cfg.batch_size >= 1, "steps and batch_size must be at least 1")
     _check(cfg.lr > 0 and cfg.fake.lr > 0, "lr and fake.lr must be > 0")
     ts = list(cfg.timesteps)
     _check(len(ts) >= 1 and all(0 <= t <= 999 for t in ts) and ts == sorted(ts, reverse=True) and len(set(ts)) == len(ts),
@@ -150,8 +178,9 @@ def validate(cfg: Distill2DConfig) -> None:
     check_lora_config(cfg.fake, "fake")
     _check(cfg.fake.steps >= 1, "fake.steps must be >= 1")
     r = cfg.regression
-    _check(r.weight >= 0 and r.pairs >= 1 and r.sampler_steps >= 1 and r.batch_size >= 1,
-           "regression.weight must be >= 0 and regression.pairs/sampler_steps/batch_size >= 1")
+    _check(r.weight >= 0 and (r.pairs is None or r.pairs >= 1) and r.max_pairs >= 1 and r.sampler_steps >= 1
+           and r.batch_size >= 1,
+           "regression.weight must be >= 0 and regression.pairs/max_pairs/sampler_steps/batch_size >= 1")
     _check(r.metric in ("latent_l2", "lpips"), f"regression.metric must be latent_l2 or lpips, got {r.metric!r}")
     g = cfg.gan
     _check(g.generator_weight >= 0 and g.discriminator_weight >= 0 and g.lr > 0, "gan weights must be >= 0 and gan.lr > 0")

@@ -95,8 +95,9 @@ def _key(teacher, prompts: Sequence[str], cfg_reg, seed: int) -> str:
 
 
 def regression_pairs(teacher, prompts: Sequence[str], cfg_reg, seed: int, cache: Path,
-                     show_progress: bool = True) -> dict:
-    """{"noise", "latents", "prompts"}: ``cfg_reg.pairs`` teacher DDIM samples from fixed noise, cached in ``cache``."""
+                     show_progress: bool = True, purpose: str = "the regression loss") -> dict:
+    """{"noise", "latents", "prompts"}: ``cfg_reg.pairs`` teacher DDIM samples from fixed noise, cached in ``cache``.
+    Making them is announced in one line (how many, for ``purpose``, where cached) with a progress bar."""
     from text3d.teacher.sampling import initial_latents, sample_latents
 
     key = _key(teacher, prompts, cfg_reg, seed)
@@ -104,16 +105,25 @@ def regression_pairs(teacher, prompts: Sequence[str], cfg_reg, seed: int, cache:
         state = load_checkpoint(cache)
         if state.get("key") == key:
             return state
+    n = cfg_reg.pairs
     g = torch.Generator("cpu").manual_seed(seed)
-    order = torch.randint(len(prompts), (cfg_reg.pairs,), generator=g).tolist()
+    order = torch.randint(len(prompts), (n,), generator=g).tolist()
     chosen = [prompts[i] for i in order]
-    noise = initial_latents(teacher, cfg_reg.pairs, g).cpu()
+    noise = initial_latents(teacher, n, g).cpu()
     latents = []
-    with LoopProgress(cfg_reg.pairs, description="regression pairs", enabled=show_progress) as bar:
-        for start in range(0, cfg_reg.pairs, cfg_reg.batch_size):
-            stop = min(cfg_reg.pairs, start + cfg_reg.batch_size)
+    with LoopProgress(n, description="regression pairs", enabled=show_progress) as bar:
+        bar.log(f"making {n} regression pairs for {purpose} (the teacher's {cfg_reg.sampler_steps}-step DDIM "
+                f"samples at CFG {cfg_reg.guidance_scale:g}), once: cached in {cache} "
+                f"(regression.pairs=N sets how many)")
+        for start in range(0, n, cfg_reg.batch_size):
+            stop = min(n, start + cfg_reg.batch_size)
+
+            def report(i, t, x, start=start, stop=stop):  # the samples' share of the batch after DDIM step i
+                bar.update(start + (stop - start) * (i + 1) // cfg_reg.sampler_steps)
+
             latents.append(sample_latents(teacher, chosen[start:stop], steps=cfg_reg.sampler_steps,
-                                          guidance_scale=cfg_reg.guidance_scale, latents=noise[start:stop]).cpu())
+                                          guidance_scale=cfg_reg.guidance_scale, latents=noise[start:stop],
+                                          callback=report).cpu())
             bar.update(stop, {})
     state = {"key": key, "noise": noise, "latents": torch.cat(latents), "prompts": chosen}
     save_checkpoint(cache, state)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from text3d.distill2d.config import Distill2DConfig
+from text3d.distill2d.config import Distill2DConfig, resolve_regression_pairs, total_steps
 from text3d.distill2d.data import encode_images, load_prompts, real_images, regression_pairs
 from text3d.distill2d.gan import FakeScoreDiscriminator, discriminator_loss, generator_loss
 from text3d.distill2d.student import Student, save_student, student_card
@@ -57,6 +57,7 @@ def setup_run(trainer, cfg: Distill2DConfig, out: Path, teacher, show_progress: 
     """What every 2D trainer starts with: accelerator, seed (per process), teacher and prompts; returns the teacher."""
     from text3d.teacher import load_teacher
 
+    resolve_regression_pairs(cfg)  # a config built by hand: regression.pairs=None fixed as load_distill_config does
     trainer.cfg, trainer.out, trainer.show_progress = cfg, Path(out), show_progress
     trainer.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps, trainer.out / CHECKPOINT, "try a lower lr")
     trainer.accelerator = _accelerator(cfg)
@@ -135,7 +136,8 @@ class Distill2DTrainer(RunCheckpoint):
     def regression_data(self) -> dict:
         if self._pairs is None:
             self._pairs = regression_pairs(self.teacher, self.prompts, self.cfg.regression, self.cfg.seed,
-                                           self.out / "cache" / "regression_pairs.pt", self.show_progress)
+                                           self.out / "cache" / "regression_pairs.pt", self.show_progress,
+                                           purpose=f"{self.cfg.method}'s regression loss")
         return self._pairs
 
     def real_data(self) -> tuple[torch.Tensor, list[str]]:
@@ -324,8 +326,11 @@ class Distill2DTrainer(RunCheckpoint):
             if self.accelerator.is_main_process:
                 self.preview(self.out / "samples" / f"step_{step:06d}.png")
 
-        TrainingLoop(cfg.steps, self.step, description=f"distilling ({cfg.method})", show_progress=self.show_progress,
-                     save=self.save, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+        if cfg.regression.weight > 0:
+            self.regression_data()  # made (or read) before the loop, with its own progress bar; draws no random numbers
+        TrainingLoop(total_steps(cfg), self.step, description=f"distilling ({cfg.method})",
+                     show_progress=self.show_progress, save=self.save, checkpoint_every=cfg.checkpoint_every,
+                     log_every=cfg.log_every,
                      show=lambda s: {k: v for k, v in s.items() if k in ("loss", "fake", "gan_d", "regression")},
                      log=lambda step, s: log.append({"step": step, **{k: round(v, 6) for k, v in s.items()
                                                                       if math.isfinite(v)}}),

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from text3d.distill2d.config import Distill2DConfig
+from text3d.distill2d.config import Distill2DConfig, total_steps
 from text3d.distill2d.data import encode_images, real_images, regression_pairs
 from text3d.distill2d.results import EVAL_DIR, SUMMARY, DistillResult, evaluate_student
 from text3d.distill2d.student import save_student
@@ -64,16 +64,41 @@ def pd_rounds(start: int, end: int) -> list[tuple[int, int]]:
     return rounds
 
 
+def split_steps(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights`` by rounding the running sums down: the parts add up to
+    ``total``, weights that divide it evenly get exactly their share, and the last part is at least 1 (for
+    ``total`` >= 1 and a last weight > 0)."""
+    whole, parts, done, running = sum(weights), [], 0, 0
+    for weight in weights:
+        running += weight
+        upto = total * running // whole
+        parts.append(upto - done)
+        done = upto
+    return parts
+
+
 def plan(cfg: Distill2DConfig) -> list[Phase]:
+    """The run's phases. Without ``steps``, each PD round has ``trajectory.round_steps`` updates and guided's
+    stage 1 ``trajectory.stage1_steps``; with it, ``steps`` is the total: guided's stage 1 gets its share of it
+    (rounded, at least 1, leaving at least 1 for stage 2), the rounds split the rest evenly (the last rounds
+    get the remainder). Phases left with no update are skipped: the next one starts from the student before
+    it, so a run of fewer steps than rounds still ends with the ``end_steps`` student."""
     j = cfg.trajectory
     if cfg.method == "kd":
-        return [Phase("kd", "kd", cfg.steps)]
+        return [Phase("kd", "kd", total_steps(cfg))]
+    rounds = pd_rounds(j.start_steps, j.end_steps)
+    stage1, per_round = (j.stage1_steps if cfg.method == "guided" else 0), [j.round_steps] * len(rounds)
+    if cfg.steps is not None:
+        whole = stage1 + sum(per_round)
+        if stage1 > 0:
+            stage1 = min(max(1, (cfg.steps * stage1 + whole // 2) // whole), max(1, cfg.steps - 1))
+        per_round = split_steps(cfg.steps - stage1, per_round)
     phases = []
     if cfg.method == "guided":
-        phases.append(Phase("guided_w", "w", j.stage1_steps, w_conditioned=True))
+        phases.append(Phase("guided_w", "w", stage1, w_conditioned=True))
     prefix = "guided_pd" if cfg.method == "guided" else "pd"
-    for teacher_steps, student_steps in pd_rounds(j.start_steps, j.end_steps):
-        phases.append(Phase(f"{prefix}_{student_steps}", "pd", j.round_steps, teacher_steps, student_steps,
+    for (teacher_steps, student_steps), steps in zip(rounds, per_round):
+        phases.append(Phase(f"{prefix}_{student_steps}", "pd", steps, teacher_steps, student_steps,
                             w_conditioned=cfg.method == "guided"))
     return [p for p in phases if p.steps > 0]
 
@@ -163,10 +188,16 @@ class TrajectoryTrainer(RunCheckpoint):
         return self.teacher.predict_eps(z, t, cond)
 
     # ---------------------------------------------------------------- losses
-    def kd_loss(self) -> torch.Tensor:
+    def kd_data(self) -> dict:
+        """KD's (noise, teacher sample) pairs, made once and cached (:func:`.data.regression_pairs`)."""
         if self._pairs is None:
             self._pairs = regression_pairs(self.base, self.prompts, self.cfg.regression, self.cfg.seed,
-                                           self.out / "cache" / "kd_pairs.pt", self.show_progress)
+                                           self.out / "cache" / "kd_pairs.pt", self.show_progress,
+                                           purpose="the kd student's training data")
+        return self._pairs
+
+    def kd_loss(self) -> torch.Tensor:
+        self.kd_data()
         idx = torch.randint(len(self._pairs["latents"]), (self.cfg.batch_size,))
         noise = self._pairs["noise"][idx].to(self.device)
         target = self._pairs["latents"][idx].to(self.device)
@@ -262,6 +293,8 @@ class TrajectoryTrainer(RunCheckpoint):
         """Every phase from the current one on: one TrainingLoop a phase (checkpoints every ``checkpoint_every``
         steps; the phase's end saves its student and a boundary checkpoint), one Ctrl-C handler for all."""
         log = []
+        if any(p.kind == "kd" for p in self.phases[self.phase_index:]):
+            self.kd_data()  # made (or read) before the loop, with its own progress bar; draws no random numbers
         with StopRequest() as stop:
             while self.phase_index < len(self.phases):
                 if self.step == 0 or not hasattr(self, "unet"):

@@ -9,7 +9,7 @@ total`` and after each step, in this order:
    step)`` itself (:class:`NonFiniteSteps` raises NumericalError at its limit) and returns stats with
    ``skipped``; the loop resets the count after every step without ``skipped``.
 2. progress: every ``log_every`` steps and at the last, LoopProgress shows ``show(stats)`` and
-   ``log(step, stats)`` is called.
+   ``log(step, stats)`` is called; every other step only advances the display (its rate and ETA).
 3. checkpoint: ``save()`` every ``checkpoint_every`` steps, at the last step (unless ``save_last`` is
    False) and when the time budget ends the loop.
 4. periodic callbacks: for each ``(n, fn)`` of ``every``, ``fn(step, stats)`` every ``n`` steps (n <= 0:
@@ -111,6 +111,8 @@ class TrainingLoop:
                     bar.update(step, self.show(stats))
                     if self.log is not None:
                         self.log(step, stats)
+                else:
+                    bar.update(step)  # the rate and ETA from every step; the stats stay
                 if self.save is not None and ((self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
                                               or (last and self.save_last) or early):
                     self.save()
