@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     from text3d.errors import UserError
     from text3d.eval.score_images import score_folder
     from text3d.teacher import load_teacher
-    from text3d.distill2d.sample_cli import read_prompts_file, run_sample
+    from text3d.distill2d.sample_cli import run_sample
+    from text3d.prompts import read_prompts_file
     from text3d.runtime.atomic import atomic_write_text
 
     prompts = read_prompts_file(args.prompts)
