@@ -66,6 +66,7 @@ def _row(result: dict, summary: dict, label: str | None = None) -> dict:
             "particles": result.get("particles", 1), "object": result["object_accuracy"],
             "colour": result["colour_accuracy"], "view": result["view_accuracy"], "iou": result["silhouette_iou"],
             "saturation": result.get("saturation"), "janus": result.get("janus_rate"),
+            "volume_iou": result.get("volume_iou"), "top_iou": result.get("top_iou"), "chamfer": result.get("chamfer"),
             "diversity_rgb": diversity.get("rgb_rms"), "diversity_silhouette": diversity.get("silhouette_disagreement"),
             "steps": summary["steps"], "seconds": summary["train_seconds"],
             "ms_per_step": 1000.0 * summary["train_seconds"] / max(1, summary["steps"])}
@@ -93,17 +94,21 @@ def table(rows: list[dict], methods: list[str]) -> str:
                                                f"{_fmt(r['iou'])} / {_fmt(r['saturation'])}")
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
     lines += ["", "| method | runs | particles | object acc | colour acc | view acc | silhouette IoU | saturation | "
-                  "Janus rate | particle diversity (RGB RMS / 1-IoU) | ms per step |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+                  "Janus rate | 3D volume IoU / top IoU / Chamfer | particle diversity (RGB RMS / 1-IoU) | "
+                  "ms per step |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for m in methods:
         rs = [r for r in rows if r["guidance"] == m]
         if not rs:
             continue
         div = (f"{_fmt(_mean(rs, 'diversity_rgb'))} / {_fmt(_mean(rs, 'diversity_silhouette'))}"
                if _mean(rs, "diversity_rgb") is not None else "-")
+        geo = (f"{_fmt(_mean(rs, 'volume_iou'))} / {_fmt(_mean(rs, 'top_iou'))} / {_fmt(_mean(rs, 'chamfer'))}"
+               if _mean(rs, "volume_iou") is not None else "-")
         lines.append(f"| {m} | {len(rs)} | {rs[0]['particles']} | {_fmt(_mean(rs, 'object'), True)} | "
                      f"{_fmt(_mean(rs, 'colour'), True)} | {_fmt(_mean(rs, 'view'), True)} | {_fmt(_mean(rs, 'iou'))} | "
-                     f"{_fmt(_mean(rs, 'saturation'))} | {_fmt(_mean(rs, 'janus'), True)} | {div} | "
+                     f"{_fmt(_mean(rs, 'saturation'))} | {_fmt(_mean(rs, 'janus'), True)} | {geo} | "
+                     f"{div} | "
                      f"{statistics.median(r['ms_per_step'] for r in rs):.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,8 @@ colour and view label; the ground-truth object of the prompt is rendered by the 
 cameras to compute the silhouette IoU. For objects with a distinct front and back, the Janus rate is
 the fraction of clear front or back views (at least 10 degrees inside the label's azimuth range) whose
 predicted view label is the opposite one (a back seen as a front, or a front seen as a back).
+The mesh is also compared with the object's SDF in 3D by :func:`text3d.eval.geometry.geometry_scores`
+(volumetric IoU, Chamfer distance and top-view IoU, after bounding-box normalisation and the best yaw).
 
 With a CLIP model (``--clip``) the same 8 views, rendered at 224x224, also get DreamFusion's CLIP R-precision
 against distractor prompts (the world's other captions for its prompts, else ``text3d/assets/eval/clip_prompts.txt``);
@@ -81,6 +83,21 @@ def render_views(mesh_path: Path, cfg, resolution: int) -> dict:
     return {"cams": cams, "labels": cams.view_labels(cfg.camera), **views}
 
 
+def mesh_geometry(mesh_path: Path, object_name: str) -> dict:
+    """:func:`~text3d.eval.geometry.geometry_scores` of the exported mesh against the world's object (None figures
+    and the reason for a mesh with no surface, so the judge's figures are still written)."""
+    import trimesh
+
+    from text3d.eval.geometry import geometry_scores
+    from text3d.toyworld.catalog import OBJECTS
+
+    mesh = trimesh.load(str(mesh_path), force="mesh")
+    try:
+        return geometry_scores(np.asarray(mesh.vertices), np.asarray(mesh.faces), OBJECTS[object_name].sdf)
+    except UserError as e:
+        return {"volume_iou": None, "chamfer": None, "top_iou": None, "geometry_error": str(e)}
+
+
 def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
     """(scores, views) of one exported mesh against the prompt's ground-truth object."""
     from text3d.toyworld.catalog import FRONT_BACK_OBJECTS, parse_caption
@@ -97,7 +114,7 @@ def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
               "colour_accuracy": scores["colour_accuracy"], "view_accuracy": scores["view_accuracy"],
               "silhouette_iou": float(np.mean(ious)), "silhouette_iou_per_view": ious,
               "saturation": colour_saturation(mesh_views["rgb"], mesh_views["opacity"]),
-              "predicted": scores["predicted"], "janus_rate": None}
+              "predicted": scores["predicted"], "janus_rate": None, **mesh_geometry(mesh_path, obj)}
     if obj in FRONT_BACK_OBJECTS:
         clear = [(i, clear_front_back(float(e), float(a), cfg.camera))
                  for i, (e, a) in enumerate(zip(cams.elevation.tolist(), cams.azimuth.tolist()))]
@@ -121,7 +138,7 @@ def particle_diversity(views: list[dict]) -> dict:
 
 
 MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_iou", "saturation", "janus_rate",
-             "clip_r_precision")
+             "clip_r_precision", "volume_iou", "chamfer", "top_iou")
 
 
 def clip_distractors(parsed: tuple[str, str] | None, prompts_file: str | Path | None = None) -> list[str]:
@@ -197,6 +214,10 @@ def format_run_scores(result: dict) -> list[str]:
         lines.append(f"{result['prompt']!r}: object {pct(result['object_accuracy'])}, colour "
                      f"{pct(result['colour_accuracy'])}, view {pct(result['view_accuracy'])}, silhouette IoU "
                      f"{result['silhouette_iou']:.3f}, saturation {result['saturation']:.2f}")
+    if result.get("volume_iou") is not None:
+        lines.append(f"{result['prompt']!r}: 3D against the world's {result['object']}: volume IoU "
+                     f"{result['volume_iou']:.3f}, top-view IoU {result['top_iou']:.3f}, Chamfer "
+                     f"{result['chamfer']:.4f} (of the bounding-box diagonal)")
     if result.get("clip_r_precision") is not None:
         lines.append(f"{result['prompt']!r}: CLIP R-precision {pct(result['clip_r_precision'])} over {result['views']} "
                      f"views, top-1 among {result['clip_n_prompts']} prompts ({result['clip_model']})")
