@@ -4,6 +4,8 @@
 
     python scripts/compare_guidance.py --out runs/compare                 # 12 prompts, SDS and VSD
     python scripts/compare_guidance.py --methods sds --out runs/compare  # only SDS
+    python scripts/compare_guidance.py --methods sds --prompts text3d/assets/eval/prompts_3d_24.txt \
+        --jobs 2 --out runs/t24                                          # the 24-prompt table, 2 at a time
     python scripts/compare_guidance.py --teacher /tmp/tiny --steps 5 ... # a smoke run
     python scripts/compare_guidance.py --methods sds --stages geometry,texture --from-runs runs/compare/sds \
         --label sds+mesh --out runs/compare                              # mesh stages on the SDS NeRFs
@@ -113,6 +115,43 @@ def table(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` without the given options and their values (``--opt V`` and ``--opt=V``)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in options:
+            skip = True
+        elif not any(item.startswith(f"{o}=") for o in options):
+            out.append(item)
+    return out
+
+
+def run_jobs(prompts: list[str], args, argv: list[str]) -> int:
+    """Run the prompts in ``args.jobs`` child processes (this script, one thread each, a share of the prompts
+    each, round robin); their runs are then reused by the caller's pass, which makes the table."""
+    import subprocess
+    import tempfile
+
+    base = _without(argv, "--jobs", "--prompts", "--threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i in range(min(args.jobs, len(prompts))):
+            share = Path(tmp) / f"prompts-{i}.txt"
+            share.write_text("\n".join(prompts[i::args.jobs]) + "\n")
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--prompts", str(share), "--threads", "1",
+                   "--jobs", "1", "--quiet"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        codes = [proc.wait() for proc in procs]
+    failed = [c for c in codes if c != 0]
+    if failed:
+        print(f"error: {len(failed)} of {len(codes)} jobs failed (exit {failed[0]}); finished runs are kept",
+              file=sys.stderr)
+        return failed[0]
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -131,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[], help="extra key=value config override (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="prompts run side by side in this many processes of one "
+                   "thread each (2 on a 2-core machine); the table is made once all have finished")
     args = p.parse_args(argv)
 
     import torch
@@ -149,6 +190,10 @@ def main(argv=None) -> int:
         p.error("--label names one configuration: give one method")
     prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
                if args.prompts else DEFAULT_PROMPTS)
+    if args.jobs > 1 and len(prompts) > 1:
+        code = run_jobs(prompts, args, sys.argv[1:] if argv is None else list(argv))
+        if code:
+            return code
     rows = []
     start = time.perf_counter()
     try:

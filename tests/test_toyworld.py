@@ -365,3 +365,19 @@ def test_shipped_view_prompts_ask_every_front_back_object_for_every_reachable_vi
     asked = [(*parse_caption(p), view_suffix_label(p)) for p in shipped]
     assert len(set(asked)) == len(asked) == len(FRONT_BACK_OBJECTS) * len(COLOURS) * len(reachable_view_labels())
     assert {o for o, _, _ in asked} == set(FRONT_BACK_OBJECTS) and {v for _, _, v in asked} == {"front", "side", "back"}
+
+
+def test_shipped_3d_table_prompts_cover_every_object_twice_and_every_colour():
+    from collections import Counter
+    from pathlib import Path
+
+    from text3d.toyworld.catalog import table_prompts
+
+    shipped = (Path(__file__).resolve().parent.parent / "text3d" / "assets" / "eval" / "prompts_3d_24.txt").read_text()
+    assert shipped.splitlines() == table_prompts()
+    pairs = [parse_caption(p) for p in shipped.splitlines()]
+    assert len(pairs) == len(set(pairs)) == 24
+    objects, colours = Counter(o for o, _ in pairs), Counter(c for _, c in pairs)
+    assert set(objects) == set(OBJECTS) and set(objects.values()) == {2}  # every object twice, two colours
+    assert set(colours) == set(COLOURS) and min(colours.values()) >= 2 and colours["grey"] >= 2
+    assert all(objects[o] == 2 for o in FRONT_BACK_OBJECTS)

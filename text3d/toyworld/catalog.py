@@ -366,6 +366,23 @@ def eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
     return prompts
 
 
+# the 3D table's two colours of each object: the first is the 12-prompt table's (docs/guidance.md), the second
+# adds known failures (grey torus, cyan pyramid, purple snowman, green car) and uses every colour at least twice
+TABLE_COLOURS: dict[str, tuple[str, str]] = {
+    "sphere": ("green", "pink"), "cube": ("red", "grey"), "cylinder": ("purple", "orange"),
+    "cone": ("yellow", "blue"), "torus": ("blue", "grey"), "pyramid": ("orange", "cyan"),
+    "capsule": ("pink", "green"), "octahedron": ("cyan", "red"), "snowman": ("purple", "yellow"),
+    "house": ("yellow", "red"), "mug": ("blue", "pink"), "car": ("red", "green"),
+}
+
+
+def table_prompts() -> list[str]:
+    """The 24-prompt set of the 3D table (``assets/eval/prompts_3d_24.txt``): every object twice in two
+    different colours (:data:`TABLE_COLOURS`), the 12-prompt table's first, so the front/back objects twice
+    each like the others, every colour at least twice."""
+    return [caption(o, c) for o in OBJECTS for c in TABLE_COLOURS[o]]
+
+
 def view_eval_prompts(view_labels: Sequence[str] | None = None) -> list[str]:
     """The view evaluation prompt set (``text3d/assets/eval/prompts_views_108.txt``): every object with a distinct
     front and back (:data:`FRONT_BACK_OBJECTS`) in every colour, asked for each view of ``view_labels``
