@@ -287,3 +287,39 @@ def test_seen_albedo_is_the_albedo_where_opaque_and_shows_the_background_where_t
     expected = (1 - transmittance) * torch.tensor([1.0, 0.5, 0.0]) + transmittance * white
     assert torch.allclose(seen, expected.expand(3, 3), atol=0.02)
     assert torch.allclose(r.field.query_density(points + 0.01 * points), torch.zeros(3))  # the ball ends there
+
+
+def test_blob_fades_on_schedule_and_is_saved_with_the_field():
+    r = make_renderer(blob_fade_start=0.2, blob_fade_end=0.6).eval()
+    centre = torch.zeros(1, 3)
+    with torch.no_grad():
+        raw_full = float(r.field.raw(centre)[0])
+        r.anneal(0.1)
+        assert float(r.field.blob_scale) == 1.0 and float(r.field.raw(centre)[0]) == pytest.approx(raw_full)
+        r.anneal(0.4)  # halfway through the fade
+        assert float(r.field.blob_scale) == pytest.approx(0.5)
+        assert float(r.field.raw(centre)[0]) == pytest.approx(raw_full - 5.0, abs=1e-4)  # 10 * (1 - 0) * 0.5
+        r.anneal(0.9)
+        assert float(r.field.blob_scale) == 0.0
+    # the analytic normals' blob term fades with it (they match autograd at every scale)
+    x = torch.randn(64, 3) * 0.4
+    for progress in (0.0, 0.4):
+        r.anneal(progress)
+        _, _, analytic = r.field.forward_with_normals(x, "analytic")
+        _, _, reference = r.field.forward_with_normals(x, "autograd")
+        assert torch.allclose(analytic, reference, atol=1e-4)
+    # saved and restored with the field; a field saved before the buffer existed loads with full strength
+    r.anneal(0.5)
+    state = r.state_dict()
+    fresh = make_renderer(seed=1, blob_fade_start=0.2, blob_fade_end=0.6)
+    fresh.load_state_dict(state)
+    assert float(fresh.field.blob_scale) == pytest.approx(0.25)
+    old = {k: v for k, v in state.items() if not k.endswith("blob_scale")}
+    fresh.load_state_dict(old)
+    assert float(fresh.field.blob_scale) == 1.0
+    never = make_renderer()  # the default: no fade
+    never.anneal(0.99)
+    assert float(never.field.blob_scale) == 1.0
+    with pytest.raises(ConfigError, match="blob_fade"):
+        from text3d.renderers.nerf import check_nerf_config
+        check_nerf_config(small_config(blob_fade_end=1.5))

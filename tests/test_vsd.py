@@ -9,7 +9,7 @@ from text3d.cameras import CameraSamplerConfig, sample_cameras
 from text3d.generate.config import load_config
 from text3d.guidance import VSDConfig, VSDGuidance
 from text3d.guidance.lora import LoRAScoreConfig, LoRAScoreNetwork
-from text3d.guidance.vsd import camera_features
+from text3d.cameras import camera_features
 from text3d.teacher import load_teacher
 from text3d.generate.run import generate, resume
 

@@ -138,6 +138,17 @@ def orbit_cameras(cfg: CameraSamplerConfig, n_views: int, elevation: float | Non
     return spherical_cameras(el, az, cfg.eval_radius, cfg.eval_fovy, device=device)
 
 
+CAMERA_FEATURES = 16  # the length of camera_features
+
+
+def camera_features(cameras: Cameras) -> torch.Tensor:
+    """[B, 16]: each camera as its flattened camera-to-world matrix (MVDream's camera input), the one camera
+    input of every camera-conditioned network here (VSD's LoRA, a view-aware teacher). Its last row is
+    ``0, 0, 0, 1``, so the all-zero vector, which stands for "no camera" (dropped in training, or a caller
+    without one), is never a camera."""
+    return cameras.c2w.reshape(cameras.c2w.shape[0], -1).float()
+
+
 def view_label(elevation: float, azimuth: float, cfg: CameraSamplerConfig | None = None) -> str:
     """DreamFusion's view label of a camera: overhead, front, side or back."""
     cfg = cfg or CameraSamplerConfig()

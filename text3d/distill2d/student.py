@@ -50,8 +50,9 @@ class Student(torch.nn.Module):
         """The student's x0 prediction [B, C, h, w] (float32) from x_t at timestep t."""
         teacher = self.teacher
         t = torch.as_tensor(t, device=teacher.device).long().reshape(-1).expand(x_t.shape[0])
+        cameras = {"class_labels": teacher.camera_labels(x_t.shape[0]).float()} if teacher.camera_dim else {}
         out = self.unet(x_t.to(teacher.device, torch.float32), t, encoder_hidden_states=embeddings.float(),
-                        return_dict=False)[0].float()
+                        return_dict=False, **cameras)[0].float()  # a view-aware teacher's copy: "no camera"
         if out.shape[1] == 2 * teacher.latent_channels:
             out = out[:, : teacher.latent_channels]
         if teacher.prediction_type == "sample":

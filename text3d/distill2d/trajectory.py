@@ -175,7 +175,9 @@ class TrajectoryTrainer(RunCheckpoint):
     def student_eps(self, z: torch.Tensor, t, cond: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(z.shape[0])
         dim = int(getattr(self.accelerator.unwrap_model(self.unet).config, "time_cond_proj_dim", None) or 0)
-        out = self.unet(z, t, encoder_hidden_states=cond.float(), return_dict=False, **self._w_kwargs(dim, w))[0]
+        cameras = {"class_labels": self.teacher.camera_labels(z.shape[0]).float()} if self.teacher.camera_dim else {}
+        out = self.unet(z, t, encoder_hidden_states=cond.float(), return_dict=False, **self._w_kwargs(dim, w),
+                        **cameras)[0]
         return self.teacher.to_eps(out.float()[:, : self.teacher.latent_channels], z, t)
 
     def teacher_eps(self, z: torch.Tensor, t, cond, uncond, w: torch.Tensor | None) -> torch.Tensor:

@@ -143,6 +143,8 @@ class AssetTrainer:
         index = int(torch.randint(len(self.particles), ())) if len(self.particles) > 1 else 0
         renderer = self.particles[index]
         renderer.train()
+        for particle in self.particles:  # every particle's schedule follows the step, drawn or not
+            particle.anneal((step - 1) / max(1, t.steps))
         renderer.update_occupancy(step)
         cameras = sample_cameras(cfg.camera, t.batch_size).to(self.device)
         shading = self.choose_shading(step)

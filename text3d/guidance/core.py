@@ -269,8 +269,9 @@ class ScoreDistillation:
         cond = self.teacher.encode_prompts(list(prompts))
         uncond = self.teacher.encode_prompts([self.negative_prompt] * batch)
         negatives, weights = self.perp_negatives(prompts)
-        return self.guide(latents, cond, uncond, progress, image=image, condition=self.condition(cameras, batch),
-                          negatives=negatives, negative_weights=weights, t=t, noise=noise)
+        with self.teacher.viewing(cameras):  # a view-aware teacher sees each view's camera, in every branch
+            return self.guide(latents, cond, uncond, progress, image=image, condition=self.condition(cameras, batch),
+                              negatives=negatives, negative_weights=weights, t=t, noise=noise)
 
     def from_latents(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, progress: float = 0.0,
                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> GuidanceOutput:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from text3d.cameras import CAMERA_FEATURES, camera_features
 from text3d.guidance.core import GuidanceOutput, ScoreConfig, ScoreDistillation
 from text3d.guidance.lora import LoRAScoreConfig, LoRAScoreNetwork, lora_training_step
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from text3d.cameras import Cameras
     from text3d.teacher.teacher import Teacher
 
-CAMERA_DIM = 16  # flattened 4x4 camera-to-world matrix
+CAMERA_DIM = CAMERA_FEATURES  # flattened 4x4 camera-to-world matrix
 
 
 @dataclass
@@ -30,11 +31,6 @@ class VSDConfig(ScoreConfig):
     guidance_scale: float = 7.5
     lora: LoRAScoreConfig = field(default_factory=lambda: LoRAScoreConfig(
         rank=4, alpha=4.0, lr=1e-4, steps=1, camera_condition=True, camera_drop=0.1))
-
-
-def camera_features(cameras: Cameras) -> torch.Tensor:
-    """[B, 16]: the flattened camera-to-world matrices."""
-    return cameras.c2w.reshape(cameras.c2w.shape[0], -1).float()
 
 
 class VSDGuidance(ScoreDistillation):
@@ -62,8 +58,9 @@ class VSDGuidance(ScoreDistillation):
         cond = self.teacher.encode_prompts(list(prompts))
         losses = []
         for _ in range(self.cfg.lora.steps):
-            loss = lora_training_step(self.lora, self.optimizer, latents, cond, self.cfg.lora,
-                                      condition=self.condition(cameras, latents.shape[0]))
+            with self.teacher.viewing(cameras):  # the LoRA adapts the UNet as the real branch runs it
+                loss = lora_training_step(self.lora, self.optimizer, latents, cond, self.cfg.lora,
+                                          condition=self.condition(cameras, latents.shape[0]))
             losses.append(float(loss.detach()) if torch.isfinite(loss) else float("nan"))
         return {"lora_loss": sum(losses) / len(losses)} if losses else {}
 

@@ -1,7 +1,11 @@
 """The radiance field: hash-grid encoding -> tiny MLP -> density (with DreamFusion's centre blob) and albedo.
 
-``density = act(raw + blob_density * (1 - |x| / blob_radius))`` with ``act`` softplus or truncated exp,
-``albedo = sigmoid(mlp_rgb)``. Normals are ``-grad(density) / |grad(density)|``: ``analytic`` (exact, from the
+``density = act(raw + s * blob_density * (1 - |x| / blob_radius))`` with ``act`` softplus or truncated exp,
+``albedo = sigmoid(mlp_rgb)``. The blob is a prior for the start of training: dense at the centre, thin beyond
+``blob_radius``, it makes every early shape a ball. Kept to the end it costs the corners of a cube (at
+``|x| = 0.59`` the world's cube gets ``-1.8`` where its faces get ``+3.2``) and fills the hole of a torus (``+10`` at
+the centre); ``s`` (``blob_scale``, a buffer saved with the field, 1 by default) lets training fade it out
+(:meth:`text3d.renderers.nerf.NeRFRenderer.anneal`). Normals are ``-grad(density) / |grad(density)|``: ``analytic`` (exact, from the
 hash grid's closed-form spatial Jacobian and a hand-written MLP vector-Jacobian product; differentiable w.r.t.
 the parameters without double backward), ``autograd`` (the same value through ``torch.autograd.grad`` with
 ``create_graph``; reference/fallback, used with tiny-cuda-nn) or ``finite_difference`` (central
@@ -86,10 +90,16 @@ class NeRFField(nn.Module):
         enc_args = (n_levels, n_features_per_level, log2_hashmap_size, base_resolution, max_resolution, bound)
         self.encoding = TCNNHashGridEncoding(*enc_args) if use_tcnn else HashGridEncoding(*enc_args)
         self.mlp = MLP(self.encoding.output_dim, hidden_dim, n_hidden_layers, 4)
+        self.register_buffer("blob_scale", torch.ones(()))  # the blob's current strength (module docstring)
         # finite-difference step: half a cell of the finest level
         self.fd_eps = float(bound) / max_resolution
         if device is not None:
             self.to(device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # fields saved before the blob could fade have no blob_scale: theirs was always 1
+        state_dict.setdefault(prefix + "blob_scale", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _radius(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +108,7 @@ class NeRFField(nn.Module):
     def blob(self, x: torch.Tensor, radius: torch.Tensor | None = None) -> torch.Tensor:
         """DreamFusion's density bias ``blob_density * (1 - |x| / blob_radius)`` [N]."""
         radius = self._radius(x) if radius is None else radius
-        return self.blob_density * (1.0 - radius / self.blob_radius)
+        return (self.blob_scale * self.blob_density) * (1.0 - radius / self.blob_radius)
 
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activation density (blob included) [N] and pre-sigmoid albedo [N,3]."""
@@ -128,7 +138,7 @@ class NeRFField(nn.Module):
             h, g_enc = self.mlp.forward_with_input_grad(enc, channel=0)
             radius = self._radius(x)
             pre = h[:, 0] + self.blob(x, radius)
-            blob_grad = x * (-self.blob_density / self.blob_radius / radius).unsqueeze(-1)
+            blob_grad = x * (-(self.blob_scale * self.blob_density) / self.blob_radius / radius).unsqueeze(-1)
             grad = (jac * g_enc.unsqueeze(0)).sum(-1).t() + blob_grad
             sigma, albedo = self.activation(pre), torch.sigmoid(h[:, 1:])
             if not create_graph:

@@ -56,6 +56,9 @@ class MeshStageModel(nn.Module):
         raise NotImplementedError
 
     def update_occupancy(self, step: int) -> None:  # the NeRF's interface; nothing to do for a surface
+        pass
+
+    def anneal(self, progress: float) -> None:  # the NeRF's interface; nothing to do for a surface
         return None
 
     @torch.no_grad()

@@ -47,6 +47,10 @@ class NeRFConfig:
     density_activation: str = "softplus"  # softplus | exp (truncated exp)
     blob_density: float = 10.0  # DreamFusion centre blob: + blob_density * (1 - |x| / blob_radius)
     blob_radius: float = 0.5
+    # the blob fades linearly from full strength at this fraction of training to zero at blob_fade_end
+    # (blob_fade_end <= blob_fade_start: never; text3d.renderers.field)
+    blob_fade_start: float = 0.0
+    blob_fade_end: float = 0.0
     num_samples: int = 64  # samples per ray between its box entry and exit (stratified in training)
     occupancy_resolution: int = 32
     # a cell is occupied when its density * (2*sqrt(3)*bound/num_samples) exceeds this, i.e. when one sample
@@ -84,6 +88,8 @@ def check_nerf_config(cfg: NeRFConfig) -> None:
         bad("need 2 <= base_resolution <= max_resolution")
     if not 1 <= cfg.log2_hashmap_size <= 24:
         bad(f"log2_hashmap_size must be in [1, 24], got {cfg.log2_hashmap_size}")
+    if not 0.0 <= cfg.blob_fade_start <= 1.0 or not 0.0 <= cfg.blob_fade_end <= 1.0:
+        bad(f"blob_fade_start and blob_fade_end must be in [0, 1], got {cfg.blob_fade_start}, {cfg.blob_fade_end}")
     if cfg.n_hidden_layers < 0 or cfg.blob_radius <= 0 or cfg.occupancy_threshold < 0:
         bad("n_hidden_layers, blob_radius and occupancy_threshold must be non-negative (blob_radius > 0)")
     if len(tuple(cfg.background_color)) != 3:
@@ -119,6 +125,12 @@ class NeRFRenderer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ occupancy
     @torch.no_grad()
+    def anneal(self, progress: float) -> None:
+        """Set the centre blob's strength for the fraction ``progress`` of training done (``blob_fade_*``)."""
+        start, end = float(self.cfg.blob_fade_start), float(self.cfg.blob_fade_end)
+        scale = 1.0 if end <= start else min(1.0, max(0.0, (end - progress) / (end - start)))
+        self.field.blob_scale.fill_(scale)
+
     def update_occupancy(self, step: int) -> None:
         """Refresh the occupancy grid on the first call and whenever ``step % occupancy_update_every == 0``
         (call it every training step)."""
@@ -284,3 +296,4 @@ class NeRFRenderer(nn.Module):
             cos = (normals * dirs[samples.ray_idx]).sum(dim=-1).clamp_min(0.0)
             orient = (weights.detach() * cos * cos).sum()
         return volume.composite(weights, samples, values, use_nerfacc=nerfacc), samples, orient
+

@@ -80,6 +80,10 @@ class Renderer(Protocol):
     def update_occupancy(self, step: int) -> None:
         """Called before every training step (a NeRF refreshes its occupancy grid; a mesh does nothing)."""
 
+    def anneal(self, progress: float) -> None:
+        """Called before every training step with the fraction of the stage's steps done before it (a NeRF fades
+        its centre blob; a mesh does nothing)."""
+
     def surface(self, export: "ExportConfig | None" = None) -> "SurfaceMesh":
         """The asset's triangle surface, on its device; ``export`` settings for renderers that extract it."""
 

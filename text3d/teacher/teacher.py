@@ -9,6 +9,11 @@ Conventions (every guidance method relies on them):
   * Classifier-free guidance is :func:`apply_cfg`, the one formula of the project.
   * Nothing here is wrapped in ``torch.no_grad`` except prompt encoding: callers decide whether
     gradients flow (SDS does not need them, a VSD LoRA or image-space losses do).
+  * A view-aware teacher (a UNet with ``class_embed_type: projection`` of
+    :data:`~text3d.cameras.CAMERA_FEATURES` inputs, MVDream-style) adds an embedding of the camera,
+    :func:`~text3d.cameras.camera_features`, to its timestep embedding. Inside ``with teacher.viewing(cameras)``
+    every UNet call sees those cameras (every branch of a CFG or Perp-Neg batch, and a LoRA on the same
+    UNet); outside it, the all-zero "no camera" input it was also trained on. Other teachers ignore it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,15 @@ def apply_perp_neg(uncond: torch.Tensor, cond: torch.Tensor, negatives, weights:
         perp = d - (d * flat).sum(1, keepdim=True) / norm2 * flat
         correction = correction + w.to(flat).reshape(-1, 1) * perp
     return uncond + scale * (delta - correction.view_as(delta))
+
+
+def camera_input_dim(unet) -> int:
+    """The length of a UNet's camera input: its projection class embedding's input size (a view-aware
+    teacher, module docstring), else 0."""
+    config = getattr(unet, "config", None)
+    if config is None or getattr(config, "class_embed_type", None) != "projection":
+        return 0
+    return int(getattr(config, "projection_class_embeddings_input_dim", 0) or 0)
 
 
 def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -114,6 +129,8 @@ class Teacher:
         positions = getattr(text_encoder.config, "max_position_embeddings", None)
         self.max_text_length: int = int(min(max_len, positions) if positions else min(max_len, 512))
 
+        self.camera_dim: int = camera_input_dim(unet)  # 0: the teacher does not take a camera
+        self._view_features: torch.Tensor | None = None
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
         self.prompt_cache_hits = 0
@@ -208,13 +225,42 @@ class Teacher:
         t = torch.as_tensor(t, device=self.device).long().reshape(-1)
         return t.expand(batch) if t.numel() == 1 else t
 
+    @contextmanager
+    def viewing(self, cameras) -> Iterator[None]:
+        """UNet calls inside the block see ``cameras`` (a :class:`~text3d.cameras.Cameras` of B views, or their
+        [B, 16] features; None: no camera) when the teacher is view-aware (module docstring); a no-op otherwise."""
+        if not self.camera_dim or cameras is None:
+            yield
+            return
+        from text3d.cameras import camera_features
+
+        features = cameras if isinstance(cameras, torch.Tensor) else camera_features(cameras)
+        previous, self._view_features = self._view_features, features.to(self.device, torch.float32)
+        try:
+            yield
+        finally:
+            self._view_features = previous
+
+    def camera_labels(self, batch: int) -> torch.Tensor:
+        """The camera input of a UNet batch of ``batch`` latents: the viewed cameras repeated over the batch's
+        branches (a CFG or Perp-Neg batch stacks the B views K times), or zeros without cameras."""
+        features = self._view_features
+        if features is None:
+            return torch.zeros(batch, self.camera_dim, device=self.device, dtype=self.dtype)
+        if batch % features.shape[0] != 0:
+            raise ValueError(f"a UNet batch of {batch} for {features.shape[0]} cameras")
+        return features.repeat(batch // features.shape[0], 1).to(self.dtype)
+
     def unet_output(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
                     cross_attention_kwargs: dict | None = None, **unet_kwargs) -> torch.Tensor:
         """The UNet's raw prediction (eps, v or x0 per ``prediction_type``) as float32.
 
-        Inputs are cast to the teacher dtype; extra keyword arguments go to the UNet unchanged.
+        Inputs are cast to the teacher dtype; extra keyword arguments go to the UNet unchanged; a view-aware
+        teacher gets its camera input (:meth:`viewing`) unless ``class_labels`` is given.
         """
         x = latents_noisy.to(self.device, self.dtype)
+        if self.camera_dim and "class_labels" not in unet_kwargs:
+            unet_kwargs["class_labels"] = self.camera_labels(x.shape[0])
         out = self.unet(x, self._timesteps(t, x.shape[0]), encoder_hidden_states=embeddings.to(self.device, self.dtype),
                         cross_attention_kwargs=cross_attention_kwargs, return_dict=False, **unet_kwargs)[0]
         if out.shape[1] == 2 * self.latent_channels:  # learned-variance models: keep the mean prediction

@@ -80,6 +80,11 @@ def _check(args: dict) -> list[str] | None:
         raise UserError("--resume and --fresh cannot be combined")
     if args["time_budget_min"] is not None and args["time_budget_min"] <= 0:
         raise UserError(f"--time-budget-min must be > 0, got {args['time_budget_min']}")
+    if args["camera_drop"] is not None:
+        if args["init"] is None:
+            raise UserError("--camera-drop needs --init (the camera is taught in a fine-tune)")
+        if not 0.0 <= args["camera_drop"] < 1.0:
+            raise UserError(f"--camera-drop must be in [0, 1), got {args['camera_drop']}")
     if args["repeat_views"] is None:
         return None
     from text3d.cameras import VIEW_LABELS
@@ -141,6 +146,10 @@ def train_cmd(
                                         help="the text encoder's learning rate as a multiple of --lr"),
     ema_decay: float = typer.Option(_D.ema_decay, "--ema-decay", help="EMA decay of the shipped UNet/text weights"),
     warmup_steps: int = typer.Option(_D.warmup_steps, "--warmup-steps"),
+    camera_drop: Optional[float] = typer.Option(None, "--camera-drop", metavar="P",
+                                                help="with --init: teach the teacher the camera (a view-aware "
+                                                     "teacher; a teacher without a camera input gets one), dropping "
+                                                     "it from a fraction P of the examples"),
 ):
     """Train the teacher on the toyworld dataset in --data, or fine-tune one with --init.
 
@@ -174,7 +183,7 @@ def train_cmd(
         from text3d.teacher_training.finetune import finetune_teacher
 
         info = finetune_teacher(cfg, dataset, init, view_repeat=view_repeat, replay=replay, data_path=str(data),
-                                repeat_views=views, log=log)
+                                repeat_views=views, log=log, camera_drop=camera_drop)
         r = info["results"]
         typer.echo(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {out}")
         return

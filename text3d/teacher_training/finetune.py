@@ -124,6 +124,13 @@ def finetune_card(previous: str, info: dict) -> str:
         f"{r['time_s'] / 60:.1f} min" + (" (stopped early at the time budget)" if r.get("stopped_early") else "")
         + ".",
         "",
+        *([] if info.get("camera_drop") is None else [
+            f"View-aware: the UNet takes the camera (`class_embed_type: projection`, 16 inputs: the flattened",
+            f"camera-to-world matrix of `text3d.cameras.camera_features`, zeros for no camera), its embedding added to the",
+            f"timestep embedding and trained on each image's true camera (elevation, azimuth, distance, field of view of",
+            f"the render), dropped for {info['camera_drop']:.0%} of the examples so that it still works without one. A",
+            f"camera input that starts at zero (`text3d.teacher_training.camera_input`) kept the loaded teacher's predictions",
+            f"at the start. Guidance passes each rendered view's camera (`Teacher.viewing`).", ""]),
         "Final losses (mean of the last 100 steps): " + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items()),
         "",
         "```bash",
@@ -142,13 +149,17 @@ def finetune_card(previous: str, info: dict) -> str:
 
 def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
                      replay: int | None = None, data_path: str = "", log=print, stop: StopRequest | None = None,
-                     on_step=None, repeat_views: Sequence[str] | None = None) -> dict:
+                     on_step=None, repeat_views: Sequence[str] | None = None,
+                     camera_drop: float | None = None) -> dict:
     """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``.
 
     ``replay`` caps the examples without a visible view that are kept (None = all): encoding the
     dataset through the VAE costs ~15 ms an image on 2 CPU cores, so a 50k dataset is cut to what
     the fine-tune's steps will see. ``repeat_views`` (view labels, default all) picks which of the kept
-    visible-view examples are repeated ``view_repeat`` times; the others are kept and seen once."""
+    visible-view examples are repeated ``view_repeat`` times; the others are kept and seen once.
+    ``camera_drop`` (None: off) teaches the camera: the UNet gets a camera input if it has none
+    (:mod:`text3d.teacher_training.camera_input`) and sees each example's true camera, except for a
+    ``camera_drop`` fraction that see "no camera"."""
     from text3d.teacher.loader import load_components
     from text3d.teacher_training.run import available_threads
     from text3d.utils.backends import resolve_device
@@ -194,13 +205,22 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     log(f"fine-tune: {len(images_u8)} of {len(full_mask)} images, {int(mask.sum())} with a visible view repeated {view_repeat}x "
         f"({view_share:.0%} of the batches); {cfg.unet_steps} steps of batch {cfg.batch_size}, {threads} thread(s)")
 
+    cameras = None
+    if camera_drop is not None:
+        from text3d.teacher_training.camera_input import dataset_camera_features, with_camera_input
+
+        unet = with_camera_input(unet, seed=cfg.seed)
+        unet.requires_grad_(True)
+        cameras = dataset_camera_features(dataset.arrays, keep[order])
+        log(f"camera: the UNet sees each example's camera, dropped for {camera_drop:.0%} of them")
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
-                           tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0])
+                           tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0],
+                           cameras=cameras, camera_drop=camera_drop or 0.0)
     extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling,
-             "repeat_views": views}
+             "repeat_views": views, "camera_drop": camera_drop}
     if state is not None:
         if (int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat
-                or state.get("repeat_views") != views):
+                or state.get("repeat_views") != views or state.get("camera_drop") != camera_drop):
             raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
                             f"{state.get('view_repeat')} (views {state.get('repeat_views') or 'all'}); this run has "
                             f"{len(images_u8)} and {view_repeat} (views {views or 'all'}) "
@@ -217,7 +237,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     stage.ema_text.copy_to(final_text)
     shown_init = os.path.relpath(init) if init.is_relative_to(Path.cwd()) else str(init)  # the card travels
     info = {"init": shown_init, "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
-            "n_view": int(mask.sum()), "repeat_views": views,
+            "n_view": int(mask.sum()), "repeat_views": views, "camera_drop": camera_drop,
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
             "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "text_lr_scale", "warmup_steps",

@@ -288,8 +288,13 @@ class DiffusionStage(Stage):
     seed_offset = 2
 
     def __init__(self, cfg: TeacherTrainConfig, device: torch.device, unet, text_encoder, scheduler,
-                 latents: torch.Tensor, caption_ids: torch.Tensor, caption_index: np.ndarray, uncond_ids: torch.Tensor):
+                 latents: torch.Tensor, caption_ids: torch.Tensor, caption_index: np.ndarray, uncond_ids: torch.Tensor,
+                 cameras: torch.Tensor | None = None, camera_drop: float = 0.0):
         super().__init__(cfg, device, cfg.unet_steps, cfg.batch_size, len(latents))
+        # a view-aware teacher (text3d.teacher_training.camera_input): each example's camera features [N, 16],
+        # replaced by zeros ("no camera") for a fraction camera_drop of the examples drawn
+        self.cameras = None if cameras is None else cameras.to(device)
+        self.camera_drop = float(camera_drop)
         self.unet, self.text_encoder = unet.to(device), text_encoder.to(device)
         self.latents = latents.to(device)  # already multiplied by the scaling factor
         self.caption_ids = caption_ids.to(device)
@@ -318,9 +323,13 @@ class DiffusionStage(Stage):
         noise = self.randn(z0.shape)
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1.0 - ab).sqrt() * noise
+        kwargs = {}
+        if self.cameras is not None:
+            keep = (torch.rand(batch, generator=self.generator) >= self.camera_drop).to(self.device)
+            kwargs["class_labels"] = self.cameras[idx.to(self.device)] * keep[:, None].float()
         with self.autocast():
             emb = self.text_encoder(ids).last_hidden_state
-            pred = self.unet(zt, t, encoder_hidden_states=emb).sample
+            pred = self.unet(zt, t, encoder_hidden_states=emb, **kwargs).sample
         per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         if self.cfg.min_snr_gamma > 0:
             snr = ab.flatten() / (1.0 - ab.flatten())

@@ -1,0 +1,149 @@
+"""The view-aware teacher: a camera input added to a UNet (zero at first), the teacher passing the viewed
+cameras to every UNet branch, guidance handing each render's camera over, and the fine-tune that teaches it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from text3d.cameras import CAMERA_FEATURES, CameraSamplerConfig, camera_features, sample_cameras, spherical_cameras
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def camera_teacher(tiny_teacher_dir):
+    """The tiny test teacher with a camera input whose output layer is made non-zero (as after training)."""
+    from text3d.teacher import load_teacher
+    from text3d.teacher.teacher import Teacher
+    from text3d.teacher_training.camera_input import with_camera_input
+
+    base = load_teacher(tiny_teacher_dir, "cpu")
+    unet = with_camera_input(base.unet)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unet.class_embedding.linear_2.weight.normal_(0, 0.5)
+    return base, Teacher(unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, "cpu", torch.float32)
+
+
+def _inputs(teacher, batch=2):
+    torch.manual_seed(1)
+    z = torch.randn(batch, teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    t = torch.tensor([500] * batch)
+    cond = teacher.encode_prompts(["a red cube"] * batch)
+    uncond = teacher.encode_prompts([""] * batch)
+    return z, t, cond, uncond
+
+
+def test_a_new_camera_input_changes_nothing_until_trained(tiny_teacher_dir, tmp_path):
+    from text3d.teacher import load_teacher
+    from text3d.teacher.teacher import Teacher
+    from text3d.teacher_training.camera_input import with_camera_input
+
+    base = load_teacher(tiny_teacher_dir, "cpu")
+    assert base.camera_dim == 0
+    unet = with_camera_input(base.unet)
+    assert with_camera_input(unet) is unet  # already view-aware: kept
+    teacher = Teacher(unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, "cpu", torch.float32)
+    assert teacher.camera_dim == CAMERA_FEATURES
+    z, t, cond, uncond = _inputs(teacher)
+    cams = sample_cameras(CameraSamplerConfig(), 2)
+    with torch.no_grad(), teacher.viewing(cams):
+        seen = teacher.predict_eps(z, t, cond, uncond, guidance_scale=7.5)
+    with torch.no_grad():
+        assert torch.allclose(seen, base.predict_eps(z, t, cond, uncond, guidance_scale=7.5), atol=1e-5)
+    # saved as a plain SD folder and recognised from its config when loaded back
+    teacher.save_pretrained(tmp_path / "camera-teacher")
+    config = json.loads((tmp_path / "camera-teacher" / "unet" / "config.json").read_text())
+    assert config["class_embed_type"] == "projection" and config["projection_class_embeddings_input_dim"] == 16
+    assert load_teacher(tmp_path / "camera-teacher", "cpu").camera_dim == CAMERA_FEATURES
+
+
+def test_viewing_reaches_every_branch_of_a_batch(camera_teacher):
+    base, teacher = camera_teacher
+    z, t, cond, uncond = _inputs(teacher)
+    front, back = spherical_cameras(20.0, [0.0, 10.0], 2.8, 42.0), spherical_cameras(20.0, [180.0, 170.0], 2.8, 42.0)
+    with torch.no_grad():
+        blind = teacher.predict_eps(z, t, cond)
+        with teacher.viewing(front):
+            a = teacher.predict_eps(z, t, cond, uncond, guidance_scale=7.5)
+            branches = teacher.predict_eps_many(z, t, [uncond, cond, cond])
+        with teacher.viewing(back):
+            b = teacher.predict_eps(z, t, cond, uncond, guidance_scale=7.5)
+        with teacher.viewing(None):
+            assert torch.equal(teacher.predict_eps(z, t, cond), blind)  # no camera: the zero input
+        # by hand: each branch of the stacked batch with the same two cameras
+        labels = camera_features(front)
+        by_hand = [teacher.unet(z, t, encoder_hidden_states=e, class_labels=labels).sample for e in (uncond, cond)]
+    assert not torch.allclose(a, b, atol=1e-4)  # the camera matters once its embedding is trained
+    assert torch.allclose(branches[0], by_hand[0], atol=1e-5) and torch.allclose(branches[1], by_hand[1], atol=1e-5)
+    assert torch.allclose(branches[1], branches[2])
+    assert torch.allclose(a, by_hand[0] + 7.5 * (by_hand[1] - by_hand[0]), atol=1e-4)
+    assert teacher._view_features is None  # the block restored "no camera"
+
+
+@pytest.mark.parametrize("space", ["latent", "image"])
+def test_sds_hands_each_views_camera_to_the_teacher(camera_teacher, space):
+    from text3d.guidance.sds import SDSConfig, SDSGuidance
+
+    base, teacher = camera_teacher
+    cfg = SDSConfig(guidance_scale=7.5, space=space)
+    images = torch.rand(2, 3, 64, 64)
+    front, back = spherical_cameras(20.0, [0.0, 10.0], 2.8, 42.0), spherical_cameras(20.0, [180.0, 170.0], 2.8, 42.0)
+    t, noise = torch.tensor([400, 600]), torch.randn(2, teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+
+    def grad(guidance, cams):
+        return guidance(images, ["a red cube"] * 2, cameras=cams, t=t, noise=noise).grad
+
+    g_front, g_back = grad(SDSGuidance(teacher, cfg), front), grad(SDSGuidance(teacher, cfg), back)
+    assert not torch.allclose(g_front, g_back, atol=1e-6)
+    # a teacher without a camera input gives the same gradient whatever the camera
+    assert torch.equal(grad(SDSGuidance(base, cfg), front), grad(SDSGuidance(base, cfg), back))
+
+
+def test_finetune_teaches_the_camera(tmp_path):
+    from test_teacher_training import TINY, quiet, tiny_config
+    from text3d.teacher import load_teacher
+    from text3d.teacher_training.data import load_dataset, write_fake_dataset
+    from text3d.teacher_training.finetune import finetune_teacher
+    from text3d.teacher_training.run import train_teacher
+
+    data_dir = write_fake_dataset(tmp_path / "data", n=24, seed=3)
+    data = load_dataset(data_dir)
+    init_cfg = tiny_config(tmp_path / "init", arch=TINY)
+    train_teacher(init_cfg, data, data_path=data_dir, log=quiet)
+    cfg = tiny_config(tmp_path / "ft", unet_steps=4, lr=1e-2)
+    info = finetune_teacher(cfg, data, Path(init_cfg.out), view_repeat=2, replay=4, log=quiet, camera_drop=0.2)
+    assert info["camera_drop"] == 0.2
+    teacher = load_teacher(cfg.out, "cpu")
+    assert teacher.camera_dim == CAMERA_FEATURES
+    assert float(teacher.unet.class_embedding.linear_2.weight.abs().sum()) > 0  # it learned from zero
+    card = (Path(cfg.out) / "README.md").read_text()
+    assert "View-aware" in card and "20% of the examples" in card
+    # a resume must use the same camera setting
+    from text3d.errors import UserError
+    from text3d.runtime.signals import StopRequest
+    from text3d.teacher_training import Interrupted
+    from test_teacher_training import _stop_at
+
+    stop = StopRequest()
+    with pytest.raises(Interrupted):
+        finetune_teacher(tiny_config(tmp_path / "b", unet_steps=4, lr=1e-2), data, Path(init_cfg.out), view_repeat=2,
+                         replay=4, log=quiet, camera_drop=0.2, stop=stop, on_step=_stop_at(stop, "unet", 2))
+    with pytest.raises(UserError, match="camera|view repeat"):
+        finetune_teacher(tiny_config(tmp_path / "b", unet_steps=4, lr=1e-2, resume=True), data, Path(init_cfg.out),
+                         view_repeat=2, replay=4, log=quiet, camera_drop=None)
+    finetune_teacher(tiny_config(tmp_path / "b", unet_steps=4, lr=1e-2, resume=True), data, Path(init_cfg.out),
+                     view_repeat=2, replay=4, log=quiet, camera_drop=0.2)
+    part = "unet/diffusion_pytorch_model.safetensors"
+    assert (Path(cfg.out) / part).read_bytes() == (tmp_path / "b" / "teacher" / part).read_bytes()
+
+
+def test_camera_drop_needs_init(tmp_path):
+    from tests.helpers import run_cli
+
+    r = run_cli("teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--camera-drop", "0.1")
+    assert r.returncode != 0 and "--camera-drop needs --init" in r.stderr and "Traceback" not in r.stderr
