@@ -147,3 +147,22 @@ def test_camera_drop_needs_init(tmp_path):
 
     r = run_cli("teacher", "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--camera-drop", "0.1")
     assert r.returncode != 0 and "--camera-drop needs --init" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_view_camera(camera_teacher, tmp_path):
+    from text3d.cameras import view_features
+    from text3d.distill2d.sample_cli import run_sample, view_cameras
+    from text3d.errors import UserError
+
+    base, teacher = camera_teacher
+    features = view_cameras(["a red car, front view", "a red car", "a red car, back view"])
+    assert features[1].abs().sum() == 0 and torch.equal(features[0], view_features(["front"])[0])
+    assert features[0, 11] > 0 > features[2, 11]  # camera z: in front (+z) and behind
+    prompts = ["a red car, front view", "a red car, back view"]
+    kw = dict(steps=2, n=1, seed=0, progress=False, batch_size=2)
+    seen = run_sample(prompts, tmp_path / "a", teacher=teacher, view_camera=True, **kw)
+    run_sample(prompts, tmp_path / "b", teacher=teacher, **kw)
+    assert seen["view_camera"] is True
+    assert (tmp_path / "a/images/00000.png").read_bytes() != (tmp_path / "b/images/00000.png").read_bytes()
+    with pytest.raises(UserError, match="view-aware"):
+        run_sample(prompts, tmp_path / "c", teacher=base, view_camera=True, **kw)

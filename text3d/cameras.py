@@ -149,6 +149,24 @@ def camera_features(cameras: Cameras) -> torch.Tensor:
     return cameras.c2w.reshape(cameras.c2w.shape[0], -1).float()
 
 
+VIEW_AZIMUTHS = {"front": 0.0, "side": 90.0, "back": 180.0, "overhead": 0.0}
+
+
+def view_features(labels, cfg: CameraSamplerConfig | None = None) -> torch.Tensor:
+    """[B, 16] :func:`camera_features` of the typical camera of each view label (front, side, back: azimuth 0,
+    90, 180 at the eval elevation; overhead: 15 degrees above its threshold), zeros ("no camera") for None."""
+    cfg = cfg or CameraSamplerConfig()
+    rows = []
+    for label in labels:
+        if label is None:
+            rows.append(torch.zeros(CAMERA_FEATURES))
+            continue
+        elevation = cfg.overhead_elevation + 15.0 if label == "overhead" else cfg.eval_elevation
+        cams = spherical_cameras(elevation, VIEW_AZIMUTHS[label], cfg.eval_radius, cfg.eval_fovy)
+        rows.append(camera_features(cams)[0])
+    return torch.stack(rows)
+
+
 def view_label(elevation: float, azimuth: float, cfg: CameraSamplerConfig | None = None) -> str:
     """DreamFusion's view label of a camera: overhead, front, side or back."""
     cfg = cfg or CameraSamplerConfig()

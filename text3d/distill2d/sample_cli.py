@@ -63,6 +63,14 @@ def save_grid(images, columns: int, path: Path) -> Path:
     return save_preview(rows, path)
 
 
+def view_cameras(prompts):
+    """[B, 16] camera features of each prompt's view suffix (zeros for a plain prompt)."""
+    from text3d.cameras import view_features
+    from text3d.prompts import split_view_suffix
+
+    return view_features([split_view_suffix(p)[1] for p in prompts])
+
+
 def _save_png(image, path: Path) -> None:
     import numpy as np
     from PIL import Image
@@ -76,8 +84,9 @@ def _save_png(image, path: Path) -> None:
 
 def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps: Optional[int] = None, n: int = 16,
                guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 16, device: str = "auto",
-               teacher=None, progress: bool = True, sampler: Optional[str] = None) -> dict:
-    """Sample ``n`` images per prompt into ``out``; returns the prompts.json record.
+               teacher=None, progress: bool = True, sampler: Optional[str] = None, view_camera: bool = False) -> dict:
+    """Sample ``n`` images per prompt into ``out``; returns the prompts.json record. ``view_camera``: a view-aware
+    teacher also sees each prompt's view-suffix camera (:func:`view_cameras`).
 
     ``teacher`` may be an already loaded Teacher (then ``model`` and ``device`` are ignored). A
     distilled student folder (with ``student.json``) is sampled with its own timesteps and sampler:
@@ -127,6 +136,9 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
     if not 1 <= steps <= teacher.num_train_timesteps:
         raise UserError(f"--steps must be between 1 and {teacher.num_train_timesteps}, got {steps}")
 
+    if view_camera and not teacher.camera_dim:
+        raise UserError(f"--view-camera needs a view-aware teacher (a UNet with a camera input); {teacher.source} "
+                        "has none")
     items = [p for p in prompts for _ in range(n)]  # prompt-major: n images of prompt 0, then prompt 1...
     generator = torch.Generator("cpu").manual_seed(int(seed))
     noise = initial_latents(teacher, len(items), generator).cpu()  # all starting noise up front
@@ -141,9 +153,11 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
             def report(i, t, x, done=done):
                 bar.update(done + i + 1, {"batch": b + 1})
 
-            imgs = sample_images(teacher, chunk, steps=steps, guidance_scale=guidance_scale, generator=generator,
-                                 latents=noise[start:start + len(chunk)], callback=report, timesteps=timesteps,
-                                 sampler=sampler)
+            cameras = view_cameras(chunk) if view_camera else None
+            with teacher.viewing(cameras):
+                imgs = sample_images(teacher, chunk, steps=steps, guidance_scale=guidance_scale, generator=generator,
+                                     latents=noise[start:start + len(chunk)], callback=report, timesteps=timesteps,
+                                     sampler=sampler)
             images.append(imgs.cpu())
     images = torch.cat(images)
     seconds = time.perf_counter() - started
@@ -161,6 +175,7 @@ def run_sample(prompts: list[str], out: Path, model: Optional[str] = None, steps
                   "guidance_scale": float(guidance_scale), "seed": int(seed), "n_per_prompt": int(n),
                   "prompts": list(prompts), "sampler": sampler, "eta": 0.0,
                   "timestep_spacing": "trailing" if timesteps is None else "student", "timesteps": timesteps,
+                  "view_camera": bool(view_camera),
                   "image_size": int(images.shape[-1]), "seconds": round(seconds, 3),
                   "images_per_second": round(len(items) / max(seconds, 1e-9), 3), "batch_size": int(batch_size)}
         # swap in: remove our old entries, move the new ones in, prompts.json last
@@ -193,6 +208,8 @@ def sample(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     sampler: Optional[str] = typer.Option(None, help="ddim | renoise | stochastic (default: a student's own, else "
                                           "ddim)."),
+    view_camera: bool = typer.Option(False, "--view-camera", help="A view-aware teacher also gets the camera of each "
+                                     "prompt's view suffix (front, side, back, overhead; none for a plain prompt)."),
 ):
     """Sample images from the teacher (DDIM + classifier-free guidance) into a folder."""
     from text3d.prompts import read_prompts_file, validate_prompt
@@ -207,5 +224,6 @@ def sample(
     else:
         prompts = [validate_prompt(prompt)]
     record = run_sample(prompts, out, model=None if model is None else os.fspath(model), steps=steps, n=n,
-                        guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, sampler=sampler)
+                        guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=device, sampler=sampler,
+                        view_camera=view_camera)
     typer.echo(f"wrote {len(record['images'])} images ({len(prompts)} prompt(s) x {n}) to {out}")
