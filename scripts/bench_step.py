@@ -1,12 +1,23 @@
-"""Time one SDS step of `text3d generate`, split into render, VAE encode, UNet (guidance) and backward.
+"""Time one SDS or VSD step of `text3d generate`, split into its parts, against the bare teacher work.
 
-The split is that of latent-space SDS (`sds.space=latent`, set here whatever the config says), where the
-VAE encoder is differentiated; image-space SDS encodes without a graph and decodes twice instead.
+    python scripts/bench_step.py [--teacher DIR] [--methods sds,vsd,vsd-fused] [--resolution 64] [--steps 30]
+                                 [--warmup 5] [--device auto] [--threads N] [--clock wall|cpu] [key=value ...]
 
-    python scripts/bench_step.py [--teacher DIR] [--resolution 64] [--steps 30] [--device auto] [key=value ...]
+A step (latent-space guidance, ``space=latent`` forced, as DreamFusion and ProlificDreamer do) is split into
 
-Without --teacher a tiny random teacher is built in a temporary folder. Prints the median time
-of each part, the whole step, and the render share as ratios side by side.
+  render    the NeRF's forward pass
+  encode    the VAE encoder's forward pass on the render, resized to the teacher's input (512 px for SD 2.1)
+  unet      the teacher's CFG forward (one UNet call on the [uncond, cond] batch)
+  lora      VSD only: the LoRA baseline's prediction plus the LoRA's training step (forward, backward, AdamW);
+            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward)
+  backward  the backward pass through the VAE encoder and the renderer
+  optim     the asset's Adam step
+
+and compared with the **bare teacher work** of one step, timed on its own: one CFG UNet forward plus the VAE
+encode and its backward (the least any latent-space score-distillation step must do). Printed: the median of
+each part, ``SDS step / bare teacher work`` (target <= 1.3) and ``VSD step / SDS step`` (target <= 1.6;
+ProlificDreamer's own implementation is about 3). Without --teacher a tiny random teacher is built in a
+temporary folder; for SD 2.1 size build one with ``scripts/make_sd_teacher.py --shape sd21-base``.
 """
 
 from __future__ import annotations
@@ -24,73 +35,177 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from text3d.cameras import jittered_light_dirs, sample_cameras  # noqa: E402
 from text3d.generate.config import load_config  # noqa: E402
-from text3d.prompts import prompts_for_cameras  # noqa: E402
-from text3d.teacher import load_teacher  # noqa: E402
-from text3d.teacher.tiny import build_tiny_teacher  # noqa: E402
 from text3d.generate.trainer import AssetTrainer  # noqa: E402
-from text3d.utils.backends import resolve_device  # noqa: E402
+from text3d.guidance.core import target_trick_loss  # noqa: E402
+from text3d.prompts import prompts_for_cameras  # noqa: E402
 from text3d.runtime.seed import seed_everything  # noqa: E402
+from text3d.teacher import load_teacher  # noqa: E402
+from text3d.utils.backends import resolve_device  # noqa: E402
+
+PARTS = ("render", "encode", "unet", "lora", "backward", "optim", "step")
+clock = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all its threads), which
+# other work on the machine does not stretch; wall time otherwise
 
 
-def sync(device):
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+class _Timed:
+    """Wraps a bound method and adds its wall time to ``self.seconds`` (the device synchronised around it)."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.seconds = fn, device, 0.0
+
+    def __call__(self, *args, **kwargs):
+        sync(self.device)
+        t0 = clock()
+        out = self.fn(*args, **kwargs)
+        sync(self.device)
+        self.seconds += clock() - t0
+        return out
+
+
+def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidance_scale: float = 100.0) -> float:
+    """Median seconds of one CFG UNet forward + the VAE encode of a render and its backward (no renderer)."""
+    device = teacher.device
+    cond = teacher.encode_prompts(["a corgi"])
+    uncond = teacher.encode_prompts([""])
+    times = []
+    for i in range(steps + warmup):
+        image = torch.rand(1, 3, resolution, resolution, device=device, requires_grad=True)
+        sync(device)
+        t0 = clock()
+        latents = teacher.encode_images(image)
+        with torch.no_grad():
+            t = torch.randint(20, 980, (1,), device=device)
+            noise = torch.randn_like(latents)
+            eps = teacher.predict_eps(teacher.add_noise(latents.detach(), noise, t), t, cond, uncond, guidance_scale)
+        target_trick_loss(latents, (1 - teacher.alpha_bar(t)) * (eps - noise)).backward()
+        sync(device)
+        if i >= warmup:
+            times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def bench_method(teacher, teacher_dir: str, method: str, resolution: int, steps: int, warmup: int,
+                 overrides: list[str], device: torch.device) -> dict[str, float]:
+    """Median seconds of each part of a ``method`` (sds | vsd | vsd-fused) step of the generate trainer."""
+    if method == "vsd-fused":
+        method, overrides = "vsd", [*overrides, "vsd.fused_lora=true"]
+    cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"guidance={method}",
+                                 f"train.resolution={resolution}", "train.high_resolution=null",
+                                 f"train.steps={steps + warmup}", *overrides, f"{method}.space=latent"])
+    cfg.prompt = "a corgi"
+    seed_everything(0)
+    trainer = AssetTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
+    guidance = trainer.guidance
+    lora_timer = None
+    fused_cls = original_fused = None
+    if guidance.lora is not None:  # time the LoRA's prediction inside the guidance call (fused: with its step)
+        from text3d.guidance import vsd as vsd_module
+
+        lora_timer = _Timed(guidance.lora.predict_eps, device)
+        guidance.lora.predict_eps = lora_timer
+        fused_cls, original_fused = vsd_module._FusedLoRAStep, vsd_module._FusedLoRAStep.predict_eps
+
+        def timed_fused(self, *args, **kwargs):
+            sync(device)
+            t0 = clock()
+            out = original_fused(self, *args, **kwargs)
+            sync(device)
+            lora_timer.seconds += clock() - t0
+            return out
+
+        fused_cls.predict_eps = timed_fused
+    parts: dict[str, list[float]] = {k: [] for k in PARTS}
+    try:
+        for step in range(1, steps + warmup + 1):
+            if lora_timer is not None:
+                lora_timer.seconds = 0.0
+            sync(device)
+            t0 = clock()
+            trainer.renderer.train()
+            trainer.renderer.update_occupancy(step)
+            cams = sample_cameras(cfg.camera, cfg.train.batch_size).to(device)
+            out = trainer.renderer(cams, resolution, resolution, shading=trainer.choose_shading(step),
+                                   light_dirs=jittered_light_dirs(cams, 45.0))
+            sync(device); t1 = clock()
+            latents = teacher.encode_images(out["rgb"])
+            sync(device); t2 = clock()
+            prompts = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
+            g = guidance.guide_latents(latents, prompts, progress=step / cfg.train.steps, cameras=cams)
+            sync(device); t3 = clock()
+            loss = g.loss + cfg.train.lambda_orientation * out.get("orientation_loss", 0.0)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync(device); t4 = clock()
+            trainer.optimizer.step()
+            sync(device); t5 = clock()
+            guidance.update(g, prompts, cams)  # VSD: the LoRA's training step; SDS: nothing
+            sync(device); t6 = clock()
+            lora_predict = lora_timer.seconds if lora_timer is not None else 0.0
+            if step > warmup:
+                for key, value in (("render", t1 - t0), ("encode", t2 - t1), ("unet", t3 - t2 - lora_predict),
+                                   ("lora", lora_predict + t6 - t5), ("backward", t4 - t3), ("optim", t5 - t4),
+                                   ("step", t6 - t0)):
+                    parts[key].append(value)
+    finally:
+        if guidance.lora is not None:
+            fused_cls.predict_eps = original_fused
+            del guidance.lora.predict_eps  # the class's method again
+            guidance.lora.remove()  # the teacher's UNet as it was, for the next method
+    return {k: statistics.median(v) for k, v in parts.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None)
+    parser.add_argument("--methods", default="sds,vsd", help="comma-separated: sds, vsd, vsd-fused")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--shading", default="mixed", help="albedo | lambertian | textureless | mixed (the run's mix)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="wall: elapsed time; cpu: this process's CPU time (for a machine shared with other work)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
-    teacher_dir = args.teacher or str(build_tiny_teacher(Path(tempfile.mkdtemp()) / "tiny"))
-    cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"train.resolution={args.resolution}",
-                                 f"train.steps={args.steps + args.warmup}", *args.overrides, "sds.space=latent"])
-    cfg.prompt = "a red cube"
-    seed_everything(0)
-    teacher = load_teacher(cfg.teacher, device)
-    trainer = AssetTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
-    parts = {k: [] for k in ("render", "vae_encode", "unet", "backward", "optim", "step")}
-    res = cfg.train.resolution
-    for step in range(1, args.steps + args.warmup + 1):
-        sync(device); t0 = time.perf_counter()
-        trainer.renderer.train()
-        trainer.renderer.update_occupancy(step)
-        cams = sample_cameras(cfg.camera, cfg.train.batch_size).to(device)
-        shading = trainer.choose_shading(step) if args.shading == "mixed" else args.shading
-        out = trainer.renderer(cams, res, res, shading=shading, light_dirs=jittered_light_dirs(cams, 45.0))
-        sync(device); t1 = time.perf_counter()
-        latents = teacher.encode_images(out["rgb"])
-        sync(device); t2 = time.perf_counter()
-        g = trainer.guidance.guide_latents(latents, prompts_for_cameras(cfg.prompt, cams, cfg.prompts),
-                                           progress=step / cfg.train.steps)
-        sync(device); t3 = time.perf_counter()
-        loss = g.loss + cfg.train.lambda_orientation * out.get("orientation_loss", 0.0)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sync(device); t4 = time.perf_counter()
-        trainer.optimizer.step()
-        sync(device); t5 = time.perf_counter()
-        if step > args.warmup:
-            for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
-                value and parts[key].append(value)
-    med = {k: statistics.median(v) * 1000 for k, v in parts.items()}
-    print(f"device={device} threads={torch.get_num_threads()} resolution={res} teacher={teacher_dir} "
-          f"shading={args.shading} steps={args.steps}")
-    print(f"{'part':<12}{'median ms':>10}{'share':>8}")
-    for key in ("render", "vae_encode", "unet", "backward", "optim"):
-        print(f"{key:<12}{med[key]:>10.1f}{med[key] / med['step']:>8.1%}")
-    print(f"{'step':<12}{med['step']:>10.1f}")
-    teacher_ms = med["vae_encode"] + med["unet"]
-    print(f"render : teacher (vae+unet) = {med['render'] / teacher_ms:.2f} : 1   "
-          f"(backward includes both render and VAE-encoder gradients)")
-    print(f"steps/s = {1000 / med['step']:.2f}")
+    if args.teacher is None:
+        from text3d.teacher.tiny import build_tiny_teacher
+
+        args.teacher = str(build_tiny_teacher(Path(tempfile.mkdtemp()) / "tiny"))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ("sds", "vsd", "vsd-fused")]
+    if unknown or not methods:
+        parser.error(f"--methods takes sds, vsd and vsd-fused, got {args.methods!r}")
+    teacher = load_teacher(args.teacher, device)
+    print(f"device={device} threads={torch.get_num_threads()} clock={args.clock} render={args.resolution}px "
+          f"teacher={args.teacher} "
+          f"({teacher.image_size}px, {teacher.dtype}, {teacher.prediction_type}) steps={args.steps}")
+    bare = bare_teacher_work(teacher, args.resolution, args.steps, args.warmup)
+    results = {m: bench_method(teacher, args.teacher, m, args.resolution, args.steps, args.warmup, args.overrides,
+                               device) for m in methods}
+    print(f"{'part (median ms)':<18}" + "".join(f"{m:>10}" for m in methods))
+    for key in PARTS:
+        print(f"{key:<18}" + "".join(f"{results[m][key] * 1000:>10.1f}" for m in methods))
+    print(f"{'bare teacher work':<18}{bare * 1000:>10.1f}   (CFG UNet forward + VAE encode + its backward)")
+    if "sds" in results:
+        ratio = results["sds"]["step"] / bare
+        print(f"SDS step / bare teacher work = {ratio:.2f}   (target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
+    for m in ("vsd", "vsd-fused"):
+        if m in results:
+            print(f"{m} step / bare teacher work = {results[m]['step'] / bare:.2f}")
+            if "sds" in results:
+                ratio = results[m]["step"] / results["sds"]["step"]
+                print(f"{m} step / SDS step = {ratio:.2f}   (target <= 1.6: {'met' if ratio <= 1.6 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def test_three_stages_in_one_command_then_texture_from_that_run(tiny_teacher_dir
         assert (run / "checkpoints" / name).is_file()
     summary = json.loads((run / "run.json").read_text())
     assert summary["steps"] == 4 + 3 + 3
+    # the stages a later one continues are exported too, each in its own viewer on the run page
+    assert [len(list((run / "stages" / s).glob("*.glb"))) for s in ("nerf", "geometry")] == [1, 1]
+    assert (run / "index.html").read_text().count("<model-viewer ") == 3
     glb = next(run.glob("*.glb"))
     mesh = trimesh.load(glb, force="mesh")
     assert mesh.visual.material.baseColorTexture.size == (128, 128) and len(mesh.faces) > 100

@@ -119,16 +119,82 @@ def export_cmd(
 
 
 @app.command()
-def doctor():
-    """Show which devices and optional backends text3d found."""
+def doctor(
+    overrides: Optional[List[str]] = typer.Argument(None, help="generate config overrides as key=value, e.g. "
+                                                    "sds.space=latent, for the memory estimate."),
+    teacher: Optional[str] = typer.Option(None, help="Also describe this teacher (folder or hub id in the local "
+                                          "cache; nothing is downloaded or loaded)."),
+    config: Optional[List[Path]] = typer.Option(None, "--config", help="generate config file(s) whose guidance, "
+                                                "batch and teacher settings the memory estimate uses."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: the device the estimate is for."),
+):
+    """Show which devices and optional backends text3d found; with --teacher (or --config), the teacher's
+    resolution, dtype, prediction type and an estimate of each command's peak memory
+    (text3d/teacher/memory.py explains the estimate)."""
     from text3d.utils.backends import backend_report
 
-    width = max(len(k) for k in backend_report())
-    for key, value in backend_report().items():
+    report = backend_report()
+    width = max(len(k) for k in report)
+    for key, value in report.items():
         typer.echo(f"{key:<{width}}  {value}")
+    if teacher is None and not config and not overrides:
+        return
+    from text3d.distill2d.config import LEAN_MIN_IMAGE_SIZE
+    from text3d.generate.config import load_config
+    from text3d.teacher.memory import describe, estimate_peak, gb, inspect_teacher
+    from text3d.utils.backends import resolve_device
+
+    cfg = load_config(files=config or (), overrides=[*([f"teacher.name_or_path={teacher}"] if teacher else []),
+                                                     *(overrides or [])])
+    dev = resolve_device(device).type
+    info = inspect_teacher(cfg.teacher.name_or_path, dev, cfg.teacher.dtype)
+    for key, value in describe(info).items():
+        typer.echo(f"{key:<{width}}  {value}")
+    method = cfg.guidance if cfg.guidance in ("sds", "vsd") else "sds"
+    section = getattr(cfg, method, None)
+    space = getattr(section, "space", "latent")
+    batch = cfg.train.batch_size
+    lean = cfg.teacher.memory == "lean"
+    parts = estimate_peak(info, method, batch=batch, space=space, lean=lean)
+    detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if k != "total")
+    typer.echo(f"{'peak memory':<{width}}  generate --guidance {method} (batch {batch}, {space} space): about "
+               f"{gb(parts['total'])} ({detail})")
+    lean2d = dev == "cpu" and info.image_size >= LEAN_MIN_IMAGE_SIZE
+    parts = estimate_peak(info, "distill2d", batch=1 if lean2d else 8, lean=lean2d,
+                          optimizer="adafactor" if lean2d else "adamw")
+    detail = ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if k != "total")
+    typer.echo(f"{'':<{width}}  distill2d ({'lean mode: batch 1, Adafactor, checkpointed' if lean2d else 'batch 8, AdamW'})"
+               f": about {gb(parts['total'])} ({detail})")
+
+
+@app.command()
+def view(
+    run_dir: Path = typer.Argument(..., help="A run folder (text3d generate, export or distill2d)."),
+    port: int = typer.Option(8765, help="Port on 127.0.0.1 (0: any free port)."),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Open a browser when one is there."),
+):
+    """Serve a run folder's page (index.html: the asset in a 3D viewer, video, previews, curves) on localhost."""
+    from text3d.report.server import serve
+
+    serve(run_dir, port=port, open_browser=browser, echo=typer.echo)
+
+
+@app.command("app")
+def app_cmd(
+    teacher: Optional[str] = typer.Option(None, help="Diffusers Stable Diffusion folder or hub id (default: the "
+                                          "embedded teacher)."),
+    port: int = typer.Option(7860, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 to share on the network)."),
+    out: Path = typer.Option(Path("runs/app"), help="Folder for the app's run folders."),
+):
+    """The web app: type a prompt, watch it train, turn the result in a 3D viewer (needs Gradio: the app extra)."""
+    from text3d.app.server import launch
+
+    launch(teacher=teacher, port=port, host=host, out=out, echo=typer.echo)
 
 
 def _register_subcommands() -> None:
+    from text3d.batch.cli import batch
     from text3d.distill2d.cli import distill2d
     from text3d.eval.cli import eval_app
     from text3d.distill2d.sample_cli import sample
@@ -137,6 +203,7 @@ def _register_subcommands() -> None:
 
     app.command("sample")(sample)
     app.command("distill2d", context_settings={"allow_interspersed_args": True})(distill2d)
+    app.command("batch", context_settings={"allow_interspersed_args": True})(batch)
     app.add_typer(eval_app, name="eval", help="Score sampled images and generated assets with the judge.")
     app.add_typer(toyworld_app, name="toyworld", help="The embedded synthetic world: render datasets, list objects.")
     app.add_typer(teacher_app, name="teacher", help="Train the embedded teacher on the synthetic world, or fine-tune "

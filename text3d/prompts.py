@@ -55,15 +55,20 @@ def prompts_for_cameras(prompt: str, cameras: Cameras, cfg: PromptConfig,
     return [view_prompt(prompt, label) for label in cameras.view_labels(cam_cfg)]
 
 
-def read_prompts_file(path: Path) -> list[str]:
-    """Non-empty lines of ``path`` (whitespace collapsed); lines starting with ``#`` are comments."""
+def prompt_file_lines(path: Path) -> list[str]:
+    """The lines of a prompts file (one-line UserError when it is missing, not a file or not UTF-8)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"prompts file {path} is not UTF-8 text") from None
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Non-empty lines of ``path`` (whitespace collapsed); lines starting with ``#`` are comments."""
+    lines = prompt_file_lines(path)
     prompts = [validate_prompt(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts (one prompt per line)")

@@ -90,6 +90,10 @@ class Distill2DConfig:
     backward_simulation: bool = True  # multi-step students: train step k on inputs the student made itself
     ema_decay: float = 0.0  # 0 = no EMA; else the EMA weights are the saved student
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # the student's optimiser: adamw | adafactor (no first moment, factored second moment)
+    # memory-lean mode for Stable-Diffusion-sized teachers on the CPU (apply_lean): auto = on when the device is the
+    # CPU and the teacher's images are 256 px or larger | on | off
+    lean: str = "auto"
     sample_every: int = 100
     checkpoint_every: int = 50
     log_every: int = 10
@@ -168,6 +172,45 @@ def resolve_regression_pairs(cfg: Distill2DConfig) -> None:
         r.pairs = min(r.max_pairs, max(MIN_AUTO_PAIRS, cfg.batch_size * total_steps(cfg)))
 
 
+LEAN_MIN_IMAGE_SIZE = 256  # lean=auto: teachers whose images are at least this large, on the CPU
+LEAN_REAL_IMAGES = 8  # lean: the most real images of DMD2's GAN
+LEAN_PREVIEW_PROMPTS = 2
+
+
+def lean_wanted(cfg: Distill2DConfig, device_type: str, image_size: int) -> bool:
+    """Whether the memory-lean mode applies: ``lean=on``, or ``auto`` on the CPU with an SD-sized teacher."""
+    lean = {"true": "on", "false": "off"}.get(str(cfg.lean).lower(), str(cfg.lean))
+    if lean == "auto":
+        return device_type == "cpu" and image_size >= LEAN_MIN_IMAGE_SIZE
+    return lean == "on"
+
+
+def apply_lean(cfg: Distill2DConfig) -> list[str]:
+    """The memory-lean mode, for a 512 px teacher of 860 M UNet parameters on a 24 GB CPU machine: returns the
+    settings it changed, as ``key=value``. What it changes (besides the teacher's VAE encoding and decoding one
+    image at a time):
+
+    * ``optimizer=adafactor``: the student's AdamW keeps two fp32 moments per weight (2 x 3.4 GB for SD's UNet);
+      Adafactor keeps a factored second moment (a row and a column vector per matrix) and no momentum, so the
+      update is ``lr * g / sqrt(v_row v_col / mean(v_row))`` without momentum: noisier early steps;
+    * ``gradient_checkpointing=true``: the student UNet's activations are recomputed in the backward pass (one
+      more student forward per step) instead of being kept;
+    * ``batch_size=1``: one prompt per student step (the gradient is noisier);
+    * ``real_images`` at most 8: DMD2's GAN sees 8 real images instead of 1024 (each made at 512 px and encoded);
+    * previews show 2 prompts instead of 8, and the judge's scoring of the student is skipped (216 samples at
+      512 px; the judge scores the embedded world anyway).
+
+    The student is still a full fp32 copy of the UNet, with its gradients (2 x 3.4 GB at SD size)."""
+    wanted = {"optimizer": "adafactor", "gradient_checkpointing": True, "batch_size": 1,
+              "real_images": min(cfg.real_images, LEAN_REAL_IMAGES)}
+    changed = []
+    for key, value in wanted.items():
+        if getattr(cfg, key) != value:
+            setattr(cfg, key, value)
+            changed.append(f"{key}={value}")
+    return changed
+
+
 def validate(cfg: Distill2DConfig) -> None:
     _check((cfg.steps is None or cfg.steps >= 1) and cfg.batch_size >= 1, "steps and batch_size must be at least 1")
     _check(cfg.lr > 0 and cfg.fake.lr > 0, "lr and fake.lr must be > 0")
@@ -187,6 +230,9 @@ def validate(cfg: Distill2DConfig) -> None:
     _check(cfg.real_images >= 1, f"real_images must be at least 1, got {cfg.real_images}")
     _check(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     _check(cfg.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision must be auto, no, fp16 or bf16")
+    _check(cfg.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, got {cfg.optimizer!r}")
+    cfg.lean = {"true": "on", "false": "off"}.get(str(cfg.lean).lower(), str(cfg.lean))  # YAML reads on/off as bools
+    _check(cfg.lean in ("auto", "on", "off"), f"lean must be auto, on or off, got {cfg.lean!r}")
     j = cfg.trajectory
     _check(j.loss in ("l2", "l1"), f"trajectory.loss must be l2 or l1, got {j.loss!r}")
     power = j.start_steps >= 2 and (j.start_steps & (j.start_steps - 1)) == 0

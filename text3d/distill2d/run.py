@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Sequence
 
 from text3d.distill2d.config import DISTILL2D_REGISTRY, Distill2DConfig, distill_config_schema, validate
+from text3d.distill2d.processes import replica_fingerprints
 from text3d.distill2d.results import EVAL_DIR, SUMMARY, DistillResult, evaluate_student
 from text3d.distill2d.trainer import CHECKPOINT, CONFIG_NAME, STUDENT_DIR, Distill2DTrainer, write_config
 from text3d.errors import UserError
 from text3d.runtime.run_folder import probe_writable
 from text3d.runtime.atomic import atomic_write_text
+from text3d.report.page import write_run_page
 
 __all__ = ["EVAL_DIR", "SUMMARY", "DistillResult", "distill", "evaluate_student", "resume_distill"]
 
@@ -68,18 +70,23 @@ def run_score(trainer: Distill2DTrainer, evaluate: bool) -> DistillResult:
     start = time.perf_counter()
     steps = trainer.fit()
     seconds = time.perf_counter() - start
+    replicas = None
+    if trainer.accelerator.num_processes > 1:  # every process: are the students (and fake scores) still identical?
+        replicas = replica_fingerprints(trainer.accelerator, {"student": trainer._student_unet().state_dict(),
+                                                              "fake": trainer.fake.lora_state_dict()}, trainer.counts)
     if not trainer.accelerator.is_main_process:
         return DistillResult(trainer.out, steps, seconds, trainer.out / STUDENT_DIR)
     trainer.preview(trainer.out / "samples" / "final.png")
     student = trainer.export()
     scores = evaluate_student(student, trainer.out / EVAL_DIR, trainer.prompts, show_progress=trainer.show_progress) \
-        if evaluate else None
+        if evaluate and not getattr(trainer, "lean", False) else None  # lean: no judge (config.apply_lean)
     summary = {"method": trainer.cfg.method, "steps": steps, "train_seconds_this_session": round(seconds, 2),
                "train_seconds_total": round(trainer.train_seconds, 2),
                "student_steps": trainer.counts["student_steps"], "fake_steps": trainer.counts["fake_steps"],
                "timesteps": list(trainer.cfg.timesteps), "teacher": str(trainer.teacher.source),
-               "processes": trainer.accelerator.num_processes,
+               "processes": trainer.accelerator.num_processes, "replicas": replicas,
                "student": str(student), "scores": scores}
     atomic_write_text(trainer.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_run_page(trainer.out, f"distill2d {trainer.cfg.method}")  # index.html: samples, curves, scores
     return DistillResult(trainer.out, steps, seconds, student, scores)
 

@@ -12,22 +12,25 @@ like an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from text3d.distill2d.config import Distill2DConfig, resolve_regression_pairs, total_steps
+from text3d.distill2d.config import (LEAN_PREVIEW_PROMPTS, Distill2DConfig, apply_lean, lean_wanted,
+                                     resolve_regression_pairs, total_steps)
 from text3d.distill2d.data import encode_images, load_prompts, real_images, regression_pairs
 from text3d.distill2d.gan import FakeScoreDiscriminator, discriminator_loss, generator_loss
+from text3d.distill2d.processes import (all_finite, map_location, restore_process_rng, save_process_rng,
+                                       shared_seed, warn_about_launch)
 from text3d.distill2d.student import Student, save_student, student_card
 from text3d.errors import UserError
 from text3d.guidance.core import ScoreDistillation
 from text3d.guidance.lora import LoRAScoreNetwork, lora_denoising_loss, optimizer_step
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from text3d.report.curves import TrainLog
 from text3d.runtime.preview import save_preview
 from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
 from text3d.runtime.atomic import atomic_write_text
@@ -44,6 +47,7 @@ def _accelerator(cfg: Distill2DConfig):
 
     from text3d.utils.backends import resolve_device
 
+    warn_about_launch()  # accelerate launch --cpu --num_processes N: one process (processes.py)
     device = resolve_device(cfg.device)
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -66,24 +70,36 @@ def setup_run(trainer, cfg: Distill2DConfig, out: Path, teacher, show_progress: 
     trainer.prompts = load_prompts(cfg.prompts_file)
     if not trainer.prompts:
         raise UserError("the prompts file holds no prompts")
-    return teacher if teacher is not None else load_teacher(cfg.teacher, trainer.device)
+    teacher = teacher if teacher is not None else load_teacher(cfg.teacher, trainer.device)
+    # the memory-lean mode for SD-sized teachers on the CPU (config.apply_lean says what it changes)
+    trainer.lean = lean_wanted(cfg, trainer.device.type, teacher.image_size)
+    if trainer.lean:
+        changed = apply_lean(cfg)
+        teacher.set_memory_lean()
+        if changed and trainer.accelerator.is_main_process:
+            warnings.warn(f"memory-lean mode for a {teacher.image_size} px teacher on the CPU ({', '.join(changed)}; "
+                          f"lean=off turns it off)")
+    return teacher
+
+
+def student_optimizer(params, cfg: Distill2DConfig) -> torch.optim.Optimizer:
+    """The student's optimiser: AdamW, or torch's Adafactor (``optimizer=adafactor``: a factored second moment
+    and no momentum, so a few MB of state instead of two fp32 copies of the UNet; its step is ``lr`` times the
+    weight's RMS, relative like the paper's, with ``lr`` the cap of the relative step size)."""
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class RunCheckpoint:
     """What the 2D trainers share once :func:`setup_run` has run: the run folder's checkpoint, written by the
-    main process only (``self.state_dict()`` is each trainer's own), and its training log."""
+    main process only (``self.state_dict()`` is each trainer's own); the training log is a TrainLog (report)."""
 
     def save(self) -> Path:
         path = self.out / CHECKPOINT
         if self.accelerator.is_main_process:
             save_checkpoint(path, self.state_dict())
         return path
-
-    def append_log(self, records: list[dict]) -> None:
-        """Append ``records`` to ``train_log.jsonl`` (main process only)."""
-        if records and self.accelerator.is_main_process:
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 class Distill2DTrainer(RunCheckpoint):
@@ -92,14 +108,15 @@ class Distill2DTrainer(RunCheckpoint):
         self.student = Student(self.teacher, cfg.timesteps)  # before the LoRA touches the teacher's UNet
         if cfg.gradient_checkpointing:
             self.student.unet.enable_gradient_checkpointing()
-        self.fake = LoRAScoreNetwork(self.teacher, rank=cfg.fake.rank, alpha=cfg.fake.alpha)
-        self.core = ScoreDistillation(self.teacher, cfg.core, lora=self.fake)
-        self.disc = FakeScoreDiscriminator(self.fake, self.teacher) if cfg.gan.generator_weight > 0 else None
+        with shared_seed(self.accelerator, cfg.seed):  # the same initial LoRA and GAN head on every process
+            self.fake = LoRAScoreNetwork(self.teacher, rank=cfg.fake.rank, alpha=cfg.fake.alpha)
+            self.core = ScoreDistillation(self.teacher, cfg.core, lora=self.fake)
+            self.disc = FakeScoreDiscriminator(self.fake, self.teacher) if cfg.gan.generator_weight > 0 else None
         fake_groups = [{"params": self.fake.trainable_parameters(), "lr": cfg.fake.lr}]
         if self.disc is not None:
             fake_groups.append({"params": list(self.disc.head.parameters()), "lr": cfg.gan.lr})
         self.fake_optimizer = torch.optim.AdamW(fake_groups, weight_decay=0.0)
-        optimizer = torch.optim.AdamW(self.student.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = student_optimizer(self.student.unet.parameters(), cfg)
         self.student.unet, self.optimizer = self.accelerator.prepare(self.student.unet, optimizer)
         self.ema = ({k: v.detach().clone() for k, v in self._student_unet().state_dict().items()}
                     if cfg.ema_decay > 0 else None)
@@ -162,7 +179,7 @@ class Distill2DTrainer(RunCheckpoint):
         cond, uncond = self._embed(prompts), self._uncond(len(prompts))
         sd = self.core.from_latents(x0, cond, uncond)
         loss = sd.loss
-        stats = {"score_grad": float(sd.grad.flatten(1).norm(dim=1).mean())}
+        stats = {"score_grad": float(sd.grad.flatten(1).norm(dim=1).mean()), "t": float(sd.t.float().mean())}
         if cfg.regression.weight > 0:
             reg = self.regression_loss()
             stats["regression"] = float(reg.detach())
@@ -173,7 +190,7 @@ class Distill2DTrainer(RunCheckpoint):
             gen = generator_loss(logits)
             stats["gan_g"] = float(gen.detach())
             loss = loss + cfg.gan.generator_weight * gen
-        if not torch.isfinite(loss):
+        if not all_finite(self.accelerator, loss):  # every process skips, or none (DDP's all-reduce)
             self.optimizer.zero_grad(set_to_none=True)
             return self._nonfinite(stats, "student loss"), x0.detach(), prompts
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,7 +241,8 @@ class Distill2DTrainer(RunCheckpoint):
                                         self.disc.logits(fake_noisy, t_fake, self._embed(prompts)))
             stats["gan_d"] = float(d_loss.detach())
             loss = loss + cfg.gan.discriminator_weight * d_loss
-        if not optimizer_step(self.fake_optimizer, loss, cfg.max_grad_norm, self._average_fake_grads):
+        if not all_finite(self.accelerator, loss) or not optimizer_step(self.fake_optimizer, loss, cfg.max_grad_norm,
+                                                                         self._average_fake_grads):
             return self._nonfinite(stats, "fake-score loss")
         self.counts["fake_steps"] += 1
         return stats
@@ -257,6 +275,10 @@ class Distill2DTrainer(RunCheckpoint):
                     self.ema[k].copy_(v)
 
     # ------------------------------------------------------------------ state
+    def save(self) -> Path:
+        save_process_rng(self.accelerator, self.out, self.step)  # each other process's noise (processes.py)
+        return super().save()
+
     def state_dict(self) -> dict:
         state = {"step": self.step, "student": self._student_unet().state_dict(), "fake": self.fake.lora_state_dict(),
                  "optimizer": self.optimizer.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict(),
@@ -268,7 +290,7 @@ class Distill2DTrainer(RunCheckpoint):
         return state
 
     def load(self) -> int:
-        state = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        state = load_checkpoint(self.out / CHECKPOINT, map_location=map_location(self.device))
         load_module_state(self._student_unet(), state, "student")
         try:
             self.fake.load_lora_state_dict(state["fake"])
@@ -286,15 +308,17 @@ class Distill2DTrainer(RunCheckpoint):
         self.train_seconds = float(state.get("train_seconds", 0.0))
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        restore_process_rng(self.accelerator, self.out, self.step, self.cfg.seed)  # the other processes' own
         return self.step
 
     # ----------------------------------------------------------------- output
     @torch.no_grad()
     def preview(self, path: Path) -> Path:
         """One row per student timestep count (1..K) for fixed prompts and noise."""
-        prompts = [self.prompts[i * len(self.prompts) // PREVIEW_PROMPTS] for i in range(PREVIEW_PROMPTS)]
+        count = LEAN_PREVIEW_PROMPTS if getattr(self, "lean", False) else PREVIEW_PROMPTS
+        prompts = [self.prompts[i * len(self.prompts) // count] for i in range(count)]
         g = torch.Generator("cpu").manual_seed(1234)
-        shape = (PREVIEW_PROMPTS, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        shape = (count, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
         z = torch.randn(shape, generator=g).to(self.device)
         cond = self._embed(prompts)
         with torch.random.fork_rng(devices=[]):
@@ -312,7 +336,8 @@ class Distill2DTrainer(RunCheckpoint):
 
     def fit(self) -> int:
         cfg = self.cfg
-        log = []
+        log = TrainLog(self.out, resume_step=self.step)  # train_log.jsonl (main process), curves.png
+        main = self.accelerator.is_main_process
 
         def step_fn(step: int) -> dict:
             t0 = time.perf_counter()
@@ -325,18 +350,26 @@ class Distill2DTrainer(RunCheckpoint):
         def sample(step: int, stats: dict) -> None:
             if self.accelerator.is_main_process:
                 self.preview(self.out / "samples" / f"step_{step:06d}.png")
+                log.plot(f"distill2d {cfg.method}")
+
+        def save() -> Path:
+            path = self.save()
+            if main:
+                log.flush()  # the log holds what the checkpoint holds
+            return path
 
         if cfg.regression.weight > 0:
             self.regression_data()  # made (or read) before the loop, with its own progress bar; draws no random numbers
         TrainingLoop(total_steps(cfg), self.step, description=f"distilling ({cfg.method})",
-                     show_progress=self.show_progress, save=self.save, checkpoint_every=cfg.checkpoint_every,
+                     show_progress=self.show_progress, save=save, checkpoint_every=cfg.checkpoint_every,
                      log_every=cfg.log_every,
                      show=lambda s: {k: v for k, v in s.items() if k in ("loss", "fake", "gan_d", "regression")},
-                     log=lambda step, s: log.append({"step": step, **{k: round(v, 6) for k, v in s.items()
-                                                                      if math.isfinite(v)}}),
+                     log=log.add,
                      every=[(cfg.sample_every, sample)], nonfinite=self.nonfinite,
                      resume=f"text3d distill2d --resume {self.out}").run(step_fn)
-        self.append_log(log)
+        if main:
+            log.flush()
+            log.plot(f"distill2d {cfg.method}")
         return self.step
 
 

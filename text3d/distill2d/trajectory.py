@@ -32,7 +32,10 @@ from text3d.distill2d.config import Distill2DConfig, total_steps
 from text3d.distill2d.data import encode_images, real_images, regression_pairs
 from text3d.distill2d.results import EVAL_DIR, SUMMARY, DistillResult, evaluate_student
 from text3d.distill2d.student import save_student
+from text3d.distill2d.processes import all_finite, map_location
 from text3d.distill2d.trainer import CHECKPOINT, RunCheckpoint, setup_run
+from text3d.report.curves import TrainLog
+from text3d.report.page import write_run_page
 from text3d.errors import CheckpointError, UserError
 from text3d.teacher.sampling import (ddim_timesteps, guidance_embedding, guidance_conditioned, predict_x0,
                                      progressive_target)
@@ -245,7 +248,7 @@ class TrajectoryTrainer(RunCheckpoint):
     def train_step(self) -> float:
         loss = {"kd": self.kd_loss, "w": self.w_loss, "pd": self.pd_loss}[self.phase.kind]()
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not all_finite(self.accelerator, loss):  # every process skips, or none (DDP's all-reduce)
             self.nonfinite.skip(f"{self.phase.name} loss", self.step + 1)  # NumericalError after max_nonfinite_steps
             return float("nan")
         self.accelerator.backward(loss)
@@ -259,7 +262,7 @@ class TrajectoryTrainer(RunCheckpoint):
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
 
     def load(self) -> None:
-        state = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        state = load_checkpoint(self.out / CHECKPOINT, map_location=map_location(self.device))
         index = int(state.get("phase", -1))
         if not 0 <= index <= len(self.phases):
             raise CheckpointError(f"checkpoint phase {index} does not match this run's {len(self.phases)} phases")
@@ -294,7 +297,7 @@ class TrajectoryTrainer(RunCheckpoint):
     def fit(self) -> list[Path]:
         """Every phase from the current one on: one TrainingLoop a phase (checkpoints every ``checkpoint_every``
         steps; the phase's end saves its student and a boundary checkpoint), one Ctrl-C handler for all."""
-        log = []
+        main = self.accelerator.is_main_process
         if any(p.kind == "kd" for p in self.phases[self.phase_index:]):
             self.kd_data()  # made (or read) before the loop, with its own progress bar; draws no random numbers
         with StopRequest() as stop:
@@ -303,19 +306,28 @@ class TrajectoryTrainer(RunCheckpoint):
                     self._start_phase(self.phase_index, self._phase_teacher(self.phase_index))
                 phase = self.phases[self.phase_index]
                 phase_start = time.perf_counter()
+                log = TrainLog(self.out, phase.name, resume_step=self.step)  # train_log.jsonl, curves.png
+
+                def save(log=log) -> Path:
+                    path = self.save()
+                    if main:
+                        log.flush()  # the log holds what the checkpoint holds
+                    return path
+
                 TrainingLoop(phase.steps, self.step, description=f"distilling ({self.cfg.method}, {phase.name})",
-                             show_progress=self.show_progress, save=self.save,
+                             show_progress=self.show_progress, save=save,
                              checkpoint_every=self.cfg.checkpoint_every, save_last=False,
                              log_every=self.cfg.log_every, show=lambda s: {"loss": s["loss"]},
-                             log=lambda step, s: log.append({"phase": phase.name, "step": step, "loss": s["loss"]}),
+                             log=lambda step, s, log=log: log.add(step, {"loss": s["loss"]}),
                              nonfinite=self.nonfinite, stop=stop, where=f" in phase {phase.name}",
                              resume=f"text3d distill2d --resume {self.out}").run(self._step)
-                if self.accelerator.is_main_process:
+                if main:
+                    log.flush()
+                    log.plot(f"distill2d {self.cfg.method}")
                     self.finish_phase(time.perf_counter() - phase_start)
                 self.phase_index, self.step = self.phase_index + 1, 0
                 del self.unet
                 self.save_boundary()
-        self.append_log(log)
         return self.saved
 
     def save_boundary(self) -> None:
@@ -362,6 +374,7 @@ def run_trajectory(trainer: TrajectoryTrainer, evaluate: bool):
                "train_seconds_this_session": round(seconds, 2), "teacher": str(trainer.base.source),
                "student": str(student), "scores": scores}
     atomic_write_text(trainer.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_run_page(trainer.out, f"distill2d {trainer.cfg.method}")  # index.html: samples, curves, scores
     steps = sum(p.steps for p in trainer.phases)
     return DistillResult(trainer.out, steps, seconds, student, scores)
 

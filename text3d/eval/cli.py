@@ -58,3 +58,7 @@ def run(
     for line in format_run_scores(result):
         typer.echo(line)
     typer.echo(f"wrote {Path(run_dir) / EVAL_NAME}")
+    from text3d.report.page import PAGE_NAME, write_run_page
+
+    if (Path(run_dir) / PAGE_NAME).is_file():  # the run page shows the new scores
+        typer.echo(f"updated {write_run_page(Path(run_dir))}")

@@ -62,6 +62,15 @@ def export_run(particles: Renderer | Sequence[Renderer], cfg: RunConfig, device:
     return files
 
 
+def export_stage(particles: Sequence[Renderer], cfg: RunConfig, device: torch.device, run_dir: Path,
+                 stage: str) -> dict[str, object]:
+    """The .glb of each particle of a stage that a later stage continues, in ``stages/<stage>/`` (the run page
+    shows it in a viewer of its own); no video."""
+    out = Path(run_dir) / "stages" / stage
+    return {f"particle_{i}": export_particle(r, cfg, device, particle_dir(out, i, len(particles)), ("glb",), False)
+            for i, r in enumerate(particles)}
+
+
 def _relative(files: dict, run_dir: Path) -> dict:
     out = {}
     for k, v in files.items():

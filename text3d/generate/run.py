@@ -19,7 +19,8 @@ from text3d.generate.config import (STAGE_REGISTRY, RunConfig, load_config, run_
                                     stage_order, to_yaml)
 from text3d.errors import UserError
 from text3d.prompts import validate_prompt
-from text3d.generate.finalize import export_run, write_summary
+from text3d.generate.finalize import export_run, export_stage, write_summary
+from text3d.report.page import write_run_page
 from text3d.runtime.run_folder import (CHECKPOINT, CONFIG_NAME, create_run_dir, default_run_dir, new_run_name,
                                         probe_writable, require_run_dir)
 from text3d.generate.trainer import AssetTrainer
@@ -165,6 +166,8 @@ def _run_stages(cfg: RunConfig, teacher, device, run_dir: Path, show_progress: b
                 start()
                 start = None
             trainer.fit(callbacks)
+            if stage != cfg.stages[-1]:  # its own viewer on the run page
+                export_stage(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, stage)
         step += trainer.step
         sources = trainer.particles
     if start is not None:
@@ -172,6 +175,7 @@ def _run_stages(cfg: RunConfig, teacher, device, run_dir: Path, show_progress: b
     seconds = time.perf_counter() - begin
     files = export_run(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, video=video)
     write_summary(trainer.run_dir, trainer.cfg, step, seconds, files)
+    files["page"] = write_run_page(trainer.run_dir)  # index.html: `text3d view RUN_DIR` serves it
     return GenerateResult(trainer.run_dir, step, seconds, files)
 
 
@@ -219,4 +223,6 @@ def export_existing(run_dir: Path, formats: Sequence[str], video: bool | None = 
     torch_device = resolve_device(device)
     particles = load_stage_particles(run_dir, cfg, torch_device, cfg.stages[: cfg.stages.index(done[-1]) + 1],
                                      _continued(run_dir, choices, cfg, torch_device))
-    return export_run(particles, cfg, torch_device, run_dir, formats=formats, video=choices.video)
+    files = export_run(particles, cfg, torch_device, run_dir, formats=formats, video=choices.video)
+    files["page"] = write_run_page(run_dir)
+    return files

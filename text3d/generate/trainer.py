@@ -12,6 +12,7 @@ continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,6 +24,7 @@ from text3d.generate.config import (GUIDANCE_REGISTRY, STAGE_REGISTRY, Guidance,
 from text3d.errors import CheckpointError
 from text3d.prompts import prompts_for_cameras
 from text3d.renderers.protocol import Renderer
+from text3d.report.curves import TrainLog
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.generate.preview import save_run_preview
 from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
@@ -189,20 +191,32 @@ class AssetTrainer:
         t = self.train_cfg
         prefix = "" if self.stage == "nerf" else f"{self.stage}_"
 
+        log = TrainLog(self.run_dir, self.stage, resume_step=self.step)  # train_log.jsonl, curves.png
+
         def step_fn(step: int) -> dict:
+            start = time.perf_counter()
             stats = self.train_step(step)
             self.step = step
+            stats["seconds"] = time.perf_counter() - start
+            log.add(step, stats)
             return stats
+
+        def save() -> Path:
+            path = self.save()
+            log.flush()  # the log holds what the checkpoint holds
+            return path
 
         def preview(step: int, stats: dict) -> None:
             self.preview(self.run_dir / "previews" / f"{prefix}step_{step:06d}.png")
+            log.plot(self.cfg.prompt)
 
         TrainingLoop(
             t.steps, self.step, description=f"optimising ({self.stage})" if self.stage != "nerf" else "optimising",
-            show_progress=self.show_progress, save=self.save, checkpoint_every=t.checkpoint_every,
+            show_progress=self.show_progress, save=save, checkpoint_every=t.checkpoint_every,
             log_every=t.log_every, show=lambda s: {k: v for k, v in s.items() if k in ("loss", "t", "grad", "lora_loss")},
             every=[(t.preview_every, preview), *((1, lambda step, s, cb=cb: cb(self, step, s)) for cb in callbacks)],
             nonfinite=self.nonfinite, resume=f"text3d generate --resume {self.run_dir}").run(step_fn)
+        log.plot(self.cfg.prompt)
         return self.step
 
     # --------------------------------------------------------------- preview

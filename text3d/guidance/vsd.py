@@ -6,6 +6,16 @@ on the camera (the flattened camera-to-world matrix) through its timestep embedd
 baseline is the LoRA's decoded x0. After every 3D step, :meth:`VSDGuidance.update` trains the LoRA on
 the detached latents of that step's renders with :func:`~text3d.guidance.lora.lora_training_step`, the
 same step that trains the 2D fake score.
+
+``fused_lora`` (off by default) trains the LoRA on the guidance's own draw instead of a fresh one: the LoRA's
+prediction ``f(x_t, t, c)`` that the gradient needs is made once, with a graph, and the same output gives its
+diffusion loss ``||f(x_t, t, c) - target(x, eps, t)||^2`` at that ``(x_t, t, eps)``, backpropagated and stepped at
+once (the gradient uses the output made before the LoRA's step, as the unfused order does). That is one UNet forward per step fewer (the step's LoRA cost goes from prediction + forward +
+backward to forward + backward; at SD 2.1-base size on a shared CPU it has not yet been measured faster,
+docs/benchmarks.md), at the price of the LoRA's training timesteps following the guidance's
+schedule (``t_min``..``t_max``, annealed) instead of ``U[lora.t_min, lora.t_max)``. It applies in latent space
+with ``lora_guidance_scale = 1``; a step whose camera condition is dropped (``camera_drop``) runs unfused, so
+the drop keeps its rate; ``lora.steps - 1`` further steps are ordinary ones.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ CAMERA_DIM = CAMERA_FEATURES  # flattened 4x4 camera-to-world matrix
 @dataclass
 class VSDConfig(ScoreConfig):
     guidance_scale: float = 7.5
+    fused_lora: bool = False  # train the LoRA on the guidance's own draw (module docstring): one UNet forward less
     lora: LoRAScoreConfig = field(default_factory=lambda: LoRAScoreConfig(
         rank=4, alpha=4.0, lr=1e-4, steps=1, camera_condition=True, camera_drop=0.1))
 
@@ -52,12 +63,44 @@ class VSDGuidance(ScoreDistillation):
             return torch.zeros(batch, CAMERA_DIM, device=self.teacher.device)
         return camera_features(cameras).to(self.teacher.device)
 
+    def guide(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, progress: float = 0.0,
+              image: torch.Tensor | None = None, condition: torch.Tensor | None = None, negatives=(),
+              negative_weights: torch.Tensor | None = None, t: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> GuidanceOutput:
+        """The core's :meth:`~text3d.guidance.core.ScoreDistillation.guide`; with ``fused_lora`` the LoRA's
+        prediction is also its training step (module docstring)."""
+        cfg = self.cfg
+        fusable = (cfg.fused_lora and cfg.space == "latent" and cfg.lora_guidance_scale == 1.0
+                   and cfg.lora.steps >= 1 and not cfg.lora.alpha_weighted and cfg.lora.null_prompt_prob == 0.0)
+        if fusable:
+            batch = latents.shape[0]
+            t = self.schedule.sample(batch, progress, device=latents.device) if t is None else t.to(latents.device)
+            if noise is None:
+                noise = torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
+            if condition is not None and cfg.lora.camera_drop > 0:
+                fusable = bool((torch.rand(batch) >= cfg.lora.camera_drop).all())  # a dropped condition: unfused
+        if not fusable:
+            return super().guide(latents, cond, uncond, progress, image, condition, negatives, negative_weights, t,
+                                 noise)
+        network = self.lora
+        self.lora = _FusedLoRAStep(self, network, latents.detach().float(), noise)
+        try:
+            out = super().guide(latents, cond, uncond, progress, image, condition, negatives, negative_weights, t,
+                                noise)
+        finally:
+            self._fused_loss, self.lora = self.lora.loss, network
+        return out
+
     def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras: Cameras | None = None) -> dict[str, float]:
-        """``lora.steps`` diffusion-loss steps of the LoRA on the detached latents of this step."""
+        """``lora.steps`` diffusion-loss steps of the LoRA on the detached latents of this step (the first of
+        them already taken inside :meth:`guide` with ``fused_lora``)."""
         latents = output.latents.detach().float()
         cond = self.teacher.encode_prompts(list(prompts))
         losses = []
-        for _ in range(self.cfg.lora.steps):
+        fused, self._fused_loss = getattr(self, "_fused_loss", None), None
+        if fused is not None:
+            losses.append(fused)
+        for _ in range(self.cfg.lora.steps - (fused is not None)):
             with self.teacher.viewing(cameras):  # the LoRA adapts the UNet as the real branch runs it
                 loss = lora_training_step(self.lora, self.optimizer, latents, cond, self.cfg.lora,
                                           condition=self.condition(cameras, latents.shape[0]))
@@ -70,3 +113,27 @@ class VSDGuidance(ScoreDistillation):
     def load_state_dict(self, state: dict) -> None:
         self.lora.load_lora_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+class _FusedLoRAStep:
+    """Stands in for the LoRA network during one fused :meth:`VSDGuidance.guide`: its ``predict_eps`` runs the
+    adapted UNet with a graph, takes the LoRA's training step on that output (target from the clean latents and
+    the step's noise) and returns the prediction made before the step, detached."""
+
+    def __init__(self, vsd: VSDGuidance, network: LoRAScoreNetwork, latents: torch.Tensor, noise: torch.Tensor):
+        self.vsd, self.network, self.latents, self.noise = vsd, network, latents, noise
+        self.loss: float | None = None
+
+    def predict_eps(self, latents_noisy, t, embeddings, condition=None, uncond_embeddings=None,
+                    guidance_scale: float = 1.0) -> torch.Tensor:
+        from text3d.guidance.lora import optimizer_step
+
+        teacher = self.network.teacher
+        with torch.enable_grad():
+            out = self.network.raw_output(latents_noisy, t, embeddings, condition)
+            target = self.network.target(self.latents, self.noise, t)
+            loss = (out - target).pow(2).flatten(1).mean(dim=1).mean()
+        eps = teacher.to_eps(out.detach(), latents_noisy, t)
+        optimizer_step(self.vsd.optimizer, loss)  # non-finite: skipped, reported as NaN
+        self.loss = float(loss.detach()) if torch.isfinite(loss) else float("nan")
+        return eps

@@ -48,11 +48,25 @@ def _merge(base, other, where: str):
         raise ConfigError(f"bad value for config key '{key}' in {where}: {reason}") from None
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists; else a shipped config of that name: a relative ``configs/NAME.yaml``
+    or ``NAME.yaml`` that is not on disk is looked up in the package's ``text3d/configs/`` (so
+    ``--config configs/vsd-sd21.yaml`` works from any folder). Otherwise ``path`` unchanged."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    from text3d.runtime.resources import CONFIG_DIR
+
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = Path(CONFIG_DIR).joinpath(*parts) if parts else None
+    return shipped if shipped is not None and shipped.is_file() else path
+
+
 def load_structured(schema, paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()):
     """A typed dataclass instance from ``schema`` (a dataclass type or instance), YAML ``paths`` merged
     in order, then ``key=value`` overrides; every failure is a one-line ConfigError."""
     cfg = OmegaConf.structured(schema)
-    for path in [Path(f) for f in paths]:
+    for path in [resolve_config_path(f) for f in paths]:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -9,6 +9,8 @@ Layout of a run folder::
     preview.png                 the final preview grid
     <run_name>.obj/.mtl/_albedo.png, <run_name>.glb, <run_name>_turntable.mp4 (or .gif)
     run.json                    summary: steps, wall time, files
+    train_log.jsonl, curves.png the per-step stats and their plot (text3d.report.curves)
+    index.html, web/            the run page and model-viewer's script (text3d.report.page)
 """
 
 from __future__ import annotations

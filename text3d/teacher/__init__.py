@@ -4,6 +4,8 @@
                 TeacherConfig, load_teacher, and the CFG / v / x0 conversion formulas
   loader.py     component-by-component loading from a folder or hub id, one-line TeacherErrors
   tiny.py       a tiny random teacher written as a real diffusers folder (tests, CPU smoke runs)
+  sd_shapes.py  random teachers of SD 1.5 / 2.1 / 2.1-base's published shapes with CLIP's real BPE tokenizer
+  memory.py     a teacher's size, resolution and prediction type read from its folder, and peak-memory estimates
   tokenizer.py  a CLIP byte-level BPE tokenizer built from a word list, without any download
 """
 

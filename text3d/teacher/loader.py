@@ -9,6 +9,12 @@ for folders and hub ids:
   tokenizer/     transformers CLIPTokenizer (AutoTokenizer for non-CLIP text encoders)
   scheduler/     read as a DDPMScheduler (DDIM/PNDM/... configs carry the same betas)
 
+A hub id (``stabilityai/stable-diffusion-2-1-base``) is read from the local Hugging Face cache first
+(:func:`hub_cache_dir`: ``models--org--name/snapshots/<rev>/`` with ``refs/main`` naming the revision),
+with ``local_files_only``, so a complete cached copy loads without any network call; the network is tried only
+when the cache lacks a file, never with ``HF_HUB_OFFLINE=1``, and not when the hub's port does not answer. When
+the cache lacks it offline, the error names the cache folder it looked in.
+
 Every failure a user can cause (no such path, a folder missing components, a hub id that cannot be
 fetched, a corrupt weight file) becomes a one-line :class:`~text3d.errors.TeacherError`.
 """
@@ -63,22 +69,49 @@ def is_local_path(name: str | os.PathLike) -> bool:
 
 
 def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None) is fp16 on CUDA and fp32 elsewhere; otherwise fp32 | fp16 | bf16."""
+    """``auto`` (or None) is fp16 on CUDA and fp32 elsewhere; otherwise fp32 | fp16 | bf16.
+
+    fp16 on the CPU (e.g. a GPU config such as ``vsd-sd21.yaml`` run on a CPU) becomes fp32 with a warning:
+    the CPU has no fast fp16 kernels (a step is several times slower) and fp16 GroupNorm/softmax there lose
+    precision; ``bf16`` stays available on the CPU when asked for by name."""
     if isinstance(spec, torch.dtype):
         if spec not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(f"teacher dtype {spec} is not supported: use fp32, fp16 or bf16")
-        return spec
-    name = (spec or "auto").lower()
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"unknown teacher dtype {spec!r}: expected auto, fp32, fp16 or bf16")
-    return DTYPES[name]
+        dtype = spec
+    else:
+        name = (spec or "auto").lower()
+        if name == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        if name not in DTYPES:
+            raise ConfigError(f"unknown teacher dtype {spec!r}: expected auto, fp32, fp16 or bf16")
+        dtype = DTYPES[name]
+    if dtype is torch.float16 and device.type == "cpu":
+        warnings.warn("teacher dtype fp16 on the CPU: using fp32 instead (no fast fp16 kernels on the CPU)")
+        return torch.float32
+    return dtype
 
 
 def hf_offline() -> bool:
     """Whether HF_HUB_OFFLINE asks the Hugging Face libraries to stay off the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (``HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else huggingface_hub's default ``~/.cache/huggingface/hub``); huggingface_hub reads these
+    once at import, so a process that sets them later still finds its cache here."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expanduser(os.environ["HF_HOME"])) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_cache_folder(repo_id: str) -> Path:
+    """Where the hub cache keeps ``repo_id`` (``models--org--name``, holding ``snapshots/<rev>/`` and ``refs/``)."""
+    return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
 @contextlib.contextmanager
@@ -172,7 +205,10 @@ def _describe_failure(exc: BaseException, component: str, source: str, local: bo
     if not local and is_hub_unreachable(exc):
         why = ("offline mode is on (HF_HUB_OFFLINE=1 or local_files_only)" if local_files_only
                else "the hub cannot be reached (no network?)")
-        return (f"teacher {source!r} is not a local folder, is not in the local Hugging Face cache, and {why}: "
+        folder = hub_cache_folder(source)
+        where = (f"{folder} is incomplete" if folder.is_dir()
+                 else f"it is not in the local Hugging Face cache ({folder} does not exist)")
+        return (f"teacher {source!r} is not a local folder, {where}, and {why}: "
                 f"download it once with network access, or pass the path of a local diffusers folder")
     return (f"could not load {component}/ of teacher {source}: its weights or config look corrupt or incomplete "
             f"({type(exc).__name__}: {first_line(exc)})")
@@ -240,6 +276,8 @@ def _load_all(source: str, local: bool, device: torch.device, dtype: torch.dtype
     import transformers
 
     hub_kwargs = {"local_files_only": local_files_only}
+    if not local:
+        hub_kwargs["cache_dir"] = str(hub_cache_dir())
     loaded: dict[str, Any] = {"source": source}
 
     def guarded(component: str, fn):
@@ -304,7 +342,9 @@ def save_components(folder: Path, vae, unet, text_encoder, tokenizer_dir, schedu
 
     with quiet_hf():
         for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
-            copy.deepcopy(module).to("cpu", torch.float32).save_pretrained(folder / name)
+            on_cpu_fp32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters())
+            # a copy only when it must move or change dtype (at SD size each copy of the UNet is 3.4 GB)
+            (module if on_cpu_fp32 else copy.deepcopy(module).to("cpu", torch.float32)).save_pretrained(folder / name)
         if hasattr(tokenizer_dir, "save_pretrained"):
             tokenizer_dir.save_pretrained(folder / "tokenizer")
         else:

@@ -82,6 +82,9 @@ class TeacherConfig:
     name_or_path: str | None = None  # local diffusers folder or hub id; None = the default teacher
     dtype: str = "auto"  # auto = fp32 on CPU, fp16 on CUDA; or fp32 | fp16 | bf16
     local_files_only: bool = False  # never touch the network for hub ids (HF_HUB_OFFLINE=1 does the same)
+    # normal | slice (the VAE one image at a time) | lean (slice + the VAE encoder checkpointed) | auto (slice on the
+    # CPU for teachers of 256 px or more): Teacher.set_memory_lean
+    memory: str = "auto"
 
 
 def _batched(value: Any, batch: int, copies: int = 2) -> Any:
@@ -131,6 +134,7 @@ class Teacher:
 
         self.camera_dim: int = camera_input_dim(unet)  # 0: the teacher does not take a camera
         self._view_features: torch.Tensor | None = None
+        self.memory_lean = False
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._fingerprint: str | None = None
         self.prompt_cache_hits = 0
@@ -317,8 +321,21 @@ class Teacher:
         return list(self.to_eps(out, xk, tk).chunk(k))
 
     def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
-        """Trade speed for memory in the UNet's attention (for large teachers on small GPUs)."""
+        """Trade speed for memory in the UNet's attention (for large teachers on small GPUs). Not part of the
+        lean mode: torch's fused scaled-dot-product attention (diffusers' default processor, on the CPU too)
+        never holds the [tokens x tokens] map, and slicing would replace it by one that does, per slice."""
         self.unet.set_attention_slice(slice_size)
+
+    def set_memory_lean(self, checkpoint_encoder: bool = False) -> None:
+        """The memory-lean modes (``teacher.memory``): the VAE encodes and decodes a batch one image at a time
+        (the same numbers; the peak holds one image's activations instead of the batch's); with
+        ``checkpoint_encoder`` the VAE encoder also recomputes its activations in the backward pass instead of
+        keeping them (at 512 px the graph of one encode holds 3.3 GB, 0.6 GB checkpointed; one more encoder
+        forward per step)."""
+        self.vae.enable_slicing()
+        if checkpoint_encoder:  # (the decoder too: it matters only where decoding keeps a graph, in image space)
+            self.vae.enable_gradient_checkpointing()
+        self.memory_lean = True
 
     # ---------------------------------------------------------------- VAE
 
@@ -364,5 +381,11 @@ def load_teacher(cfg_or_name: TeacherConfig | str | os.PathLike | None = None, d
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype, device)
     parts = load_components(cfg.name_or_path, device, torch_dtype, local_files_only=cfg.local_files_only)
-    return Teacher(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
-                   device=device, dtype=torch_dtype, source=parts["source"])
+    teacher = Teacher(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+                      device=device, dtype=torch_dtype, source=parts["source"])
+    memory = (cfg.memory or "auto").lower()
+    if memory not in ("auto", "normal", "slice", "lean"):
+        raise ConfigError(f"teacher.memory must be auto, normal, slice or lean, got {cfg.memory!r}")
+    if memory in ("slice", "lean") or memory == "auto" and device.type == "cpu" and teacher.image_size >= 256:
+        teacher.set_memory_lean(checkpoint_encoder=memory == "lean")
+    return teacher
