@@ -74,6 +74,20 @@ def _read_steps(run_dir: Path) -> int | None:
         return None
 
 
+def _checkpoint_step(run_dir) -> int | None:
+    """The step of a stopped run's last checkpoint (the NeRF stage's, or the latest stage's), None without one."""
+    from text3d.errors import CheckpointError
+    from text3d.runtime.checkpoint import load_checkpoint
+
+    checkpoints = sorted((Path(run_dir) / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    if not checkpoints:
+        return None
+    try:
+        return int(load_checkpoint(checkpoints[-1])["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _status(state, stopping: bool = False) -> str:
     if state.returncode is None:
         percent = f" ({100 * state.step // state.total}%)" if state.total else ""
@@ -83,7 +97,9 @@ def _status(state, stopping: bool = False) -> str:
         steps = _read_steps(state.run_dir)
         return f"**done**: {steps if steps is not None else state.step} steps; run folder `{state.run_dir}`"
     if state.returncode == INTERRUPTED:
-        return (f"**stopped** at step {state.step}; its checkpoint is kept in `{state.run_dir}`. "
+        step = _checkpoint_step(state.run_dir)  # the progress lines lag the step the child saved at
+        return (f"**stopped** at step {step if step is not None else state.step}; its checkpoint is kept in "
+                f"`{state.run_dir}`. "
                 f"Resume continues it.")
     return f"**failed**: {state.error or state.line}"
 
