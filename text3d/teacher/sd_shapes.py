@@ -232,21 +232,10 @@ def write_clip_bpe_tokenizer(out_dir: str | os.PathLike, bpe_path: str | os.Path
 
     The vocabulary is :func:`clip_bpe_vocab`, so token ids are CLIP's own ("a photo of a cat" is
     49406 320 1125 539 320 2368 49407)."""
-    from text3d.runtime.atomic import atomic_write_text
-    from text3d.teacher.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH
+    from text3d.teacher.tokenizer import MODEL_MAX_LENGTH, write_clip_tokenizer
 
     merges = read_clip_merges(bpe_path, n_merges)
-    vocab = clip_bpe_vocab(merges)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MODEL_MAX_LENGTH, "do_lower_case": True,
-              "add_prefix_space": False, "errors": "replace", **specials}
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
-    return out
+    return write_clip_tokenizer(out_dir, clip_bpe_vocab(merges), merges, MODEL_MAX_LENGTH, pad_token)
 
 
 # ------------------------------------------------------------------------------------------------ the folder

@@ -158,16 +158,21 @@ def clip_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
 def write_clip_tokenizer_files(out_dir: str | os.PathLike, words: Iterable[str] | None = None,
                                model_max_length: int = MODEL_MAX_LENGTH) -> Path:
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into ``out_dir``."""
+    pieces = sorted({p for w in (DEFAULT_WORDS if words is None else words) for p in split_pieces(w)})
+    merges = learn_merges(pieces)
+    return write_clip_tokenizer(out_dir, clip_vocab(merges), merges, model_max_length)
+
+
+def write_clip_tokenizer(out_dir: str | os.PathLike, vocab: dict, merges: Sequence[tuple[str, str]],
+                         model_max_length: int, pad_token: str = EOS_TOKEN) -> Path:
+    """Write a CLIPTokenizer folder (vocab.json, merges.txt, tokenizer and special-token configs) into ``out_dir``."""
     from text3d.runtime.atomic import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pieces = sorted({p for w in (DEFAULT_WORDS if words is None else words) for p in split_pieces(w)})
-    merges = learn_merges(pieces)
-    vocab = clip_vocab(merges)
     atomic_write_text(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True,
               "add_prefix_space": False, "errors": "replace", **specials}
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
