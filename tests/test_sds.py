@@ -180,3 +180,66 @@ def test_perp_neg_sds_gradient_reaching_latents(teacher):
     plain = SDSGuidance(teacher, SDSConfig(guidance_scale=scale)).guide_latents(latents, prompts, t=t, noise=noise)
     assert torch.allclose(plain.grad[1], out.grad[1], atol=1e-5)  # no negatives for the plain prompt
     assert not torch.allclose(plain.grad[0], out.grad[0], atol=1e-3)  # the front view's did change
+
+
+def test_cfg_rescale_keeps_the_conditional_colour_and_the_contrast():
+    """rescale_cfg: phi 0 is plain CFG; phi 1 gives every channel the conditional prediction's mean and std (an
+    image's colour), while the guided image's pattern (its normalised values) stays as CFG made it."""
+    from text3d.teacher.teacher import rescale_cfg
+
+    torch.manual_seed(0)
+    u, c = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    guided = apply_cfg(u, c, 7.5)
+    assert torch.equal(rescale_cfg(guided, c, 0.0), guided)
+    full = rescale_cfg(guided, c, 1.0)
+    assert torch.allclose(full.mean((2, 3)), c.mean((2, 3)), atol=1e-5)
+    assert torch.allclose(full.std((2, 3)), c.std((2, 3)), atol=1e-5)
+    norm = lambda x: (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)  # noqa: E731
+    assert torch.allclose(norm(full), norm(guided), atol=1e-4)
+    assert not torch.allclose(guided.mean((2, 3)), c.mean((2, 3)), atol=1e-2)  # CFG alone moved the colour
+    half = rescale_cfg(guided, c, 0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided, atol=1e-6)
+
+
+def test_cfg_rescale_in_image_and_latent_space_sds(teacher):
+    """sds.cfg_rescale reaches the real branch in both spaces: image space rescales the decoded CFG image before
+    the clamp, latent space the guided noise; 0 leaves the gradient bit-identical to plain CFG."""
+    from text3d.generate.config import load_config
+    from text3d.errors import ConfigError
+    from text3d.teacher.teacher import rescale_cfg
+
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 32, 32)
+    prompts, t = ["a grey cube"], torch.tensor([600])
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+    noise = torch.randn(latents.shape)
+    plain = SDSGuidance(teacher, SDSConfig(guidance_scale=7.5, space="image"))(images, prompts, t=t, noise=noise)
+    zero = SDSGuidance(teacher, SDSConfig(guidance_scale=7.5, space="image", cfg_rescale=0.0))(
+        images, prompts, t=t, noise=noise)
+    assert torch.equal(plain.grad, zero.grad)
+    phi = 0.7
+    out = SDSGuidance(teacher, SDSConfig(guidance_scale=7.5, space="image", cfg_rescale=phi))(
+        images, prompts, t=t, noise=noise)
+    with torch.no_grad():
+        size = teacher.image_size
+        resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        x0 = {}
+        for name, emb in (("c", teacher.encode_prompts(prompts)), ("u", teacher.encode_prompts([""]))):
+            eps = teacher.unet(noisy, t, encoder_hidden_states=emb).sample
+            x0[name] = teacher.decode_latents((noisy - (1 - ab).sqrt() * eps) / ab.sqrt())
+        target = rescale_cfg(apply_cfg(x0["u"], x0["c"], 7.5), x0["c"], phi).clamp(0, 1)
+    assert torch.allclose(out.grad, resized - target, atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(out.grad, plain.grad, atol=1e-3)
+
+    lat = SDSGuidance(teacher, SDSConfig(guidance_scale=7.5, cfg_rescale=1.0)).guide_latents(
+        latents.clone().requires_grad_(True), prompts, t=t, noise=noise)
+    with torch.no_grad():
+        eps_u, eps_c = teacher.predict_eps_branches(noisy, t, teacher.encode_prompts(prompts),
+                                                    teacher.encode_prompts([""]))
+        expected = (1 - ab) * (rescale_cfg(apply_cfg(eps_u, eps_c, 7.5), eps_c, 1.0) - noise)
+    assert torch.allclose(lat.grad, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="sds.cfg_rescale must be in"):
+        load_config(overrides=["sds.cfg_rescale=1.5"])

@@ -123,6 +123,14 @@ def test_finetune_teaches_the_camera(tmp_path):
     assert float(teacher.unet.class_embedding.linear_2.weight.abs().sum()) > 0  # it learned from zero
     card = (Path(cfg.out) / "README.md").read_text()
     assert "View-aware" in card and "20% of the examples" in card
+    # --camera-lr-scale: the camera MLP in its own optimiser group, at that multiple of the UNet's rate (Adam's
+    # steps scale with the rate: the same run at 10x moves the camera weights several times further from zero)
+    fast = tiny_config(tmp_path / "ft10", unet_steps=4, lr=1e-2, camera_lr_scale=10.0)
+    finetune_teacher(fast, data, Path(init_cfg.out), view_repeat=2, replay=4, log=quiet, camera_drop=0.2)
+    moved = {name: float(load_teacher(c.out, "cpu").unet.class_embedding.linear_2.weight.abs().mean())
+             for name, c in (("1x", cfg), ("10x", fast))}
+    assert moved["10x"] > 3 * moved["1x"], moved
+    assert "10x the UNet's rate" in (Path(fast.out) / "README.md").read_text()
     # a resume must use the same camera setting
     from text3d.errors import UserError
     from text3d.runtime.signals import StopRequest

@@ -94,6 +94,7 @@ def export_textured_mesh(mesh: trimesh.Trimesh, albedo_fn: Callable[[torch.Tenso
     t3 = time.perf_counter()
     result["faces"] = int(len(uv.faces))
     result["vertices"] = int(len(uv.vertices))
+    result["seconds"] = {"unwrap": round(t1 - t0, 2), "bake": round(t2 - t1, 2), "write": round(t3 - t2, 2)}
     log.info("export: %d faces, %d vertices; decimate + unwrap %.1fs, bake %.1fs, write %.1fs", result["faces"],
              result["vertices"], t1 - t0, t2 - t1, t3 - t2)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -36,13 +37,19 @@ def export_particle(renderer: Renderer, cfg: RunConfig, device: torch.device, ou
     own surface; either way pieces smaller than ``export.min_component_fraction`` of the largest are
     dropped), with its colour baked into a UV atlas."""
     renderer.eval()
+    begin = time.perf_counter()
     with torch.no_grad():
         surface = renderer.export_surface(cfg.export)
+        extracted = time.perf_counter()
         files: dict[str, object] = dict(export_textured_mesh(surface.mesh, surface.colour, out_dir, cfg.run_name,
                                                              cfg.export, formats=tuple(formats), bound=cfg.nerf.bound))
+    seconds = {"surface": round(extracted - begin, 2), **files.pop("seconds", {})}
     if video:
+        start = time.perf_counter()
         files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
                                          cfg.export.video_fps)
+        seconds["video"] = round(time.perf_counter() - start, 2)
+    files["seconds"] = seconds  # the export's time split; write_summary moves it to the summary's export_seconds
     return files
 
 
@@ -58,7 +65,9 @@ def export_run(particles: Renderer | Sequence[Renderer], cfg: RunConfig, device:
     else:
         files = {f"particle_{i}": export_particle(r, cfg, device, particle_dir(run_dir, i, len(particles)), formats,
                                                    video) for i, r in enumerate(particles)}
+    start = time.perf_counter()
     files["preview"] = save_run_preview(list(particles), cfg, device, run_dir / "preview.png")
+    files["preview_seconds"] = round(time.perf_counter() - start, 2)
     return files
 
 
@@ -84,8 +93,27 @@ def _relative(files: dict, run_dir: Path) -> dict:
     return out
 
 
+def _pop_seconds(files: dict) -> dict:
+    """Take the export's time split out of ``files`` (per particle under ``particle_i`` when there are several):
+    surface extraction, unwrap (with decimation), bake, write, video, and the preview grid, in seconds."""
+    seconds: dict = {}
+    if "preview_seconds" in files:
+        seconds["preview"] = files.pop("preview_seconds")
+    for key in [k for k, v in files.items() if isinstance(v, dict)]:
+        inner = dict(files[key])
+        if key == "seconds":
+            seconds.update(files.pop(key))
+            continue
+        if "seconds" in inner:
+            seconds[key] = inner.pop("seconds")
+            files[key] = inner
+    return seconds
+
+
 def write_summary(run_dir: Path, cfg: RunConfig, step: int, seconds: float, files: dict) -> Path:
+    files = dict(files)
+    export_seconds = _pop_seconds(files)
     summary = {"prompt": cfg.prompt, "guidance": cfg.guidance, "seed": cfg.seed, "steps": step,
-               "train_seconds": round(seconds, 2), "teacher": cfg.teacher.name_or_path,
+               "train_seconds": round(seconds, 2), "export_seconds": export_seconds, "teacher": cfg.teacher.name_or_path,
                "particles": cfg.train.particles, "files": _relative(files, Path(run_dir))}
     return atomic_write_text(Path(run_dir) / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")

@@ -6,7 +6,9 @@ noise ``eps``, and form ``x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps``. Two branche
 
 * the **real** branch: the frozen teacher with CFG ``guidance_scale`` (the project's one formula,
   :func:`~text3d.teacher.teacher.apply_cfg`; with Perp-Neg negatives,
-  :func:`~text3d.teacher.teacher.apply_perp_neg`),
+  :func:`~text3d.teacher.teacher.apply_perp_neg`; with ``cfg_rescale = phi > 0`` each channel's mean and
+  standard deviation pulled by ``phi`` towards the conditional prediction's,
+  :func:`~text3d.teacher.teacher.rescale_cfg`),
 * the **baseline** branch: the injected noise ``eps`` itself (SDS), or a LoRA on the teacher's own UNet
   (:class:`~text3d.guidance.lora.LoRAScoreNetwork`: VSD's variational score, the "fake score" of SwiftBrush,
   DMD and DMD2) with CFG ``lora_guidance_scale`` (1 = conditional only) and an optional condition (VSD's
@@ -45,7 +47,7 @@ from text3d.errors import ConfigError
 from text3d.guidance.schedules import TimestepSchedule
 from text3d.prompts import other_view_prompts
 from text3d.teacher.sampling import predict_x0
-from text3d.teacher.teacher import apply_perp_neg
+from text3d.teacher.teacher import apply_perp_neg, rescale_cfg
 
 if TYPE_CHECKING:
     from text3d.cameras import Cameras
@@ -73,6 +75,8 @@ class ScoreConfig:
     space: str = "latent"  # latent | image: where CFG is applied and the gradient injected (module docstring)
     image_weight: float = 1.0  # image space: the gradient is image_weight * (base - target)
     perp_neg: float = 0.0  # Perp-Neg: weight of each other azimuth view's prompt as a negative (0 = plain CFG)
+    cfg_rescale: float = 0.0  # phi of CFG rescale, each channel's mean and std matched to the conditional
+    #                           prediction's (text3d.teacher.teacher.rescale_cfg; 0 = plain CFG)
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
 
 
@@ -96,6 +100,7 @@ def check_score_config(s: ScoreConfig, name: str) -> None:
     check(s.reduction in REDUCTIONS, f"{name}.reduction must be sum or mean, got {s.reduction!r}")
     check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")
     check(s.perp_neg >= 0, f"{name}.perp_neg must be >= 0, got {s.perp_neg}")
+    check(0.0 <= s.cfg_rescale <= 1.0, f"{name}.cfg_rescale must be in [0, 1], got {s.cfg_rescale}")
 
 
 @dataclass
@@ -129,9 +134,10 @@ def sanitize_grad(grad: torch.Tensor, clip: float | None) -> tuple[torch.Tensor,
 
 
 def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
-                  weights=None) -> torch.Tensor:
-    """One branch in image space: clamp(CFG of its decoded x0 predictions, 0, 1); at scale 1 without negatives
-    only the conditional prediction is made (the same image, one UNet batch instead of two)."""
+                  weights=None, rescale: float = 0.0) -> torch.Tensor:
+    """One branch in image space: clamp(CFG of its decoded x0 predictions, 0, 1), CFG-rescaled by ``rescale``;
+    at scale 1 without negatives only the conditional prediction is made (the same image, one UNet batch
+    instead of two)."""
 
     def decoded(eps):
         return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
@@ -146,14 +152,19 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
     images = [decoded(e) for e in eps]
     if weights is None:
         weights = torch.zeros(0, noisy.shape[0])
-    return apply_perp_neg(images[0], images[1], images[2:], weights, scale).clamp(0.0, 1.0)
+    guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale)
+    return rescale_cfg(guided, images[1], rescale).clamp(0.0, 1.0)
 
 
-def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weights=None) -> torch.Tensor:
-    """The real branch in latent space: the teacher's guided noise prediction (Perp-Neg with negatives)."""
-    if negatives:
+def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weights=None,
+              rescale: float = 0.0) -> torch.Tensor:
+    """The real branch in latent space: the teacher's guided noise prediction (Perp-Neg with negatives),
+    CFG-rescaled by ``rescale``."""
+    if negatives or rescale:
         eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives])
-        return apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale)
+        if weights is None:
+            weights = torch.zeros(0, noisy.shape[0])
+        return rescale_cfg(apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale), eps[1], rescale)
     return teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=scale)
 
 
@@ -175,7 +186,7 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
             if image is None:
                 raise ValueError("image-space score distillation needs the image the gradient applies to")
             real = _guided_image(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
-                                 weights=negative_weights)
+                                 weights=negative_weights, rescale=cfg.cfg_rescale)
             base = image.detach() if lora is None else _guided_image(
                 teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale, lora=lora, condition=condition)
             grad = cfg.image_weight * (base - real)
@@ -184,7 +195,8 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
             elif cfg.weighting != "sigma2":
                 raise ValueError(f"unknown weighting {cfg.weighting!r}")
             return grad
-        eps_real = _real_eps(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives, negative_weights)
+        eps_real = _real_eps(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives, negative_weights,
+                             cfg.cfg_rescale)
         eps_base = noise if lora is None else lora.predict_eps(noisy, t, cond, condition, uncond_embeddings=uncond,
                                                               guidance_scale=cfg.lora_guidance_scale)
         if cfg.weighting == "sigma2":

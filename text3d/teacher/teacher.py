@@ -36,6 +36,24 @@ def apply_cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def rescale_cfg(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al., 2024, "Common diffusion noise schedules and sample steps are flawed", eq. 15-16),
+    per sample and per channel: ``phi * ((guided - mu_g) sigma_c / sigma_g + mu_c) + (1 - phi) guided``, with
+    ``mu``, ``sigma`` each channel's mean and standard deviation over its pixels, of the guided and of the
+    conditional prediction. Lin et al. match the standard deviation only (their predictions have zero mean);
+    matching each channel's mean too keeps the conditional prediction's colour (in image space, the decoded
+    RGB): CFG's extrapolation away from the unconditional mean colour (grey turning green) is undone, its
+    spatial contrast (the shape) kept. ``phi = 0`` is plain CFG."""
+    if phi == 0.0:
+        return guided
+    dims = tuple(range(2, guided.ndim))
+    mu_g, mu_c = guided.mean(dims, keepdim=True), cond.mean(dims, keepdim=True)
+    sigma_g = guided.std(dims, keepdim=True).clamp_min(1e-6)
+    sigma_c = cond.std(dims, keepdim=True)
+    matched = (guided - mu_g) * (sigma_c / sigma_g) + mu_c
+    return phi * matched + (1.0 - phi) * guided
+
+
 def apply_perp_neg(uncond: torch.Tensor, cond: torch.Tensor, negatives, weights: torch.Tensor, scale) -> torch.Tensor:
     """CFG with Perp-Neg's negatives (Armandpour et al., 2023): ``uncond + scale * (d - sum_i w_i perp_i)``
     with ``d = cond - uncond`` and ``perp_i`` the part of ``negatives[i] - uncond`` orthogonal to ``d``

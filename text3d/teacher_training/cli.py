@@ -85,6 +85,8 @@ def _check(args: dict) -> list[str] | None:
             raise UserError("--camera-drop needs --init (the camera is taught in a fine-tune)")
         if not 0.0 <= args["camera_drop"] < 1.0:
             raise UserError(f"--camera-drop must be in [0, 1), got {args['camera_drop']}")
+    if args["camera_lr_scale"] <= 0:
+        raise UserError(f"--camera-lr-scale must be > 0, got {args['camera_lr_scale']}")
     if args["repeat_views"] is None:
         return None
     from text3d.cameras import VIEW_LABELS
@@ -144,6 +146,9 @@ def train_cmd(
                                               "choice; default all)"),
     text_lr_scale: float = typer.Option(_D.text_lr_scale, "--text-lr-scale",
                                         help="the text encoder's learning rate as a multiple of --lr"),
+    camera_lr_scale: float = typer.Option(_D.camera_lr_scale, "--camera-lr-scale",
+                                          help="with --camera-drop: the camera MLP's learning rate as a multiple of "
+                                               "--lr"),
     ema_decay: float = typer.Option(_D.ema_decay, "--ema-decay", help="EMA decay of the shipped UNet/text weights"),
     warmup_steps: int = typer.Option(_D.warmup_steps, "--warmup-steps"),
     camera_drop: Optional[float] = typer.Option(None, "--camera-drop", metavar="P",
@@ -173,7 +178,8 @@ def train_cmd(
         out=str(out), work=str(work), vae_steps=vae_steps, unet_steps=unet_steps, vae_batch_size=vae_batch_size,
         batch_size=batch_size, vae_lr=vae_lr, lr=lr, seed=seed, device=device, precision=precision, threads=threads,
         checkpoint_every=checkpoint_every, warmup_steps=warmup_steps, text_lr_scale=text_lr_scale,
-        ema_decay=ema_decay, time_budget_min=time_budget_min, resume=resume, fresh=fresh, preview=not no_preview,
+        camera_lr_scale=camera_lr_scale, ema_decay=ema_decay, time_budget_min=time_budget_min, resume=resume,
+        fresh=fresh, preview=not no_preview,
         progress=not no_progress, command=reproduce_command(given_args(ctx), dataset.meta))
 
     def log(message: str) -> None:

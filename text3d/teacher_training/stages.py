@@ -303,8 +303,14 @@ class DiffusionStage(Stage):
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
         self.peak_lr = cfg.lr
-        groups = [{"params": list(self.unet.parameters()), "lr_scale": 1.0},
+        # a camera MLP (unet.class_embedding: a view-aware teacher) gets its own group and rate: it starts at zero
+        # beside a trained UNet, so at the UNet's rate it hardly moves in a fine-tune's few thousand steps
+        camera = [p for n, p in self.unet.named_parameters() if n.startswith("class_embedding.")]
+        camera_ids = {id(p) for p in camera}
+        groups = [{"params": [p for p in self.unet.parameters() if id(p) not in camera_ids], "lr_scale": 1.0},
                   {"params": list(self.text_encoder.parameters()), "lr_scale": cfg.text_lr_scale}]
+        if camera:
+            groups.append({"params": camera, "lr_scale": cfg.camera_lr_scale})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.ema_unet = EMA(self.unet, cfg.ema_decay)
         self.ema_text = EMA(self.text_encoder, cfg.ema_decay)
