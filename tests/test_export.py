@@ -396,3 +396,27 @@ def test_smoothing_removes_roughness_and_keeps_volume():
     r_smooth = np.linalg.norm(smooth.vertices, axis=1)
     assert r_smooth.std() < 0.8 * r_rough.std()  # measured 0.74
     assert abs(smooth.volume / rough.volume - 1.0) < 0.05
+
+
+def test_closed_cavities_are_filled_and_open_ones_kept():
+    """A hollow ball (a closed pocket inside) exports as one outer shell with fill_cavities on (the default) and
+    as two nested shells with it off; a cup (an open hollow, like the world's mug) keeps its opening either way."""
+    outer, inner = sphere_density(radius=0.6), sphere_density(radius=0.35)
+
+    def hollow(p):
+        return torch.minimum(outer(p), -inner(p))
+
+    cfg = dict(grid_resolution=48, threshold=0.0, smooth_iterations=0, min_component_fraction=0.0)
+    filled = extract_mesh(hollow, 1.0, ExportConfig(**cfg))
+    shells = extract_mesh(hollow, 1.0, ExportConfig(fill_cavities=False, **cfg))
+    assert len(filled.split(only_watertight=False)) == 1
+    assert len(shells.split(only_watertight=False)) == 2
+    assert filled.volume == pytest.approx(4 / 3 * np.pi * 0.6 ** 3, rel=0.05)
+    assert shells.volume == pytest.approx(4 / 3 * np.pi * (0.6 ** 3 - 0.35 ** 3), rel=0.08)
+
+    def cup(p):  # the hollow ball opened at the top: the pocket reaches the outside
+        return torch.minimum(hollow(p), 0.3 - p[:, 1])
+
+    opened = extract_mesh(cup, 1.0, ExportConfig(**cfg))
+    assert opened.volume == pytest.approx(extract_mesh(cup, 1.0, ExportConfig(fill_cavities=False, **cfg)).volume)
+    assert opened.volume < 0.85 * filled.volume

@@ -23,6 +23,8 @@ class ExportConfig:
     texture_size: int = 512
     seam_padding: int = 4
     max_faces: int = 50000
+    fill_cavities: bool = True  # fill closed empty pockets inside the surface before marching cubes: no camera sees
+    #                             them, and their inner shells would be hidden faces (text3d.export.marching)
     smooth_iterations: int = 50  # Taubin smoothing steps on the extracted mesh (0 = none); removes the voxel-scale
     #                             roughness a hash-grid density leaves on the iso-surface, keeping its volume
     video_frames: int = 48

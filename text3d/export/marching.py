@@ -130,6 +130,26 @@ def _marching_cubes(grid: np.ndarray, bound: float, level: float) -> trimesh.Tri
     return mesh
 
 
+def fill_cavities(grid: np.ndarray, level: float) -> np.ndarray:
+    """The grid with every closed pocket of empty space inside the surface made solid.
+
+    Score distillation shapes only what the cameras see; the density inside an object is unconstrained and
+    often falls below the iso-level in places, so marching cubes adds an inner shell around each such pocket:
+    hidden faces that take part of the face budget and of the texture atlas, and a wall that makes the
+    enclosed volume wrong. A pocket is an empty region (density <= ``level``) not connected, through
+    face-adjacent voxels, to the grid's border (``scipy.ndimage.binary_fill_holes``); its voxels get the grid's
+    maximum. Openings that reach the outside (a mug's hollow, a torus's hole) are not pockets and stay."""
+    from scipy.ndimage import binary_fill_holes
+
+    inside = grid > level
+    pockets = binary_fill_holes(inside) & ~inside
+    if not pockets.any():
+        return grid
+    filled = grid.copy()
+    filled[pockets] = grid.max()
+    return filled
+
+
 def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) -> trimesh.Trimesh:
     """Marching cubes on a precomputed density grid; returns a closed, outward-wound mesh in world units.
 
@@ -153,6 +173,8 @@ def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) ->
         raise UserError(f"cannot export a mesh: no surface at density level {level:.4g}, the density inside the "
                         f"export bound ranges over [{lo:.4g}, {hi:.4g}] (set export.threshold inside that range)")
 
+    if getattr(cfg, "fill_cavities", True):
+        grid = fill_cavities(grid, level)
     mesh = _marching_cubes(grid, bound, level)
     if len(mesh.faces) == 0:
         raise UserError(f"cannot export a mesh: marching cubes found no surface at density level {level:.4g}")
