@@ -277,7 +277,8 @@ def test_export_asset_round_trip(tmp_path):
     cfg = ExportConfig(grid_resolution=32, threshold=0.0, texture_size=128, seam_padding=4)
     density = sphere_density(radius=0.6)
     out = export_asset(density, position_color, 1.0, tmp_path, "a_red_ball-run1", cfg)
-    assert set(out) == {"obj", "mtl", "texture", "glb", "faces", "vertices"}
+    assert set(out) == {"obj", "mtl", "texture", "glb", "faces", "vertices", "seconds"}
+    assert set(out["seconds"]) == {"unwrap", "bake", "write"} and min(out["seconds"].values()) >= 0
     for key in ("obj", "mtl", "texture", "glb"):
         assert out[key].exists() and "a_red_ball-run1" in out[key].name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -313,7 +314,7 @@ def test_export_asset_round_trip(tmp_path):
     # a second run into the same folder: new files, the first run's untouched
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     out2 = export_asset(density, position_color, 1.0, tmp_path, "a_red_ball-run2", cfg, formats=("glb",))
-    assert set(out2) == {"glb", "faces", "vertices"}
+    assert set(out2) == {"glb", "faces", "vertices", "seconds"}
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "a_red_ball-run2.glb"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or ".tmp" in p.name]

@@ -24,6 +24,10 @@ def test_run_folder_has_every_file(run):
     assert {"config.yaml", "preview.png", "run.json", "checkpoints"} <= names
     summary = json.loads((run.run_dir / "run.json").read_text())
     assert summary["steps"] == 6 and summary["prompt"] == "a red cube"
+    # the export's time split: every part of the export, in seconds, none left among the files
+    split = summary["export_seconds"]
+    assert {"surface", "unwrap", "bake", "write", "preview"} <= set(split) and min(split.values()) >= 0
+    assert "seconds" not in summary["files"] and "preview_seconds" not in summary["files"]
     assert not [p for p in run.run_dir.rglob("*") if ".tmp" in p.name]
 
 

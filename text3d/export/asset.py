@@ -109,7 +109,8 @@ def export_asset(density_fn: Callable[[torch.Tensor], torch.Tensor],
 
     ``density_fn`` and ``albedo_fn`` take world points torch[N, 3] (N <= 65536, no grad) and return
     torch[N] densities and torch[N, 3] colours in [0, 1]. Every file is written atomically. Returns
-    ``{"obj", "mtl", "texture", "glb", "ply": Path (those written), "faces": int, "vertices": int}``; the counts
+    ``{"obj", "mtl", "texture", "glb", "ply": Path (those written), "faces": int, "vertices": int, "seconds":
+    {"unwrap", "bake", "write"}: float}``; the counts
     are those in the files (seam vertices counted once per chart).
     """
     check_export_config(cfg)
