@@ -220,6 +220,8 @@ def test_cli_vsd_with_two_particles_then_eval(tiny_teacher_dir, tmp_path):
     assert "guidance: vsd" in cfg_text and "t_max_end: 0.5" in cfg_text  # text3d/configs/vsd.yaml was applied
     summary = json.loads((out / "run.json").read_text())
     assert summary["particles"] == 2 and set(summary["files"]) >= {"particle_0", "particle_1", "preview"}
+    assert set(summary["export_seconds"]) == {"particle_0", "particle_1", "preview"}  # the split, per particle
+    assert "seconds" not in summary["files"]["particle_0"] and "bake" in summary["export_seconds"]["particle_0"]
     scored = run_cli("eval", "run", str(out))
     assert scored.returncode == 0, scored.stderr
     report = json.loads((out / "eval.json").read_text())

@@ -77,7 +77,8 @@ def export_textured_mesh(mesh: trimesh.Trimesh, albedo_fn: Callable[[torch.Tenso
         result["ply"] = write_ply(out_dir / f"{name}.ply", mesh.vertices, mesh.faces,
                                   np.clip(colors * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if fmts == ("ply",):
-            result.update(faces=int(len(mesh.faces)), vertices=int(len(mesh.vertices)))
+            result.update(faces=int(len(mesh.faces)), vertices=int(len(mesh.vertices)),
+                          seconds={"write": round(time.perf_counter() - t0, 2)})  # decimation, colours, the .ply
             return result
     uv = unwrap_uv_mapped(mesh, int(cfg.texture_size), atlas_padding(int(cfg.seam_padding)))
     normals = np.asarray(mesh.vertex_normals, dtype=np.float32)[uv.vmapping]
@@ -110,7 +111,7 @@ def export_asset(density_fn: Callable[[torch.Tensor], torch.Tensor],
     ``density_fn`` and ``albedo_fn`` take world points torch[N, 3] (N <= 65536, no grad) and return
     torch[N] densities and torch[N, 3] colours in [0, 1]. Every file is written atomically. Returns
     ``{"obj", "mtl", "texture", "glb", "ply": Path (those written), "faces": int, "vertices": int, "seconds":
-    {"unwrap", "bake", "write"}: float}``; the counts
+    {"unwrap", "bake", "write"}: float}`` (a .ply alone: ``"seconds": {"write"}``); the counts
     are those in the files (seam vertices counted once per chart).
     """
     check_export_config(cfg)

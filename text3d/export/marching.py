@@ -173,7 +173,7 @@ def extract_mesh_from_grid(grid: np.ndarray, bound: float, cfg: ExportConfig) ->
         raise UserError(f"cannot export a mesh: no surface at density level {level:.4g}, the density inside the "
                         f"export bound ranges over [{lo:.4g}, {hi:.4g}] (set export.threshold inside that range)")
 
-    if getattr(cfg, "fill_cavities", True):
+    if cfg.fill_cavities:
         grid = fill_cavities(grid, level)
     mesh = _marching_cubes(grid, bound, level)
     if len(mesh.faces) == 0:

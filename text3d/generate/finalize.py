@@ -43,13 +43,13 @@ def export_particle(renderer: Renderer, cfg: RunConfig, device: torch.device, ou
         extracted = time.perf_counter()
         files: dict[str, object] = dict(export_textured_mesh(surface.mesh, surface.colour, out_dir, cfg.run_name,
                                                              cfg.export, formats=tuple(formats), bound=cfg.nerf.bound))
-    seconds = {"surface": round(extracted - begin, 2), **files.pop("seconds", {})}
+    seconds = {"surface": round(extracted - begin, 2), **files["seconds"]}
     if video:
         start = time.perf_counter()
         files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
                                          cfg.export.video_fps)
         seconds["video"] = round(time.perf_counter() - start, 2)
-    files["seconds"] = seconds  # the export's time split; write_summary moves it to the summary's export_seconds
+    files["seconds"] = seconds  # the export's time split (surface, unwrap, bake, write, video), in seconds
     return files
 
 
@@ -62,12 +62,15 @@ def export_run(particles: Renderer | Sequence[Renderer], cfg: RunConfig, device:
     run_dir = Path(run_dir)
     if len(particles) == 1:
         files = export_particle(particles[0], cfg, device, run_dir, formats, video)
+        seconds = files.pop("seconds")
     else:
         files = {f"particle_{i}": export_particle(r, cfg, device, particle_dir(run_dir, i, len(particles)), formats,
                                                    video) for i, r in enumerate(particles)}
+        seconds = {key: particle.pop("seconds") for key, particle in files.items()}
     start = time.perf_counter()
     files["preview"] = save_run_preview(list(particles), cfg, device, run_dir / "preview.png")
-    files["preview_seconds"] = round(time.perf_counter() - start, 2)
+    seconds["preview"] = round(time.perf_counter() - start, 2)
+    files["seconds"] = seconds  # the time split, per particle under particle_i when there are several
     return files
 
 
@@ -93,26 +96,9 @@ def _relative(files: dict, run_dir: Path) -> dict:
     return out
 
 
-def _pop_seconds(files: dict) -> dict:
-    """Take the export's time split out of ``files`` (per particle under ``particle_i`` when there are several):
-    surface extraction, unwrap (with decimation), bake, write, video, and the preview grid, in seconds."""
-    seconds: dict = {}
-    if "preview_seconds" in files:
-        seconds["preview"] = files.pop("preview_seconds")
-    for key in [k for k, v in files.items() if isinstance(v, dict)]:
-        inner = dict(files[key])
-        if key == "seconds":
-            seconds.update(files.pop(key))
-            continue
-        if "seconds" in inner:
-            seconds[key] = inner.pop("seconds")
-            files[key] = inner
-    return seconds
-
-
 def write_summary(run_dir: Path, cfg: RunConfig, step: int, seconds: float, files: dict) -> Path:
     files = dict(files)
-    export_seconds = _pop_seconds(files)
+    export_seconds = files.pop("seconds", {})  # export_run's time split
     summary = {"prompt": cfg.prompt, "guidance": cfg.guidance, "seed": cfg.seed, "steps": step,
                "train_seconds": round(seconds, 2), "export_seconds": export_seconds, "teacher": cfg.teacher.name_or_path,
                "particles": cfg.train.particles, "files": _relative(files, Path(run_dir))}

@@ -24,7 +24,8 @@ class TeacherTrainConfig:
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak rate
     text_lr_scale: float = 1.0  # the text encoder's learning rate as a multiple of the UNet's
-    camera_lr_scale: float = 1.0  # a view-aware teacher's camera MLP (unet.class_embedding): its rate as a multiple
+    camera_lr_scale: float = 1.0  # a view-aware teacher's camera MLP (unet.class_embedding): its rate as a multiple of
+    #                             the UNet's
     kl_weight: float = 1e-4  # per latent element, against per-pixel L1 in [-1, 1]
     edge_weight: float = 0.5  # L1 of horizontal/vertical finite differences
     mse_weight: float = 5.0  # L2 next to L1: colour errors are large, L2 fixes them ~3x faster early on

@@ -129,7 +129,7 @@ def finetune_card(previous: str, info: dict) -> str:
             "camera-to-world matrix of `text3d.cameras.camera_features`, zeros for no camera), its embedding added to the",
             "timestep embedding and trained on each image's true camera (elevation, azimuth, distance, field of view of",
             f"the render), dropped for {info['camera_drop']:.0%} of the examples so that it still works without one; the",
-            f"camera MLP learnt at {s.get('camera_lr_scale', 1.0):g}x the UNet's rate. A",
+            f"camera MLP learnt at {s['camera_lr_scale']:g}x the UNet's rate. A",
             "camera input that starts at zero (`text3d.teacher_training.camera_input`) kept the loaded teacher's predictions",
             "at the start. Guidance passes each rendered view's camera (`Teacher.viewing`).", ""]),
         "Final losses (mean of the last 100 steps): " + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items()),

@@ -305,9 +305,10 @@ class DiffusionStage(Stage):
         self.peak_lr = cfg.lr
         # a camera MLP (unet.class_embedding: a view-aware teacher) gets its own group and rate: it starts at zero
         # beside a trained UNet, so at the UNet's rate it hardly moves in a fine-tune's few thousand steps
-        camera = [p for n, p in self.unet.named_parameters() if n.startswith("class_embedding.")]
-        camera_ids = {id(p) for p in camera}
-        groups = [{"params": [p for p in self.unet.parameters() if id(p) not in camera_ids], "lr_scale": 1.0},
+        unet_params, camera = [], []
+        for name, p in self.unet.named_parameters():
+            (camera if name.startswith("class_embedding.") else unet_params).append(p)
+        groups = [{"params": unet_params, "lr_scale": 1.0},
                   {"params": list(self.text_encoder.parameters()), "lr_scale": cfg.text_lr_scale}]
         if camera:
             groups.append({"params": camera, "lr_scale": cfg.camera_lr_scale})
