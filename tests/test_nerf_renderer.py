@@ -323,3 +323,20 @@ def test_blob_fades_on_schedule_and_is_saved_with_the_field():
     with pytest.raises(ConfigError, match="blob_fade"):
         from text3d.renderers.nerf import check_nerf_config
         check_nerf_config(small_config(blob_fade_end=1.5))
+
+
+@pytest.mark.parametrize("kernels", [None, "built"])
+def test_nerfacc_is_used_only_when_its_cuda_kernels_load(monkeypatch, kernels):
+    """nerfacc's PyPI wheel compiles its kernels on first use; when that build fails (no nvcc, a toolkit it does not
+    support) its backend's ``_C`` stays None and the renderer must take the torch sampler, not crash at render."""
+    import types
+
+    from text3d.utils import backends
+
+    fake = {"nerfacc": types.ModuleType("nerfacc"), "nerfacc.cuda._backend": types.SimpleNamespace(_C=kernels)}
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "optional_module", lambda name: fake.get(name))
+    assert backends.has_nerfacc() is (kernels is not None)
+    monkeypatch.setattr(backends.torch.cuda, "get_device_name", lambda *_: "fake GPU")  # doctor's device line
+    line = backends.backend_report()["nerfacc"]
+    assert ("did not build" in line) is (kernels is None)

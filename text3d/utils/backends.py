@@ -27,7 +27,13 @@ def cuda_available() -> bool:
 
 
 def has_nerfacc() -> bool:
-    return cuda_available() and optional_module("nerfacc") is not None
+    """nerfacc imports *and* its CUDA kernels load. nerfacc's PyPI wheel compiles them on first use (minutes, with
+    nvcc); a failed or impossible build leaves its ``_C`` at None or raises, and the torch sampler is used then
+    instead of a crash at the first render."""
+    if not cuda_available() or optional_module("nerfacc") is None:
+        return False
+    backend = optional_module("nerfacc.cuda._backend")
+    return backend is not None and getattr(backend, "_C", None) is not None
 
 
 def has_tcnn() -> bool:
@@ -66,6 +72,8 @@ def backend_report() -> dict[str, str]:
             report[label] = "not installed (pure-PyTorch fallback)"
         elif not cuda_available():
             report[label] = "installed, unused without CUDA"
+        elif label == "nerfacc" and not has_nerfacc():
+            report[label] = "installed, but its CUDA kernels did not build (pure-PyTorch fallback)"
         else:
             report[label] = f"found {getattr(mod, '__version__', '')}".strip()
     for label, module in [("diffusers", "diffusers"), ("transformers", "transformers"), ("peft", "peft"),
