@@ -10,6 +10,9 @@
 #   4. the main job on CUDA                   text3d generate "a red cube" (embedded teacher, default config) + eval
 #   5. SDS and VSD at SD-2.1-base size        short end-to-end runs with export (random weights: speed and paths)
 #
+#   6. scripts/bench_step.py sds,vsd,vsd-fused  the step split again, with VSD's fused LoRA step beside
+#
+# STAGES="doctor red-cube ..." runs a subset (default: all; sd-teacher is built when a later stage needs it).
 # Every stage gets what is left of one deadline (DEADLINE_S, default 480 s), so a slow or hung stage cannot take
 # the later ones' output with it; each stage's exit code and wall time go to $OUT/session.log.
 set -u
@@ -20,6 +23,8 @@ START=$(date +%s)
 DEADLINE=$((START + ${DEADLINE_S:-480}))
 LOG="$OUT/session.log"
 WORK=/tmp/text3d-gpu
+
+want() { [ "${STAGES:-all}" = all ] || [[ " $STAGES " == *" $1 "* ]]; }
 
 stage() {  # stage NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), tee to the log, record rc and time
   local name=$1 limit=$2; shift 2
@@ -47,19 +52,26 @@ mkdir -p "$WORK"
 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"; } 2>&1 \
   | tee -a "$LOG"
 
-stage doctor 240 $T3D doctor
-stage sd-teacher 150 python3 scripts/make_sd_teacher.py --shape sd21-base --out "$WORK/sd21-base" --force
-stage gpu-check 200 python3 scripts/gpu_check.py --teacher "$WORK/sd21-base" --debug | tee "$OUT/gpu_check.txt"
+want doctor && stage doctor 240 $T3D doctor
+if want gpu-check || want sd-sds || want sd-vsd || want bench; then
+  stage sd-teacher 150 python3 scripts/make_sd_teacher.py --shape sd21-base --out "$WORK/sd21-base" --force
+fi
+want gpu-check && stage gpu-check 200 python3 scripts/gpu_check.py --teacher "$WORK/sd21-base" --debug \
+  | tee "$OUT/gpu_check.txt"
 
-stage red-cube 150 $T3D generate "a red cube" --out "$WORK/red-cube" --quiet --no-video
-stage red-cube-eval 60 $T3D eval run "$WORK/red-cube"
+if want red-cube; then
+  stage red-cube 150 $T3D generate "a red cube" --out "$WORK/red-cube" --quiet --no-video
+  stage red-cube-eval 60 $T3D eval run "$WORK/red-cube"
+fi
 
 SD_LATENT="sds.space=latent sds.guidance_scale=100 nerf.background=learned train.checkpoint_every=100"
-stage sd-sds 120 $T3D generate "a DSLR photo of a corgi" --teacher "$WORK/sd21-base" --out "$WORK/sd-sds" --quiet \
-  --no-video --steps 200 $SD_LATENT
-stage sd-vsd 120 $T3D generate "a DSLR photo of a corgi" --teacher "$WORK/sd21-base" --out "$WORK/sd-vsd" --quiet \
-  --no-video --config text3d/configs/vsd-sd21.yaml --steps 200 train.high_resolution_from=0.5 \
-  train.checkpoint_every=100 export.grid_resolution=128 export.texture_size=512
+want sd-sds && stage sd-sds 120 $T3D generate "a DSLR photo of a corgi" --teacher "$WORK/sd21-base" \
+  --out "$WORK/sd-sds" --quiet --no-video --steps 200 $SD_LATENT
+want sd-vsd && stage sd-vsd 120 $T3D generate "a DSLR photo of a corgi" --teacher "$WORK/sd21-base" \
+  --out "$WORK/sd-vsd" --quiet --no-video --config text3d/configs/vsd-sd21.yaml --steps 200 \
+  train.high_resolution_from=0.5 train.checkpoint_every=100 export.grid_resolution=128 export.texture_size=512
+want bench && stage bench 120 python3 scripts/bench_step.py --teacher "$WORK/sd21-base" --methods sds,vsd,vsd-fused \
+  --steps 10 --warmup 3
 
 # what comes back: the log, the check's table, and each run's small files (no checkpoints, no teacher)
 (cd "$WORK" && tar czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' \

@@ -195,8 +195,10 @@ class NeRFRenderer(nn.Module):
         the surface (:meth:`seen_albedo`) or the field's albedo."""
         from text3d.export import extract_mesh
 
-        mesh = extract_mesh(self.field.query_density, self.bound, export)
-        return ExportSurface(mesh, self.seen_albedo if export.bake == "seen" else self.field.query_albedo)
+        device = self.occupancy.density.device
+        mesh = extract_mesh(self.field.query_density, self.bound, export, device=device)
+        colour = self.seen_albedo if export.bake == "seen" else self.field.query_albedo
+        return ExportSurface(mesh, lambda p: colour(p.to(device)))  # the baker's points come from the CPU
 
     # --------------------------------------------------------------------------------------------- render
     def _nerfacc_ready(self, device: torch.device) -> bool:
