@@ -174,3 +174,39 @@ def test_sample_view_camera(camera_teacher, tmp_path):
     assert (tmp_path / "a/images/00000.png").read_bytes() != (tmp_path / "b/images/00000.png").read_bytes()
     with pytest.raises(UserError, match="view-aware"):
         run_sample(prompts, tmp_path / "c", teacher=base, view_camera=True, **kw)
+
+
+@pytest.mark.parametrize("space", ["latent", "image"])
+def test_camera_cfg_guides_from_an_unconditional_branch_without_the_camera(camera_teacher, space):
+    """``camera_cfg``: uncond = no text and no camera, cond = text and camera; written out by hand per branch."""
+    from text3d.guidance.core import score_gradient
+    from text3d.guidance.sds import SDSConfig
+    from text3d.teacher.sampling import predict_x0
+
+    base, teacher = camera_teacher
+    z, t, cond, uncond = _inputs(teacher)
+    cams = spherical_cameras(20.0, [0.0, 180.0], 2.8, 42.0)
+    image = torch.rand(2, 3, 64, 64)
+    noise = torch.randn_like(z)
+    with torch.no_grad():
+        noisy = teacher.add_noise(z, noise, t)
+        with teacher.viewing(cams):
+            e_cond = teacher.predict_eps(noisy, t, cond)
+            both = teacher.predict_eps_many(noisy, t, [uncond, cond], no_camera=(0,))
+        e_uncond = teacher.predict_eps(noisy, t, uncond)  # outside viewing: the "no camera" input
+        assert torch.allclose(both[0], e_uncond, atol=1e-5) and torch.allclose(both[1], e_cond, atol=1e-5)
+
+        def gradient(camera_cfg):
+            with teacher.viewing(cams):
+                return score_gradient(teacher, z, t, noise, cond, uncond,
+                                      SDSConfig(guidance_scale=7.5, space=space, camera_cfg=camera_cfg), image=image)
+
+        if space == "latent":
+            expected = (1.0 - teacher.alpha_bar(t)).view(-1, 1, 1, 1) * (e_uncond + 7.5 * (e_cond - e_uncond) - noise)
+        else:
+            decode = lambda e: teacher.decode_latents(predict_x0(teacher, noisy, e, t))  # noqa: E731
+            d_uncond, d_cond = decode(e_uncond), decode(e_cond)
+            expected = image - (d_uncond + 7.5 * (d_cond - d_uncond)).clamp(0.0, 1.0)
+        got = gradient(True)
+        assert torch.allclose(got, expected, atol=1e-4)
+        assert not torch.allclose(got, gradient(False), atol=1e-4)  # the camera in both branches: another gradient

@@ -8,7 +8,9 @@ noise ``eps``, and form ``x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps``. Two branche
   :func:`~text3d.teacher.teacher.apply_cfg`; with Perp-Neg negatives,
   :func:`~text3d.teacher.teacher.apply_perp_neg`; with ``cfg_rescale = phi > 0`` each channel's mean and
   standard deviation pulled by ``phi`` towards the conditional prediction's,
-  :func:`~text3d.teacher.teacher.rescale_cfg`),
+  :func:`~text3d.teacher.teacher.rescale_cfg`; with ``camera_cfg`` on a view-aware teacher the
+  unconditional prediction sees neither the text nor the camera, so ``s (cond - uncond)`` amplifies the view
+  as it amplifies the prompt),
 * the **baseline** branch: the injected noise ``eps`` itself (SDS), or a LoRA on the teacher's own UNet
   (:class:`~text3d.guidance.lora.LoRAScoreNetwork`: VSD's variational score, the "fake score" of SwiftBrush,
   DMD and DMD2) with CFG ``lora_guidance_scale`` (1 = conditional only) and an optional condition (VSD's
@@ -77,6 +79,8 @@ class ScoreConfig:
     perp_neg: float = 0.0  # Perp-Neg: weight of each other azimuth view's prompt as a negative (0 = plain CFG)
     cfg_rescale: float = 0.0  # phi of CFG rescale, each channel's mean and std matched to the conditional
     #                           prediction's (text3d.teacher.teacher.rescale_cfg; 0 = plain CFG)
+    camera_cfg: bool = False  # view-aware teacher: the real branch's unconditional prediction also without the
+    #                           camera, so CFG's direction (cond - uncond) carries the view and is amplified with the text
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
 
 
@@ -134,10 +138,10 @@ def sanitize_grad(grad: torch.Tensor, clip: float | None) -> tuple[torch.Tensor,
 
 
 def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
-                  weights=None, rescale: float = 0.0) -> torch.Tensor:
+                  weights=None, rescale: float = 0.0, camera_cfg: bool = False) -> torch.Tensor:
     """One branch in image space: clamp(CFG of its decoded x0 predictions, 0, 1), CFG-rescaled by ``rescale``;
     at scale 1 without negatives only the conditional prediction is made (the same image, one UNet batch
-    instead of two)."""
+    instead of two). ``camera_cfg``: the unconditional prediction without the camera too."""
 
     def decoded(eps):
         return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
@@ -148,7 +152,7 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
             eps = teacher.predict_eps(noisy, t, cond)
         return decoded(eps)
     with adapters:
-        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives])
+        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives], no_camera=(0,) if camera_cfg else ())
     images = [decoded(e) for e in eps]
     if weights is None:
         weights = torch.zeros(0, noisy.shape[0])
@@ -157,11 +161,11 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
 
 
 def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weights=None,
-              rescale: float = 0.0) -> torch.Tensor:
+              rescale: float = 0.0, camera_cfg: bool = False) -> torch.Tensor:
     """The real branch in latent space: the teacher's guided noise prediction (Perp-Neg with negatives),
-    CFG-rescaled by ``rescale``."""
-    if negatives or rescale:
-        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives])
+    CFG-rescaled by ``rescale``; ``camera_cfg``: the unconditional prediction without the camera too."""
+    if negatives or rescale or camera_cfg:
+        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives], no_camera=(0,) if camera_cfg else ())
         if weights is None:
             weights = torch.zeros(0, noisy.shape[0])
         return rescale_cfg(apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale), eps[1], rescale)
@@ -186,7 +190,7 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
             if image is None:
                 raise ValueError("image-space score distillation needs the image the gradient applies to")
             real = _guided_image(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
-                                 weights=negative_weights, rescale=cfg.cfg_rescale)
+                                 weights=negative_weights, rescale=cfg.cfg_rescale, camera_cfg=cfg.camera_cfg)
             base = image.detach() if lora is None else _guided_image(
                 teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale, lora=lora, condition=condition)
             grad = cfg.image_weight * (base - real)
@@ -196,7 +200,7 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
                 raise ValueError(f"unknown weighting {cfg.weighting!r}")
             return grad
         eps_real = _real_eps(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives, negative_weights,
-                             cfg.cfg_rescale)
+                             cfg.cfg_rescale, cfg.camera_cfg)
         eps_base = noise if lora is None else lora.predict_eps(noisy, t, cond, condition, uncond_embeddings=uncond,
                                                               guidance_scale=cfg.lora_guidance_scale)
         if cfg.weighting == "sigma2":

@@ -327,15 +327,24 @@ class Teacher:
         return eps_uncond, eps_cond
 
     def predict_eps_many(self, latents_noisy: torch.Tensor, t: torch.Tensor, embeddings: Sequence[torch.Tensor],
-                         cross_attention_kwargs: dict | None = None, **unet_kwargs) -> list[torch.Tensor]:
+                         cross_attention_kwargs: dict | None = None, no_camera: Sequence[int] = (),
+                         **unet_kwargs) -> list[torch.Tensor]:
         """Unguided noise predictions of the same noisy latents under each of ``embeddings`` (K tensors
-        [B, L, D]), from one UNet call on the stacked batch; a list of K tensors like ``latents_noisy``."""
+        [B, L, D]), from one UNet call on the stacked batch; a list of K tensors like ``latents_noisy``.
+        On a view-aware teacher the branches numbered in ``no_camera`` get the "no camera" input instead of the
+        viewed cameras (camera CFG: an unconditional branch without text *and* camera)."""
         batch, k = latents_noisy.shape[0], len(embeddings)
         t = self._timesteps(t, batch)
         xk = torch.cat([latents_noisy] * k)
         tk = torch.cat([t] * k)
         emb = torch.cat([e.to(self.device, self.dtype) for e in embeddings])
-        out = self.unet_output(xk, tk, emb, cross_attention_kwargs, **_batched(unet_kwargs, batch, k))
+        unet_kwargs = _batched(unet_kwargs, batch, k)
+        if no_camera and self.camera_dim and "class_labels" not in unet_kwargs:
+            labels = self.camera_labels(batch * k).clone()
+            for branch in no_camera:
+                labels[branch * batch:(branch + 1) * batch] = 0.0
+            unet_kwargs["class_labels"] = labels
+        out = self.unet_output(xk, tk, emb, cross_attention_kwargs, **unet_kwargs)
         return list(self.to_eps(out, xk, tk).chunk(k))
 
     def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
