@@ -68,6 +68,7 @@ def _row(result: dict, summary: dict, label: str | None = None) -> dict:
             "particles": result.get("particles", 1), "object": result["object_accuracy"],
             "colour": result["colour_accuracy"], "view": result["view_accuracy"], "iou": result["silhouette_iou"],
             "saturation": result.get("saturation"), "janus": result.get("janus_rate"),
+            "janus_views": result.get("janus_views"), "janus_all": result.get("janus_rate_all_views"),
             "volume_iou": result.get("volume_iou"), "top_iou": result.get("top_iou"), "chamfer": result.get("chamfer"),
             "diversity_rgb": diversity.get("rgb_rms"), "diversity_silhouette": diversity.get("silhouette_disagreement"),
             "steps": summary["steps"], "seconds": summary["train_seconds"],
@@ -77,6 +78,14 @@ def _row(result: dict, summary: dict, label: str | None = None) -> dict:
 def _mean(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.fmean(values) if values else None
+
+
+def _janus(rows) -> str:
+    """Janus rate pooled over the views (flips / views) on the views the judge reads right on the truth, then over
+    every clear view (score_run's docstring)."""
+    views = sum(r.get("janus_views") or 0 for r in rows if r.get("janus") is not None)
+    flips = sum(r["janus"] * r["janus_views"] for r in rows if r.get("janus") is not None and r.get("janus_views"))
+    return f"{_fmt(flips / views if views else None, True)} / {_fmt(_mean(rows, 'janus_all'), True)}"
 
 
 def _fmt(value, pct=False):
@@ -96,7 +105,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
                                                f"{_fmt(r['iou'])} / {_fmt(r['saturation'])}")
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
     lines += ["", "| method | runs | particles | object acc | colour acc | view acc | silhouette IoU | saturation | "
-                  "Janus rate | 3D volume IoU / top IoU / Chamfer | particle diversity (RGB RMS / 1-IoU) | "
+                  "Janus rate (judge-readable / all clear views) | 3D volume IoU / top IoU / Chamfer | particle diversity (RGB RMS / 1-IoU) | "
                   "ms per step |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for m in methods:
@@ -109,7 +118,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
                if _mean(rs, "volume_iou") is not None else "-")
         lines.append(f"| {m} | {len(rs)} | {rs[0]['particles']} | {_fmt(_mean(rs, 'object'), True)} | "
                      f"{_fmt(_mean(rs, 'colour'), True)} | {_fmt(_mean(rs, 'view'), True)} | {_fmt(_mean(rs, 'iou'))} | "
-                     f"{_fmt(_mean(rs, 'saturation'))} | {_fmt(_mean(rs, 'janus'), True)} | {geo} | "
+                     f"{_fmt(_mean(rs, 'saturation'))} | {_janus(rs)} | {geo} | "
                      f"{div} | "
                      f"{statistics.median(r['ms_per_step'] for r in rs):.0f} |")
     return "\n".join(lines) + "\n"

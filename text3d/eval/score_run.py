@@ -6,7 +6,11 @@ camera, white background, 64x64 like the world's renders). For each view the jud
 colour and view label; the ground-truth object of the prompt is rendered by the toyworld at the same
 cameras to compute the silhouette IoU. For objects with a distinct front and back, the Janus rate is
 the fraction of clear front or back views (at least 10 degrees inside the label's azimuth range) whose
-predicted view label is the opposite one (a back seen as a front, or a front seen as a back).
+predicted view label is the opposite one (a back seen as a front, or a front seen as a back), counted over
+the clear views the judge reads right on the ground truth's own render: the judge calls the back of the true
+yellow, blue, pink and green snowmen and of the yellow, blue and green cars a front (2026-12-04), and a view
+the instrument misreads on the truth cannot tell a Janus asset from a right one. ``janus_rate_all_views`` is
+the rate over every clear view, ``janus_truth_misreads`` the number left out.
 The mesh is also compared with the object's SDF in 3D by :func:`text3d.eval.geometry.geometry_scores`
 (volumetric IoU, Chamfer distance and top-view IoU, after bounding-box normalisation and the best yaw).
 
@@ -109,6 +113,7 @@ def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
     with torch.no_grad():
         truth = render_objects([obj] * N_VIEWS, [colour] * N_VIEWS, cams, resolution=RESOLUTION)
     scores = score_predictions(judge, mesh_views["rgb"], [obj] * N_VIEWS, [colour] * N_VIEWS, labels)
+    truth_views = score_predictions(judge, truth["rgb"], [obj] * N_VIEWS, [colour] * N_VIEWS, labels)["predicted"]["view"]
     ious = silhouette_iou(mesh_views["opacity"], truth["mask"])
     result = {"mesh": mesh_path.name, "object_accuracy": scores["object_accuracy"],
               "colour_accuracy": scores["colour_accuracy"], "view_accuracy": scores["view_accuracy"],
@@ -119,9 +124,12 @@ def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
         clear = [(i, clear_front_back(float(e), float(a), cfg.camera))
                  for i, (e, a) in enumerate(zip(cams.elevation.tolist(), cams.azimuth.tolist()))]
         clear = [(i, lab) for i, lab in clear if lab is not None]
-        flips = [scores["predicted"]["view"][i] == OPPOSITE[lab] for i, lab in clear]
-        result["janus_rate"] = float(np.mean(flips)) if flips else None
-        result["janus_views"] = len(flips)
+        flips = {i: scores["predicted"]["view"][i] == OPPOSITE[lab] for i, lab in clear}
+        readable = [flips[i] for i, lab in clear if truth_views[i] == lab]  # the judge reads the truth right here
+        result["janus_rate"] = float(np.mean(readable)) if readable else None
+        result["janus_views"] = len(readable)
+        result["janus_rate_all_views"] = float(np.mean(list(flips.values()))) if flips else None
+        result["janus_truth_misreads"] = len(clear) - len(readable)
     return result, mesh_views
 
 
@@ -138,7 +146,7 @@ def particle_diversity(views: list[dict]) -> dict:
 
 
 MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_iou", "saturation", "janus_rate",
-             "clip_r_precision", "volume_iou", "chamfer", "top_iou")
+             "janus_rate_all_views", "clip_r_precision", "volume_iou", "chamfer", "top_iou")
 
 
 def clip_distractors(parsed: tuple[str, str] | None, prompts_file: str | Path | None = None) -> list[str]:
@@ -223,7 +231,10 @@ def format_run_scores(result: dict) -> list[str]:
                      f"views, top-1 among {result['clip_n_prompts']} prompts ({result['clip_model']})")
     if result.get("janus_rate") is not None:
         views = result.get("janus_views")
-        lines.append(f"Janus rate {pct(result['janus_rate'])}" + (f" over {views} clear front/back views" if views else ""))
+        misread = result.get("janus_truth_misreads") or 0
+        lines.append(f"Janus rate {pct(result['janus_rate'])}" + (f" over {views} clear front/back views" if views else "")
+                     + (f" ({misread} more the judge misreads on the truth itself: {pct(result['janus_rate_all_views'])}"
+                        f" over all)" if misread else ""))
     if result.get("diversity") and result["diversity"]["rgb_rms"] is not None:
         d = result["diversity"]
         lines.append(f"{result['particles']} particles: diversity RGB RMS {d['rgb_rms']:.3f}, silhouette disagreement "
