@@ -7,9 +7,10 @@ colour and view label; the ground-truth object of the prompt is rendered by the 
 cameras to compute the silhouette IoU. For objects with a distinct front and back, the Janus rate is
 the fraction of clear front or back views (at least 10 degrees inside the label's azimuth range) whose
 predicted view label is the opposite one (a back seen as a front, or a front seen as a back), counted over
-the clear views the judge reads right on the ground truth's own render: the judge calls the back of the true
-yellow, blue, pink and green snowmen and of the yellow, blue and green cars a front (2026-12-04), and a view
-the instrument misreads on the truth cannot tell a Janus asset from a right one. ``janus_rate_all_views`` is
+the clear views the judge reads right on the ground truth's own render: the embedded judge calls the back of
+the true snowman a front in 7 of 9 colours and of the true car in 4 of 9 (2026-12-04,
+``scripts/judge_truth_views.py``), and a view the instrument misreads on the truth cannot tell a Janus asset
+from a right one. ``janus_rate_all_views`` is
 the rate over every clear view, ``janus_truth_misreads`` the number left out.
 The mesh is also compared with the object's SDF in 3D by :func:`text3d.eval.geometry.geometry_scores`
 (volumetric IoU, Chamfer distance and top-view IoU, after bounding-box normalisation and the best yaw).
