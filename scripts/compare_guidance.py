@@ -83,8 +83,9 @@ def _mean(rows, key):
 def _janus(rows) -> str:
     """Janus rate pooled over the views (flips / views) on the views the judge reads right on the truth, then over
     every clear view (score_run's docstring)."""
-    views = sum(r.get("janus_views") or 0 for r in rows if r.get("janus") is not None)
-    flips = sum(r["janus"] * r["janus_views"] for r in rows if r.get("janus") is not None and r.get("janus_views"))
+    counted = [r for r in rows if r.get("janus") is not None]  # a rate implies at least one readable view
+    views = sum(r["janus_views"] for r in counted)
+    flips = sum(r["janus"] * r["janus_views"] for r in counted)
     return f"{_fmt(flips / views if views else None, True)} / {_fmt(_mean(rows, 'janus_all'), True)}"
 
 

@@ -9,7 +9,6 @@
 #   3. scripts/gpu_check.py --teacher it      each CUDA path against its PyTorch twin, SDS / VSD step ratios
 #   4. the main job on CUDA                   text3d generate "a red cube" (embedded teacher, default config) + eval
 #   5. SDS and VSD at SD-2.1-base size        short end-to-end runs with export (random weights: speed and paths)
-#
 #   6. scripts/bench_step.py sds,vsd,vsd-fused  the step split again, with VSD's fused LoRA step beside
 #
 # STAGES="doctor red-cube ..." runs a subset (default: all; sd-teacher is built when a later stage needs it).

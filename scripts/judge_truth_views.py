@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from text3d.cameras import CameraSamplerConfig, orbit_cameras  # noqa: E402
 from text3d.eval.score_images import load_judge, score_predictions  # noqa: E402
-from text3d.eval.score_run import N_VIEWS, OPPOSITE, RESOLUTION, clear_front_back  # noqa: E402
+from text3d.eval.score_run import N_VIEWS, OPPOSITE, RESOLUTION, clear_views  # noqa: E402
 from text3d.toyworld.catalog import COLOURS, FRONT_BACK_OBJECTS, parse_caption  # noqa: E402
 from text3d.toyworld.render import render_objects  # noqa: E402
 
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CameraSamplerConfig()
     cams = orbit_cameras(cfg, N_VIEWS)
     labels = cams.view_labels(cfg)
-    clear = [(i, clear_front_back(float(e), float(a), cfg))
-             for i, (e, a) in enumerate(zip(cams.elevation.tolist(), cams.azimuth.tolist()))]
-    clear = [(i, lab) for i, lab in clear if lab is not None]
+    clear = clear_views(cams, cfg)
     judge = load_judge(args.judge)
     flips: dict[tuple[str, str], list[bool]] = {}
     print(f"azimuths {[round(a) for a in cams.azimuth.tolist()]}; clear front/back views {clear}")

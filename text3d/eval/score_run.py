@@ -10,8 +10,8 @@ predicted view label is the opposite one (a back seen as a front, or a front see
 the clear views the judge reads right on the ground truth's own render: the embedded judge calls the back of
 the true snowman a front in 7 of 9 colours and of the true car in 4 of 9 (2026-12-04,
 ``scripts/judge_truth_views.py``), and a view the instrument misreads on the truth cannot tell a Janus asset
-from a right one. ``janus_rate_all_views`` is
-the rate over every clear view, ``janus_truth_misreads`` the number left out.
+from a right one. ``janus_rate_all_views`` is the rate over every clear view, ``janus_truth_misreads`` the
+number left out.
 The mesh is also compared with the object's SDF in 3D by :func:`text3d.eval.geometry.geometry_scores`
 (volumetric IoU, Chamfer distance and top-view IoU, after bounding-box normalisation and the best yaw).
 
@@ -59,6 +59,13 @@ def clear_front_back(elevation: float, azimuth: float, cfg: CameraSamplerConfig,
     if label == "back" and az >= 180.0 - cfg.back_half_angle + margin:
         return "back"
     return None
+
+
+def clear_views(cams, cfg: CameraSamplerConfig) -> list[tuple[int, str]]:
+    """(index, 'front' | 'back') of each of ``cams`` that is a clear front or back view (:func:`clear_front_back`)."""
+    labels = [(i, clear_front_back(float(e), float(a), cfg))
+              for i, (e, a) in enumerate(zip(cams.elevation.tolist(), cams.azimuth.tolist()))]
+    return [(i, label) for i, label in labels if label is not None]
 
 
 def silhouette_iou(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
@@ -114,7 +121,6 @@ def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
     with torch.no_grad():
         truth = render_objects([obj] * N_VIEWS, [colour] * N_VIEWS, cams, resolution=RESOLUTION)
     scores = score_predictions(judge, mesh_views["rgb"], [obj] * N_VIEWS, [colour] * N_VIEWS, labels)
-    truth_views = score_predictions(judge, truth["rgb"], [obj] * N_VIEWS, [colour] * N_VIEWS, labels)["predicted"]["view"]
     ious = silhouette_iou(mesh_views["opacity"], truth["mask"])
     result = {"mesh": mesh_path.name, "object_accuracy": scores["object_accuracy"],
               "colour_accuracy": scores["colour_accuracy"], "view_accuracy": scores["view_accuracy"],
@@ -122,9 +128,9 @@ def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
               "saturation": colour_saturation(mesh_views["rgb"], mesh_views["opacity"]),
               "predicted": scores["predicted"], "janus_rate": None, **mesh_geometry(mesh_path, obj)}
     if obj in FRONT_BACK_OBJECTS:
-        clear = [(i, clear_front_back(float(e), float(a), cfg.camera))
-                 for i, (e, a) in enumerate(zip(cams.elevation.tolist(), cams.azimuth.tolist()))]
-        clear = [(i, lab) for i, lab in clear if lab is not None]
+        clear = clear_views(cams, cfg.camera)
+        truth_views = score_predictions(judge, truth["rgb"], [obj] * N_VIEWS, [colour] * N_VIEWS,
+                                        labels)["predicted"]["view"]
         flips = {i: scores["predicted"]["view"][i] == OPPOSITE[lab] for i, lab in clear}
         readable = [flips[i] for i, lab in clear if truth_views[i] == lab]  # the judge reads the truth right here
         result["janus_rate"] = float(np.mean(readable)) if readable else None
