@@ -1,9 +1,13 @@
 """Time one SDS or VSD step of `text3d generate`, split into its parts, against the bare teacher work.
 
     python scripts/bench_step.py [--teacher DIR] [--methods sds,vsd,vsd-fused] [--resolution 64] [--steps 30]
-                                 [--warmup 5] [--device auto] [--threads N] [--clock wall|cpu] [key=value ...]
+                                 [--warmup 5] [--device auto] [--threads N] [--clock wall|cpu]
+                                 [--space latent|image] [key=value ...]
 
-A step (latent-space guidance, ``space=latent`` forced, as DreamFusion and ProlificDreamer do) is split into
+A step (``--space latent``, the default: latent-space guidance as DreamFusion and ProlificDreamer do; ``image``:
+the embedded teacher's setting, CFG on decoded x0 predictions and the gradient on the render's pixels, so
+``encode`` has no graph and ``backward`` goes through the renderer only, and ``unet`` includes the decodes) is
+split into
 
   render    the NeRF's forward pass
   encode    the VAE encoder's forward pass on the render, resized to the teacher's input (512 px for SD 2.1)
@@ -39,6 +43,7 @@ from text3d.generate.trainer import AssetTrainer  # noqa: E402
 from text3d.guidance.core import target_trick_loss  # noqa: E402
 from text3d.prompts import prompts_for_cameras  # noqa: E402
 from text3d.runtime.seed import seed_everything  # noqa: E402
+from text3d.teacher.sampling import predict_x0  # noqa: E402
 from text3d.teacher import load_teacher  # noqa: E402
 from text3d.utils.backends import resolve_device  # noqa: E402
 
@@ -67,8 +72,10 @@ class _Timed:
         return out
 
 
-def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidance_scale: float = 100.0) -> float:
-    """Median seconds of one CFG UNet forward + the VAE encode of a render and its backward (no renderer)."""
+def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidance_scale: float = 100.0,
+                      space: str = "latent") -> float:
+    """Median seconds of one CFG UNet forward + the VAE encode of a render and its backward (no renderer);
+    in image space the encode has no graph and the two x0 predictions are decoded instead."""
     device = teacher.device
     cond = teacher.encode_prompts(["a corgi"])
     uncond = teacher.encode_prompts([""])
@@ -77,12 +84,23 @@ def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidanc
         image = torch.rand(1, 3, resolution, resolution, device=device, requires_grad=True)
         sync(device)
         t0 = clock()
-        latents = teacher.encode_images(image)
-        with torch.no_grad():
-            t = torch.randint(20, 980, (1,), device=device)
-            noise = torch.randn_like(latents)
-            eps = teacher.predict_eps(teacher.add_noise(latents.detach(), noise, t), t, cond, uncond, guidance_scale)
-        target_trick_loss(latents, (1 - teacher.alpha_bar(t)) * (eps - noise)).backward()
+        if space == "image":
+            with torch.no_grad():
+                latents = teacher.encode_images(image)
+                t = torch.randint(20, 980, (1,), device=device)
+                noisy = teacher.add_noise(latents, torch.randn_like(latents), t)
+                eps = teacher.predict_eps_many(noisy, t, [uncond, cond])
+                x0 = [teacher.decode_latents(predict_x0(teacher, noisy, e, t)) for e in eps]
+            pixels = teacher.resize_images(image)
+            target_trick_loss(pixels, pixels.detach() - (x0[0] + guidance_scale * (x0[1] - x0[0]))).backward()
+        else:
+            latents = teacher.encode_images(image)
+            with torch.no_grad():
+                t = torch.randint(20, 980, (1,), device=device)
+                noise = torch.randn_like(latents)
+                eps = teacher.predict_eps(teacher.add_noise(latents.detach(), noise, t), t, cond, uncond,
+                                          guidance_scale)
+            target_trick_loss(latents, (1 - teacher.alpha_bar(t)) * (eps - noise)).backward()
         sync(device)
         if i >= warmup:
             times.append(clock() - t0)
@@ -90,13 +108,13 @@ def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidanc
 
 
 def bench_method(teacher, teacher_dir: str, method: str, resolution: int, steps: int, warmup: int,
-                 overrides: list[str], device: torch.device) -> dict[str, float]:
+                 overrides: list[str], device: torch.device, space: str = "latent") -> dict[str, float]:
     """Median seconds of each part of a ``method`` (sds | vsd | vsd-fused) step of the generate trainer."""
     if method == "vsd-fused":
         method, overrides = "vsd", [*overrides, "vsd.fused_lora=true"]
     cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"guidance={method}",
                                  f"train.resolution={resolution}", "train.high_resolution=null",
-                                 f"train.steps={steps + warmup}", *overrides, f"{method}.space=latent"])
+                                 f"train.steps={steps + warmup}", *overrides, f"{method}.space={space}"])
     cfg.prompt = "a corgi"
     seed_everything(0)
     trainer = AssetTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
@@ -132,10 +150,16 @@ def bench_method(teacher, teacher_dir: str, method: str, resolution: int, steps:
             out = trainer.renderer(cams, resolution, resolution, shading=trainer.choose_shading(step),
                                    light_dirs=jittered_light_dirs(cams, 45.0))
             sync(device); t1 = clock()
-            latents = teacher.encode_images(out["rgb"])
+            pixels = None
+            if space == "image":  # as ScoreDistillation.__call__: the gradient goes into the resized pixels
+                pixels = teacher.resize_images(out["rgb"]).float()
+                with torch.no_grad():
+                    latents = teacher.encode_images(pixels.detach())
+            else:
+                latents = teacher.encode_images(out["rgb"])
             sync(device); t2 = clock()
             prompts = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
-            g = guidance.guide_latents(latents, prompts, progress=step / cfg.train.steps, cameras=cams)
+            g = guidance.guide_latents(latents, prompts, progress=step / cfg.train.steps, cameras=cams, image=pixels)
             sync(device); t3 = clock()
             loss = g.loss + cfg.train.lambda_orientation * out.get("orientation_loss", 0.0)
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -170,6 +194,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="wall: elapsed time; cpu: this process's CPU time (for a machine shared with other work)")
+    parser.add_argument("--space", default="latent", choices=("latent", "image"),
+                        help="where the guidance works (module docstring); image is the embedded teacher's default")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     global clock
@@ -189,14 +215,15 @@ def main() -> None:
     teacher = load_teacher(args.teacher, device)
     print(f"device={device} threads={torch.get_num_threads()} clock={args.clock} render={args.resolution}px "
           f"teacher={args.teacher} "
-          f"({teacher.image_size}px, {teacher.dtype}, {teacher.prediction_type}) steps={args.steps}")
-    bare = bare_teacher_work(teacher, args.resolution, args.steps, args.warmup)
+          f"({teacher.image_size}px, {teacher.dtype}, {teacher.prediction_type}) steps={args.steps} space={args.space}")
+    bare = bare_teacher_work(teacher, args.resolution, args.steps, args.warmup, space=args.space)
     results = {m: bench_method(teacher, args.teacher, m, args.resolution, args.steps, args.warmup, args.overrides,
-                               device) for m in methods}
+                               device, args.space) for m in methods}
     print(f"{'part (median ms)':<18}" + "".join(f"{m:>10}" for m in methods))
     for key in PARTS:
         print(f"{key:<18}" + "".join(f"{results[m][key] * 1000:>10.1f}" for m in methods))
-    print(f"{'bare teacher work':<18}{bare * 1000:>10.1f}   (CFG UNet forward + VAE encode + its backward)")
+    what = "VAE encode + CFG UNet forward + 2 decodes" if args.space == "image" else "CFG UNet forward + VAE encode + its backward"
+    print(f"{'bare teacher work':<18}{bare * 1000:>10.1f}   ({what})")
     if "sds" in results:
         ratio = results["sds"]["step"] / bare
         print(f"SDS step / bare teacher work = {ratio:.2f}   (target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")

@@ -228,14 +228,15 @@ def test_gpu_check_reports_every_row_skipped_on_the_cpu():
 
 
 # ------------------------------------------------------------------ VSD with the LoRA fused into the guidance call
-def test_fused_vsd_matches_the_unfused_gradient_and_trains_the_lora(tiny_teacher_dir):
+@pytest.mark.parametrize("space", ["latent", "image"])
+def test_fused_vsd_matches_the_unfused_gradient_and_trains_the_lora(tiny_teacher_dir, space):
     from text3d.guidance.vsd import VSDConfig, VSDGuidance
 
     grads, losses, changed = {}, {}, {}
     for fused in (False, True):
         teacher = load_teacher(tiny_teacher_dir, "cpu")
         torch.manual_seed(0)
-        cfg = VSDConfig(fused_lora=fused)
+        cfg = VSDConfig(fused_lora=fused, space=space)
         cfg.lora.camera_drop = 0.0
         vsd = VSDGuidance(teacher, cfg)
         x = torch.randn(2, 4, 16, 16)
@@ -246,7 +247,8 @@ def test_fused_vsd_matches_the_unfused_gradient_and_trains_the_lora(tiny_teacher
         with torch.no_grad():  # the LoRA's loss at this draw
             expected = float(vsd.lora.denoising_loss(x, cond, t, noise, condition))
         before = {k: v.clone() for k, v in vsd.lora.lora_state_dict().items()}
-        out = vsd.guide(x, cond, uncond, condition=condition, t=t, noise=noise)
+        image = teacher.decode_latents(x) if space == "image" else None
+        out = vsd.guide(x, cond, uncond, condition=condition, t=t, noise=noise, image=image)
         grads[fused] = out.grad
         after = vsd.lora.lora_state_dict()
         changed[fused] = any(not torch.equal(before[k], after[k]) for k in before)

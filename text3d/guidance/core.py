@@ -146,11 +146,10 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
     def decoded(eps):
         return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
 
-    adapters = lora.active(condition) if lora is not None else nullcontext()
     if scale == 1.0 and not negatives:
-        with adapters:
-            eps = teacher.predict_eps(noisy, t, cond)
+        eps = teacher.predict_eps(noisy, t, cond) if lora is None else lora.predict_eps(noisy, t, cond, condition)
         return decoded(eps)
+    adapters = lora.active(condition) if lora is not None else nullcontext()
     with adapters:
         eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives], no_camera=(0,) if camera_cfg else ())
     images = [decoded(e) for e in eps]

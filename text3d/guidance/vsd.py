@@ -13,8 +13,8 @@ diffusion loss ``||f(x_t, t, c) - target(x, eps, t)||^2`` at that ``(x_t, t, eps
 once (the gradient uses the output made before the LoRA's step, as the unfused order does). That is one UNet forward per step fewer (the step's LoRA cost goes from prediction + forward +
 backward to forward + backward; at SD 2.1-base size on a shared CPU it has not yet been measured faster,
 docs/benchmarks.md), at the price of the LoRA's training timesteps following the guidance's
-schedule (``t_min``..``t_max``, annealed) instead of ``U[lora.t_min, lora.t_max)``. It applies in latent space
-with ``lora_guidance_scale = 1``; a step whose camera condition is dropped (``camera_drop``) runs unfused, so
+schedule (``t_min``..``t_max``, annealed) instead of ``U[lora.t_min, lora.t_max)``. It applies in latent and
+image space (where the prediction is then decoded to the baseline's x0) with ``lora_guidance_scale = 1``; a step whose camera condition is dropped (``camera_drop``) runs unfused, so
 the drop keeps its rate; ``lora.steps - 1`` further steps are ordinary ones.
 """
 
@@ -70,7 +70,7 @@ class VSDGuidance(ScoreDistillation):
         """The core's :meth:`~text3d.guidance.core.ScoreDistillation.guide`; with ``fused_lora`` the LoRA's
         prediction is also its training step (module docstring)."""
         cfg = self.cfg
-        fusable = (cfg.fused_lora and cfg.space == "latent" and cfg.lora_guidance_scale == 1.0
+        fusable = (cfg.fused_lora and cfg.lora_guidance_scale == 1.0
                    and cfg.lora.steps >= 1 and not cfg.lora.alpha_weighted and cfg.lora.null_prompt_prob == 0.0)
         if fusable:
             batch = latents.shape[0]
