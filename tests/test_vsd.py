@@ -113,6 +113,36 @@ def test_image_space_vsd_compares_with_the_loras_decoded_x0(teacher):
     guidance.lora.remove()
 
 
+def test_sds_warmup_guides_as_sds_while_the_lora_trains(teacher):
+    """vsd.sds_warmup: before that fraction of the run the gradient is SDS's (the render as baseline), after it the
+    LoRA's; the LoRA trains in both."""
+    from text3d.guidance import SDSConfig, SDSGuidance
+
+    torch.manual_seed(3)
+    guidance = VSDGuidance(teacher, VSDConfig(guidance_scale=5.0, space="image", sds_warmup=0.5))
+    sds = SDSGuidance(teacher, SDSConfig(guidance_scale=5.0, space="image"))
+    _perturb(guidance.lora, seed=5)
+    images = torch.rand(2, 3, teacher.image_size, teacher.image_size)
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+    t, noise = torch.tensor([300, 850]), torch.randn(latents.shape)
+    cams = sample_cameras(CameraSamplerConfig(), 2)
+    prompts = ["a red cube, side view", "a blue torus"]
+    expected = sds(images, prompts, cameras=cams, t=t, noise=noise).grad
+    early = guidance(images, prompts, progress=0.25, cameras=cams, t=t, noise=noise)
+    assert torch.allclose(early.grad, expected, atol=1e-6)
+    before = {k: v.clone() for k, v in guidance.lora.lora_state_dict().items()}
+    guidance.update(early, prompts, cams)
+    assert any(not torch.equal(before[k], v) for k, v in guidance.lora.lora_state_dict().items())
+    late = guidance(images, prompts, progress=0.75, cameras=cams, t=t, noise=noise)
+    assert (late.grad - expected).abs().max() > 1e-3  # the LoRA's baseline from here on
+    guidance.lora.remove()
+    from text3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vsd.sds_warmup must be in"):
+        load_config(overrides=["guidance=vsd", "vsd.sds_warmup=1.5"])
+
+
 def test_one_lora_step_lowers_its_loss_on_a_fixed_batch(teacher):
     torch.manual_seed(2)
     guidance = VSDGuidance(teacher, VSDConfig(lora=LoRAScoreConfig(rank=4, alpha=4.0, lr=1e-2, camera_condition=True)))

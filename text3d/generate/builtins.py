@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from text3d.errors import UserError
+from text3d.errors import ConfigError, UserError
 from text3d.generate.config import (GuidanceMethod, MeshStageConfig, RunConfig, StageKind, TrainConfig,
                                     check_mesh_stage_config)
 from text3d.guidance import SDSConfig, SDSGuidance, VSDConfig, VSDGuidance, check_lora_config, check_score_config
@@ -28,6 +28,8 @@ from text3d.runtime.run_folder import CHECKPOINT
 def _check_vsd(section: Any, name: str) -> None:
     check_score_config(section, name)
     check_lora_config(section.lora, f"{name}.lora")
+    if not 0.0 <= section.sds_warmup <= 1.0:
+        raise ConfigError(f"{name}.sds_warmup must be in [0, 1], got {section.sds_warmup}")
 
 
 sds = GuidanceMethod(config=SDSConfig, build=SDSGuidance, validate=check_score_config)

@@ -16,6 +16,14 @@ docs/benchmarks.md), at the price of the LoRA's training timesteps following the
 schedule (``t_min``..``t_max``, annealed) instead of ``U[lora.t_min, lora.t_max)``. It applies in latent and
 image space (where the prediction is then decoded to the baseline's x0) with ``lora_guidance_scale = 1``; a step whose camera condition is dropped (``camera_drop``) runs unfused, so
 the drop keeps its rate; ``lora.steps - 1`` further steps are ordinary ones.
+
+``sds_warmup = w`` (0 by default) makes the first fraction ``w`` of the run SDS: the baseline branch is the
+injected noise (latent space) or the render itself (image space) while the LoRA still trains on every step's
+renders, so when VSD's baseline takes over it predicts the renders it has been fitting instead of starting as the
+teacher's own conditional prediction (with which ``grad = x0_cond - x0_CFG`` ignores the render altogether, and
+with one particle nothing anchors the asset's colour; docs/guidance.md, 2026-12-05). With one particle and a
+LoRA that fits its camera's render exactly, VSD's image-space gradient ``D(x0_LoRA) - x0_CFG`` *is* SDS's
+``render - x0_CFG``, so the warm-up starts VSD from the point it tends to.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ CAMERA_DIM = CAMERA_FEATURES  # flattened 4x4 camera-to-world matrix
 class VSDConfig(ScoreConfig):
     guidance_scale: float = 7.5
     fused_lora: bool = False  # train the LoRA on the guidance's own draw (module docstring): one UNet forward less
+    sds_warmup: float = 0.0  # fraction of the run guided as SDS while the LoRA already trains (module docstring)
     lora: LoRAScoreConfig = field(default_factory=lambda: LoRAScoreConfig(
         rank=4, alpha=4.0, lr=1e-4, steps=1, camera_condition=True, camera_drop=0.1))
 
@@ -70,6 +79,13 @@ class VSDGuidance(ScoreDistillation):
         """The core's :meth:`~text3d.guidance.core.ScoreDistillation.guide`; with ``fused_lora`` the LoRA's
         prediction is also its training step (module docstring)."""
         cfg = self.cfg
+        if progress < cfg.sds_warmup:  # SDS's baseline; update() still trains the LoRA on this step's renders
+            network, self.lora = self.lora, None
+            try:
+                return super().guide(latents, cond, uncond, progress, image, None, negatives, negative_weights, t,
+                                     noise)
+            finally:
+                self.lora = network
         fusable = (cfg.fused_lora and cfg.lora_guidance_scale == 1.0
                    and cfg.lora.steps >= 1 and not cfg.lora.alpha_weighted and cfg.lora.null_prompt_prob == 0.0)
         if fusable:
