@@ -25,10 +25,7 @@ With ``space = "image"`` each branch's x0 prediction is decoded, the CFG is appl
 (extrapolating images keeps hues that a latent space non-linear in colour turns into other colours) and
 the gradient is formed on an image ``D``: the render's pixels in 3D, the decoded student ``D(x)`` in 2D:
 ``grad = image_weight (base - clamp(real, 0, 1))`` with ``base = D`` for the noise baseline and the LoRA's
-decoded x0 otherwise; ``dmd`` divides it by ``mean|D - real|``. ``colour_anchor`` (LoRA baselines only) adds
-``image_weight mean_hw(D - base)`` per image and channel, so the gradient's mean colour is SDS's
-``mean_hw(D - real)`` and only its spatial detail comes from the LoRA (with a LoRA that reproduces the render the
-term is zero).
+decoded x0 otherwise; ``dmd`` divides it by ``mean|D - real|``.
 
 The gradient is sanitised (NaN/inf zeroed and counted, optional clamp to ``grad_clip``) and injected with
 the target trick ``loss = 0.5 ||y - (y - grad).detach()||^2`` on ``y`` (the latents or the image), so
@@ -85,8 +82,6 @@ class ScoreConfig:
     camera_cfg: bool = False  # view-aware teacher: the real branch's unconditional prediction also without the
     #                           camera, so CFG's direction (cond - uncond) carries the view and is amplified with the text
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
-    colour_anchor: bool = False  # image space with a LoRA baseline: each channel's mean of the gradient taken from
-    #                              SDS's render - real, the rest from base - real (module docstring)
 
 
 def check_score_config(s: ScoreConfig, name: str) -> None:
@@ -198,8 +193,6 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
             base = image.detach() if lora is None else _guided_image(
                 teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale, lora=lora, condition=condition)
             grad = cfg.image_weight * (base - real)
-            if lora is not None and cfg.colour_anchor:  # each channel's mean gradient as SDS's: render - real
-                grad = grad + cfg.image_weight * (image.detach() - base).mean(dim=(2, 3), keepdim=True)
             if cfg.weighting == "dmd":
                 grad = grad / (image.detach() - real).abs().flatten(1).mean(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
             elif cfg.weighting != "sigma2":
