@@ -19,9 +19,22 @@ from text3d.runtime.run_folder import SUMMARY_NAME
 from text3d.runtime.atomic import atomic_write_text
 
 
-def turntable_frames(renderer: Renderer, cfg: RunConfig, device: torch.device) -> list[np.ndarray]:
+def turntable_frames(renderer: Renderer, cfg: RunConfig, device: torch.device,
+                     mesh_path: Path | None = None) -> list[np.ndarray]:
+    """``export.video_frames`` orbit views (lambertian, light at the camera) as uint8 [H, W, 3] frames: of the
+    exported mesh at ``mesh_path`` when given (the asset the user downloads, rasterised: 48 frames at 128 px take
+    about 1.6 s on 2 CPU cores against about 11 s volume-rendering the NeRF), else of ``renderer``."""
     cams = orbit_cameras(cfg.camera, cfg.export.video_frames)
-    images = render_views(renderer, cams, cfg.export.video_resolution, device, shading="lambertian")["rgb"]
+    res = cfg.export.video_resolution
+    if mesh_path is None:
+        images = render_views(renderer, cams, res, device, shading="lambertian")["rgb"]
+    else:
+        from text3d.renderers.mesh import MeshAsset, render_mesh
+
+        asset = MeshAsset.load(mesh_path).to(device)
+        with torch.no_grad():
+            images = torch.cat([render_mesh(asset, cams[i:i + 8].to(device), res, res, shading="lambertian")["rgb"].cpu()
+                                for i in range(0, len(cams), 8)])
     return [(img.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8) for img in images]
 
 
@@ -46,8 +59,9 @@ def export_particle(renderer: Renderer, cfg: RunConfig, device: torch.device, ou
     seconds = {"surface": round(extracted - begin, 2), **files["seconds"]}
     if video:
         start = time.perf_counter()
-        files["video"] = write_turntable(turntable_frames(renderer, cfg, device), out_dir / f"{cfg.run_name}_turntable",
-                                         cfg.export.video_fps)
+        mesh_path = files.get("glb") or files.get("obj")
+        frames = turntable_frames(renderer, cfg, device, Path(mesh_path) if mesh_path else None)
+        files["video"] = write_turntable(frames, out_dir / f"{cfg.run_name}_turntable", cfg.export.video_fps)
         seconds["video"] = round(time.perf_counter() - start, 2)
     files["seconds"] = seconds  # the export's time split (surface, unwrap, bake, write, video), in seconds
     return files

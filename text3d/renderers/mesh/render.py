@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,6 +44,12 @@ class MeshAsset:
         elif getattr(visual, "vertex_colors", None) is not None:
             asset.vertex_colors = torch.as_tensor(np.asarray(visual.vertex_colors)[:, :3], dtype=torch.float32) / 255.0
         return asset
+
+    def to(self, device: torch.device | str) -> "MeshAsset":
+        """The same asset with every tensor on ``device``."""
+        return dataclasses.replace(self, **{f.name: None if getattr(self, f.name) is None
+                                            else getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)})
 
     def vertex_normals(self) -> torch.Tensor:
         v, f = self.vertices, self.faces
