@@ -22,7 +22,7 @@ class ExportConfig:
     min_component_fraction: float = 0.05
     texture_size: int = 512
     seam_padding: int = 4
-    max_faces: int = 50000
+    max_faces: int = 20000  # 20k: xatlas's unwrap 2.5x faster than at 50k, geometry scores unchanged (docs/guidance.md)
     fill_cavities: bool = True  # fill closed empty pockets inside the surface before marching cubes: no camera sees
     #                             them, and their inner shells would be hidden faces (text3d.export.marching)
     smooth_iterations: int = 50  # Taubin smoothing steps on the extracted mesh (0 = none); removes the voxel-scale
