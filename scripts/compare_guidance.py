@@ -70,6 +70,7 @@ def _row(result: dict, summary: dict, label: str | None = None) -> dict:
             "saturation": result.get("saturation"), "janus": result.get("janus_rate"),
             "janus_views": result.get("janus_views"), "janus_all": result.get("janus_rate_all_views"),
             "volume_iou": result.get("volume_iou"), "top_iou": result.get("top_iou"), "chamfer": result.get("chamfer"),
+            "top_hole": result.get("top_hole"),
             "diversity_rgb": diversity.get("rgb_rms"), "diversity_silhouette": diversity.get("silhouette_disagreement"),
             "steps": summary["steps"], "seconds": summary["train_seconds"],
             "ms_per_step": 1000.0 * summary["train_seconds"] / max(1, summary["steps"])}
@@ -106,7 +107,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
                                                f"{_fmt(r['iou'])} / {_fmt(r['saturation'])}")
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
     lines += ["", "| method | runs | particles | object acc | colour acc | view acc | silhouette IoU | saturation | "
-                  "Janus rate (judge-readable / all clear views) | 3D volume IoU / top IoU / Chamfer | particle diversity (RGB RMS / 1-IoU) | "
+                  "Janus rate (judge-readable / all clear views) | 3D volume IoU / top IoU / Chamfer / tori's hole open | particle diversity (RGB RMS / 1-IoU) | "
                   "ms per step |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for m in methods:
@@ -115,8 +116,8 @@ def table(rows: list[dict], methods: list[str]) -> str:
             continue
         div = (f"{_fmt(_mean(rs, 'diversity_rgb'))} / {_fmt(_mean(rs, 'diversity_silhouette'))}"
                if _mean(rs, "diversity_rgb") is not None else "-")
-        geo = (f"{_fmt(_mean(rs, 'volume_iou'))} / {_fmt(_mean(rs, 'top_iou'))} / {_fmt(_mean(rs, 'chamfer'))}"
-               if _mean(rs, "volume_iou") is not None else "-")
+        geo = (f"{_fmt(_mean(rs, 'volume_iou'))} / {_fmt(_mean(rs, 'top_iou'))} / {_fmt(_mean(rs, 'chamfer'))} / "
+               f"{_fmt(_mean(rs, 'top_hole'), True)}" if _mean(rs, "volume_iou") is not None else "-")
         lines.append(f"| {m} | {len(rs)} | {rs[0]['particles']} | {_fmt(_mean(rs, 'object'), True)} | "
                      f"{_fmt(_mean(rs, 'colour'), True)} | {_fmt(_mean(rs, 'view'), True)} | {_fmt(_mean(rs, 'iou'))} | "
                      f"{_fmt(_mean(rs, 'saturation'))} | {_janus(rs)} | {geo} | "

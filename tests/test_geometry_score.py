@@ -83,3 +83,18 @@ def test_cli_prints_the_3d_scores(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "volume IoU" in r.stdout and "top-view IoU" in r.stdout
     assert {"volume_iou", "chamfer", "top_iou"} <= set(json.loads((folder / "eval.json").read_text()))
+
+
+def test_a_torus_with_its_hole_open_against_one_closed_by_a_membrane():
+    """The top-view hole score: 1 for the world's torus, 0 when a disc fills its hole, None for a cube."""
+    torus = OBJECTS["torus"].sdf
+    v, f = sdf_surface(torus)
+    open_ring = geometry_scores(v, f, torus)
+    membrane = trimesh.util.concatenate([trimesh.Trimesh(v, f),
+                                         trimesh.creation.cylinder(radius=0.3, height=0.02, sections=48).apply_transform(
+                                             trimesh.transformations.rotation_matrix(np.pi / 2, (1, 0, 0)))])
+    closed = geometry_scores(membrane.vertices, membrane.faces, torus)
+    assert open_ring["top_hole"] > 0.95 and closed["top_hole"] < 0.05
+    assert open_ring["top_iou"] > closed["top_iou"] + 0.05
+    box = _box()
+    assert geometry_scores(box.vertices, box.faces, CUBE)["top_hole"] is None

@@ -1,4 +1,4 @@
-"""Geometric scores of a mesh against a ground-truth SDF: volumetric IoU, Chamfer distance, top-view IoU.
+"""Geometric scores of a mesh against a ground-truth SDF: volumetric IoU, Chamfer distance, top-view IoU and hole.
 
 Frame: :mod:`text3d.cameras`, +Y up, so a yaw is a rotation about the Y axis,
 ``R(a) = [[cos a, 0, sin a], [0, 1, 0], [-sin a, 0, cos a]]``.
@@ -26,6 +26,9 @@ one yaw (reported as ``geometry_yaw``).
   are moved by a tiny irrational fraction of a cell so none passes exactly through an edge or vertex.
 * Top-view IoU: the same IoU of the orthographic projections along +Y, ``any_y M`` and ``any_y T``, on the
   ``GRID^2`` (x, z) grid (a cube's top view is a square, a drum's a disc: ``pi / 4`` of it).
+* Top-view hole: where the truth's top view has a see-through hole (empty cells that no empty path joins to the
+  grid's border: a torus's), the share ``|H_T & ~any_y M| / |H_T|`` of that hole ``H_T`` the mesh leaves empty
+  from the top too (1: the hole is open; 0: a membrane covers it); ``None`` for objects with no such hole.
 """
 
 from __future__ import annotations
@@ -179,5 +182,24 @@ def geometry_scores(vertices, faces, sdf: SDF, grid: int = GRID, yaw_step: float
     pts = np.stack(np.meshgrid(coords, coords, coords, indexing="ij"), axis=-1).reshape(-1, 3) * truth_s + truth_c
     with torch.no_grad():
         inside_truth = (sdf(torch.as_tensor(pts, dtype=torch.float32)) < 0).numpy().reshape(grid, grid, grid)
-    return {"volume_iou": iou(inside_mesh, inside_truth), "chamfer": cd,
-            "top_iou": iou(inside_mesh.any(axis=1), inside_truth.any(axis=1)), "geometry_yaw": yaw}
+    top_mesh, top_truth = inside_mesh.any(axis=1), inside_truth.any(axis=1)
+    return {"volume_iou": iou(inside_mesh, inside_truth), "chamfer": cd, "top_iou": iou(top_mesh, top_truth),
+            "top_hole": hole_kept(top_mesh, top_truth), "geometry_yaw": yaw}
+
+
+def enclosed_empty(top: np.ndarray) -> np.ndarray:
+    """The empty pixels of a top-view mask [G, G] that no empty path joins to its border: a ring's hole."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(~top)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return (labels > 0) & ~np.isin(labels, border)
+
+
+def hole_kept(top_mesh: np.ndarray, top_truth: np.ndarray) -> float | None:
+    """The share of the truth's see-through hole (seen from the top: a torus's) that is see-through in the mesh's
+    top view too; None when the truth has no such hole. A torus whose hole is closed by a membrane scores 0."""
+    hole = enclosed_empty(top_truth)
+    if not hole.any():
+        return None
+    return float((hole & ~top_mesh).sum() / hole.sum())

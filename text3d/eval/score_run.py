@@ -107,7 +107,7 @@ def mesh_geometry(mesh_path: Path, object_name: str) -> dict:
     try:
         return geometry_scores(np.asarray(mesh.vertices), np.asarray(mesh.faces), OBJECTS[object_name].sdf)
     except UserError as e:
-        return {"volume_iou": None, "chamfer": None, "top_iou": None, "geometry_error": str(e)}
+        return {"volume_iou": None, "chamfer": None, "top_iou": None, "top_hole": None, "geometry_error": str(e)}
 
 
 def score_mesh(mesh_path: Path, cfg, judge: Judge) -> tuple[dict, dict]:
@@ -153,7 +153,7 @@ def particle_diversity(views: list[dict]) -> dict:
 
 
 MEAN_KEYS = ("object_accuracy", "colour_accuracy", "view_accuracy", "silhouette_iou", "saturation", "janus_rate",
-             "janus_rate_all_views", "clip_r_precision", "volume_iou", "chamfer", "top_iou")
+             "janus_rate_all_views", "clip_r_precision", "volume_iou", "chamfer", "top_iou", "top_hole")
 
 
 def clip_distractors(parsed: tuple[str, str] | None, prompts_file: str | Path | None = None) -> list[str]:
@@ -232,7 +232,8 @@ def format_run_scores(result: dict) -> list[str]:
     if result.get("volume_iou") is not None:
         lines.append(f"{result['prompt']!r}: 3D against the world's {result['object']}: volume IoU "
                      f"{result['volume_iou']:.3f}, top-view IoU {result['top_iou']:.3f}, Chamfer "
-                     f"{result['chamfer']:.4f} (of the bounding-box diagonal)")
+                     f"{result['chamfer']:.4f} (of the bounding-box diagonal)"
+                     + (f", top-view hole open {pct(result['top_hole'])}" if result.get("top_hole") is not None else ""))
     if result.get("clip_r_precision") is not None:
         lines.append(f"{result['prompt']!r}: CLIP R-precision {pct(result['clip_r_precision'])} over {result['views']} "
                      f"views, top-1 among {result['clip_n_prompts']} prompts ({result['clip_model']})")
