@@ -210,3 +210,45 @@ def test_camera_cfg_guides_from_an_unconditional_branch_without_the_camera(camer
         got = gradient(True)
         assert torch.allclose(got, expected, atol=1e-4)
         assert not torch.allclose(got, gradient(False), atol=1e-4)  # the camera in both branches: another gradient
+
+
+def test_suffix_drop_leaves_the_view_to_the_camera(tmp_path, monkeypatch):
+    """--suffix-drop: examples that keep their camera see their caption without its view suffix, so the facing
+    direction has to come from the camera; with it off, the suffixed captions are seen."""
+    import transformers
+
+    from test_teacher_training import TINY, quiet, tiny_config
+    from text3d.errors import UserError
+    from text3d.prompts import split_view_suffix
+    from text3d.teacher_training.data import load_dataset, write_fake_dataset
+    from text3d.teacher_training.finetune import finetune_teacher
+    from text3d.teacher_training.run import train_teacher
+
+    data_dir = write_fake_dataset(tmp_path / "data", n=24, seed=3)
+    data = load_dataset(data_dir)
+    init_cfg = tiny_config(tmp_path / "init", arch=TINY, unet_steps=1)
+    train_teacher(init_cfg, data, data_path=data_dir, log=quiet)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(init_cfg.out) / "tokenizer")
+    seen: list[str] = []
+    forward = transformers.CLIPTextModel.forward
+
+    def recording(self, input_ids=None, *args, **kwargs):
+        if self.training:
+            seen.extend(tokenizer.batch_decode(input_ids, skip_special_tokens=True))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.CLIPTextModel, "forward", recording)
+
+    def views_seen(suffix_drop: float, name: str) -> int:
+        seen.clear()
+        cfg = tiny_config(tmp_path / name, unet_steps=6, lr=1e-2, cond_drop=0.0)
+        finetune_teacher(cfg, data, Path(init_cfg.out), view_repeat=2, replay=24, log=quiet, camera_drop=0.0,
+                         suffix_drop=suffix_drop)
+        assert len(seen) == 6 * cfg.batch_size
+        return sum(split_view_suffix(s.replace(" ,", ","))[1] is not None for s in seen)
+
+    assert views_seen(0.0, "keep") > 0
+    assert views_seen(1.0, "drop") == 0
+    assert "without its view suffix" in (tmp_path / "drop" / "teacher" / "README.md").read_text()
+    with pytest.raises(UserError, match="needs --camera-drop"):
+        finetune_teacher(tiny_config(tmp_path / "x"), data, Path(init_cfg.out), log=quiet, suffix_drop=0.5)

@@ -85,6 +85,10 @@ def _check(args: dict) -> list[str] | None:
             raise UserError("--camera-drop needs --init (the camera is taught in a fine-tune)")
         if not 0.0 <= args["camera_drop"] < 1.0:
             raise UserError(f"--camera-drop must be in [0, 1), got {args['camera_drop']}")
+    if not 0.0 <= args["suffix_drop"] <= 1.0:
+        raise UserError(f"--suffix-drop must be in [0, 1], got {args['suffix_drop']}")
+    if args["suffix_drop"] and args["camera_drop"] is None:
+        raise UserError("--suffix-drop needs --camera-drop (the camera has to carry the view instead)")
     if args["camera_lr_scale"] <= 0:
         raise UserError(f"--camera-lr-scale must be > 0, got {args['camera_lr_scale']}")
     if args["repeat_views"] is None:
@@ -155,6 +159,10 @@ def train_cmd(
                                                 help="with --init: teach the teacher the camera (a view-aware "
                                                      "teacher; a teacher without a camera input gets one), dropping "
                                                      "it from a fraction P of the examples"),
+    suffix_drop: float = typer.Option(0.0, "--suffix-drop", metavar="P",
+                                      help="with --camera-drop: of the examples that keep their camera, a fraction "
+                                           "P see their caption without its view suffix (the camera must tell the "
+                                           "view)"),
 ):
     """Train the teacher on the toyworld dataset in --data, or fine-tune one with --init.
 
@@ -189,7 +197,7 @@ def train_cmd(
         from text3d.teacher_training.finetune import finetune_teacher
 
         info = finetune_teacher(cfg, dataset, init, view_repeat=view_repeat, replay=replay, data_path=str(data),
-                                repeat_views=views, log=log, camera_drop=camera_drop)
+                                repeat_views=views, log=log, camera_drop=camera_drop, suffix_drop=suffix_drop)
         r = info["results"]
         typer.echo(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {out}")
         return

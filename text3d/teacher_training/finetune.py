@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from text3d.errors import UserError
+from text3d.prompts import split_view_suffix
 from text3d.teacher_training import export
 from text3d.teacher_training.data import caption_table, tokenize
 from text3d.runtime.signals import StopRequest
@@ -129,7 +130,10 @@ def finetune_card(previous: str, info: dict) -> str:
             "camera-to-world matrix of `text3d.cameras.camera_features`, zeros for no camera), its embedding added to the",
             "timestep embedding and trained on each image's true camera (elevation, azimuth, distance, field of view of",
             f"the render), dropped for {info['camera_drop']:.0%} of the examples so that it still works without one; the",
-            f"camera MLP learnt at {s['camera_lr_scale']:g}x the UNet's rate. A",
+            f"camera MLP learnt at {s['camera_lr_scale']:g}x the UNet's rate."
+            + (f" Of the examples that kept their camera, {info['suffix_drop']:.0%} saw their caption without its view "
+               "suffix, so the facing direction had to come from the camera." if info.get("suffix_drop") else "")
+            + " A",
             "camera input that starts at zero (`text3d.teacher_training.camera_input`) kept the loaded teacher's predictions",
             "at the start. Guidance passes each rendered view's camera (`Teacher.viewing`).", ""]),
         "Final losses (mean of the last 100 steps): " + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items()),
@@ -151,7 +155,7 @@ def finetune_card(previous: str, info: dict) -> str:
 def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
                      replay: int | None = None, data_path: str = "", log=print, stop: StopRequest | None = None,
                      on_step=None, repeat_views: Sequence[str] | None = None,
-                     camera_drop: float | None = None) -> dict:
+                     camera_drop: float | None = None, suffix_drop: float = 0.0) -> dict:
     """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``.
 
     ``replay`` caps the examples without a visible view that are kept (None = all): encoding the
@@ -160,7 +164,9 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     visible-view examples are repeated ``view_repeat`` times; the others are kept and seen once.
     ``camera_drop`` (None: off) teaches the camera: the UNet gets a camera input if it has none
     (:mod:`text3d.teacher_training.camera_input`) and sees each example's true camera, except for a
-    ``camera_drop`` fraction that see "no camera"."""
+    ``camera_drop`` fraction that see "no camera". ``suffix_drop`` (with ``camera_drop``) gives a fraction of the
+    examples that keep their camera the caption without its view suffix ("a red car" for "a red car, back
+    view"), so that which way the object faces is learnt from the camera, not only from the words."""
     from text3d.teacher.loader import load_components
     from text3d.teacher_training.run import available_threads
     from text3d.utils.backends import resolve_device
@@ -199,7 +205,12 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     keep = select_examples(full_mask, replay, cfg.seed)
     images_u8, mask = dataset.arrays["images"][keep], repeat_mask[keep]
     captions = [str(dataset.arrays["captions"][i]) for i in keep]
-    distinct, caption_index = caption_table(captions)
+    if suffix_drop and camera_drop is None:
+        raise UserError("a view-suffix drop needs --camera-drop (the camera has to carry the view instead)")
+    plain_captions = [split_view_suffix(c)[0] for c in captions]
+    distinct, caption_index = caption_table(captions + (plain_captions if suffix_drop else []))
+    plain_index = caption_index[len(captions):] if suffix_drop else None
+    caption_index = caption_index[:len(captions)]
     order = weighted_indices(mask, view_repeat)
     view_share = float(mask[order].mean()) if len(order) else 0.0
     latents = _encode(work, vae.to(device), images_u8, device, init, log) * scaling
@@ -216,12 +227,17 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
         log(f"camera: the UNet sees each example's camera, dropped for {camera_drop:.0%} of them")
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
                            tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0],
-                           cameras=cameras, camera_drop=camera_drop or 0.0)
+                           cameras=cameras, camera_drop=camera_drop or 0.0,
+                           plain_caption_index=None if plain_index is None else plain_index[order],
+                           suffix_drop=suffix_drop)
+    if suffix_drop:
+        log(f"view suffix: dropped from the caption of {suffix_drop:.0%} of the examples that keep their camera")
     extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling,
-             "repeat_views": views, "camera_drop": camera_drop}
+             "repeat_views": views, "camera_drop": camera_drop, **({"suffix_drop": suffix_drop} if suffix_drop else {})}
     if state is not None:
         if (int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat
-                or state.get("repeat_views") != views or state.get("camera_drop") != camera_drop):
+                or state.get("repeat_views") != views or state.get("camera_drop") != camera_drop
+                or float(state.get("suffix_drop", 0.0)) != float(suffix_drop)):
             raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
                             f"{state.get('view_repeat')} (views {state.get('repeat_views') or 'all'}); this run has "
                             f"{len(images_u8)} and {view_repeat} (views {views or 'all'}) "
@@ -238,7 +254,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     stage.ema_text.copy_to(final_text)
     shown_init = os.path.relpath(init) if init.is_relative_to(Path.cwd()) else str(init)  # the card travels
     info = {"init": shown_init, "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
-            "n_view": int(mask.sum()), "repeat_views": views, "camera_drop": camera_drop,
+            "n_view": int(mask.sum()), "repeat_views": views, "camera_drop": camera_drop, "suffix_drop": suffix_drop,
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
             "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "text_lr_scale", "camera_lr_scale",

@@ -289,12 +289,21 @@ class DiffusionStage(Stage):
 
     def __init__(self, cfg: TeacherTrainConfig, device: torch.device, unet, text_encoder, scheduler,
                  latents: torch.Tensor, caption_ids: torch.Tensor, caption_index: np.ndarray, uncond_ids: torch.Tensor,
-                 cameras: torch.Tensor | None = None, camera_drop: float = 0.0):
+                 cameras: torch.Tensor | None = None, camera_drop: float = 0.0,
+                 plain_caption_index: np.ndarray | None = None, suffix_drop: float = 0.0):
         super().__init__(cfg, device, cfg.unet_steps, cfg.batch_size, len(latents))
         # a view-aware teacher (text3d.teacher_training.camera_input): each example's camera features [N, 16],
         # replaced by zeros ("no camera") for a fraction camera_drop of the examples drawn
         self.cameras = None if cameras is None else cameras.to(device)
         self.camera_drop = float(camera_drop)
+        # where the camera is kept, a fraction suffix_drop of the examples see their caption without its view
+        # suffix (plain_caption_index: each example's plain caption in the same caption table), so the facing
+        # direction has to come from the camera
+        self.suffix_drop = float(suffix_drop)
+        self.plain_caption_index = (None if plain_caption_index is None
+                                    else torch.as_tensor(plain_caption_index, dtype=torch.long))
+        if self.suffix_drop and (self.cameras is None or self.plain_caption_index is None):
+            raise ValueError("suffix_drop needs cameras and each example's plain caption")
         self.unet, self.text_encoder = unet.to(device), text_encoder.to(device)
         self.latents = latents.to(device)  # already multiplied by the scaling factor
         self.caption_ids = caption_ids.to(device)
@@ -334,6 +343,10 @@ class DiffusionStage(Stage):
         if self.cameras is not None:
             keep = (torch.rand(batch, generator=self.generator) >= self.camera_drop).to(self.device)
             kwargs["class_labels"] = self.cameras[idx.to(self.device)] * keep[:, None].float()
+            if self.suffix_drop:  # drawn only when on, so runs without it keep their random stream
+                plain = keep & ~drop & (torch.rand(batch, generator=self.generator) < self.suffix_drop).to(self.device)
+                plain_ids = self.caption_ids[self.plain_caption_index[idx].to(self.device)]
+                ids = torch.where(plain[:, None], plain_ids, ids)
         with self.autocast():
             emb = self.text_encoder(ids).last_hidden_state
             pred = self.unet(zt, t, encoder_hidden_states=emb, **kwargs).sample
