@@ -317,6 +317,26 @@ def test_render_dataset_rejects_bad_arguments(tmp_path):
             render_dataset(tmp_path / "x", progress=False, **kwargs)
 
 
+def test_max_elevation_shows_the_objects_from_above(tmp_path):
+    """--max-elevation raises the cameras' top elevation: some views from above, captioned "overhead view"; the
+    setting is part of the render's identity (a resume with another is refused) and checked."""
+    folder = render_dataset(tmp_path / "high", 40, seed=3, resolution=16, shard_size=20, progress=False,
+                            max_elevation=85.0)
+    data = ToyworldDataset.load(folder)
+    elevation = np.asarray(data.arrays["elevation"])
+    assert elevation.max() > 60.0 and elevation.min() >= -10.0 and elevation.max() <= 85.0
+    captions = [str(c) for c in data.arrays["captions"]]
+    overhead = [c for c, e in zip(captions, elevation) if e >= 60.0 and c.endswith(", overhead view")]
+    assert overhead and all(e >= 60.0 for c, e in zip(captions, elevation) if c.endswith(", overhead view"))
+    low = ToyworldDataset.load(render_dataset(tmp_path / "low", 40, seed=3, resolution=16, shard_size=20,
+                                              progress=False))
+    assert np.asarray(low.arrays["elevation"]).max() <= 45.0
+    with pytest.raises(UserError, match="other settings"):
+        render_dataset(folder, 40, seed=3, resolution=16, shard_size=20, progress=False)
+    with pytest.raises(UserError, match="top elevation"):
+        render_dataset(tmp_path / "bad", 4, progress=False, max_elevation=90.0)
+
+
 # ------------------------------------------------------------------------------------------------ cli
 def test_cli_list_and_render(tmp_path):
     runner = CliRunner()

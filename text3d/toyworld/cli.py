@@ -26,6 +26,10 @@ def render_cmd(
                                           help="Fraction of captions without a view suffix."),
     workers: Optional[int] = typer.Option(None, help="Render shards in this many processes (default: one per CPU "
                                                      "core, at most 4)."),
+    max_elevation: Optional[float] = typer.Option(None, "--max-elevation", metavar="DEG",
+                                                  help="Top of the cameras' elevation range (default 45, as "
+                                                       "`text3d generate` trains): higher shows the objects from "
+                                                       "above, 60 and up with the \"overhead view\" suffix."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Render N captioned images of random objects, colours and training cameras into OUT."""
@@ -35,7 +39,8 @@ def render_cmd(
         workers = max(1, min(4, os.cpu_count() or 1))
     t0 = time.perf_counter()
     folder = render_dataset(out, n, seed=seed, resolution=resolution, shard_size=shard_size,
-                            p_plain_caption=p_plain_caption, progress=not quiet, workers=workers)
+                            p_plain_caption=p_plain_caption, progress=not quiet, workers=workers,
+                            max_elevation=max_elevation)
     seconds = time.perf_counter() - t0
     typer.echo(f"done: {n} images ({resolution}x{resolution}) in {folder} ({seconds:.1f}s)")
 
