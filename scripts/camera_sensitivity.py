@@ -11,6 +11,8 @@ it prints mean absolute differences of the noise prediction ``eps(x_t, t, prompt
                    the object turned the other way; only the camera can tell them apart
   camera / none    a camera against the "no camera" input (zeros) the teacher was also trained on
   front / back     the prompt's suffix ", front view" against ", back view", the camera dropped
+  front / back by camera   the plain prompt with the camera at azimuth 0 against 180: the view told by the
+                   camera alone (what ``text3d teacher train --suffix-drop`` teaches)
 
 A teacher that uses the camera for the facing direction has left/right of the order of front/back; one that has
 only learnt that a camera is present has left/right near 0 and camera/none well above it. ``--grid`` writes DDIM
@@ -45,7 +47,7 @@ def sensitivities(teacher, samples: int, seed: int) -> dict[str, float]:
     prompts = [f"a red {o}" for o in FRONT_BACK_OBJECTS]
     n = len(prompts) * samples
     shape = (n, teacher.unet.config.in_channels, teacher.latent_size, teacher.latent_size)
-    sums = {"left / right": 0.0, "camera / none": 0.0, "front / back": 0.0}
+    sums = {"left / right": 0.0, "camera / none": 0.0, "front / back": 0.0, "front / back by camera": 0.0}
     ts = (300, 500, 700)
     for t in ts:
         x = torch.randn(shape, generator=g)
@@ -62,6 +64,7 @@ def sensitivities(teacher, samples: int, seed: int) -> dict[str, float]:
             sums["left / right"] += float((plus - minus).abs().mean()) / 3
             sums["camera / none"] += float((plus - eps(label, None)).abs().mean()) / 3
         sums["front / back"] += float((eps(", front view", None) - eps(", back view", None)).abs().mean())
+        sums["front / back by camera"] += float((eps("", camera(0.0, n)) - eps("", camera(180.0, n))).abs().mean())
     return {k: v / len(ts) for k, v in sums.items()}
 
 
@@ -99,7 +102,7 @@ def main() -> None:
     if not teacher.camera_dim:
         sys.exit("error: this teacher takes no camera (not view-aware)")
     for key, value in sensitivities(teacher, args.samples, args.seed).items():
-        print(f"{key:14s} {value:.4f}")
+        print(f"{key:24s} {value:.4f}")
     if args.grid:
         facing_grid(teacher, Path(args.grid), args.seed)
 
