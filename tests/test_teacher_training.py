@@ -246,6 +246,10 @@ def test_command_exit_codes(monkeypatch, fake_data, tmp_path, capsys):
 
     command = reproduce_command(["--data", "d"], {"n": 100, "seed": 4})
     assert command == "text3d teacher train --data d --render 100 --render-seed 4"
+    # a render with a wider camera range (toyworld render --max-elevation) is its own command first
+    command = reproduce_command(["--data", "d"], {"n": 100, "seed": 4, "elevation": [-10.0, 85.0]})
+    assert command == ("text3d toyworld render --n 100 --out d --seed 4 --max-elevation 85 && "
+                       "text3d teacher train --data d")
 
 
 def test_script_wraps_the_command(monkeypatch, fake_data, tmp_path):
