@@ -252,3 +252,50 @@ def test_suffix_drop_leaves_the_view_to_the_camera(tmp_path, monkeypatch):
     assert "without its view suffix" in (tmp_path / "drop" / "teacher" / "README.md").read_text()
     with pytest.raises(UserError, match="needs --camera-drop"):
         finetune_teacher(tiny_config(tmp_path / "x"), data, Path(init_cfg.out), log=quiet, suffix_drop=0.5)
+
+
+def test_camera_drop_max_elevation_keeps_the_camera_of_views_from_above(tmp_path, monkeypatch):
+    """--camera-drop-max-elevation: only examples seen from at most that high lose their camera, so "no camera"
+    stands for the usual views; every example above it is trained with its camera."""
+    import diffusers
+    import numpy as np
+
+    from test_teacher_training import TINY, quiet, tiny_config
+    from text3d.errors import UserError
+    from text3d.teacher_training.data import load_dataset, write_fake_dataset
+    from text3d.teacher_training.finetune import finetune_teacher
+    from text3d.teacher_training.run import train_teacher
+
+    data_dir = write_fake_dataset(tmp_path / "data", n=24, seed=4)
+    data = load_dataset(data_dir)
+    init_cfg = tiny_config(tmp_path / "init", arch=TINY, unet_steps=1)
+    train_teacher(init_cfg, data, data_path=data_dir, log=quiet)
+    rows: list[torch.Tensor] = []
+    forward = diffusers.UNet2DConditionModel.forward
+
+    def recording(self, *args, class_labels=None, **kwargs):
+        if self.training and class_labels is not None:
+            rows.append(class_labels.detach().cpu())
+        return forward(self, *args, class_labels=class_labels, **kwargs)
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "forward", recording)
+    threshold = float(np.median(data.arrays["elevation"]))
+
+    def cameras_seen(max_elevation, name: str) -> torch.Tensor:
+        rows.clear()
+        cfg = tiny_config(tmp_path / name, unet_steps=4, cond_drop=0.0)
+        finetune_teacher(cfg, data, Path(init_cfg.out), replay=24, log=quiet, camera_drop=1.0,
+                         camera_drop_max_elevation=max_elevation)
+        return torch.cat(rows)
+
+    assert not cameras_seen(None, "all").any()  # a drop of 1 takes every camera
+    seen = cameras_seen(threshold, "above")
+    kept = seen[seen.abs().sum(dim=1) > 0]
+    assert 0 < len(kept) < len(seen)  # the views from above kept theirs, the others lost it
+    position = kept[:, [3, 7, 11]]
+    elevation = torch.rad2deg(torch.asin(position[:, 1] / position.norm(dim=1)))
+    assert (elevation > threshold - 1e-3).all(), (elevation.min(), threshold)
+    assert f"at most {threshold:g} degrees" in (tmp_path / "above" / "teacher" / "README.md").read_text()
+    with pytest.raises(UserError, match="needs --camera-drop"):
+        finetune_teacher(tiny_config(tmp_path / "x"), data, Path(init_cfg.out), log=quiet,
+                         camera_drop_max_elevation=30.0)

@@ -96,6 +96,8 @@ def _check(args: dict) -> list[str] | None:
         raise UserError(f"--suffix-drop must be in [0, 1], got {args['suffix_drop']}")
     if args["suffix_drop"] and args["camera_drop"] is None:
         raise UserError("--suffix-drop needs --camera-drop (the camera has to carry the view instead)")
+    if args["camera_drop_max_elevation"] is not None and args["camera_drop"] is None:
+        raise UserError("--camera-drop-max-elevation needs --camera-drop")
     if args["camera_lr_scale"] <= 0:
         raise UserError(f"--camera-lr-scale must be > 0, got {args['camera_lr_scale']}")
     if args["repeat_views"] is None:
@@ -170,6 +172,11 @@ def train_cmd(
                                       help="with --camera-drop: of the examples that keep their camera, a fraction "
                                            "P see their caption without its view suffix (the camera must tell the "
                                            "view)"),
+    camera_drop_max_elevation: Optional[float] = typer.Option(
+        None, "--camera-drop-max-elevation", metavar="DEG",
+        help="with --camera-drop: drop the camera only from images seen from at most DEG degrees up, so a teacher "
+             "fine-tuned on renders from higher up (toyworld render --max-elevation) still samples the usual views "
+             "without a camera"),
 ):
     """Train the teacher on the toyworld dataset in --data, or fine-tune one with --init.
 
@@ -204,7 +211,8 @@ def train_cmd(
         from text3d.teacher_training.finetune import finetune_teacher
 
         info = finetune_teacher(cfg, dataset, init, view_repeat=view_repeat, replay=replay, data_path=str(data),
-                                repeat_views=views, log=log, camera_drop=camera_drop, suffix_drop=suffix_drop)
+                                repeat_views=views, log=log, camera_drop=camera_drop, suffix_drop=suffix_drop,
+                                camera_drop_max_elevation=camera_drop_max_elevation)
         r = info["results"]
         typer.echo(f"done in {r['wall_time_s'] / 60:.1f} min: {r['steps_run']} fine-tune steps; teacher in {out}")
         return

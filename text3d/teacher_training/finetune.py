@@ -133,6 +133,9 @@ def finetune_card(previous: str, info: dict) -> str:
             f"camera MLP learnt at {s['camera_lr_scale']:g}x the UNet's rate."
             + (f" Of the examples that kept their camera, {info['suffix_drop']:.0%} saw their caption without its view "
                "suffix, so the facing direction had to come from the camera." if info.get("suffix_drop") else "")
+            + (f" The camera was dropped only from images seen from at most {info['camera_drop_max_elevation']:g} "
+               "degrees up, so without a camera the teacher samples those views." if info.get(
+                   "camera_drop_max_elevation") is not None else "")
             + " A",
             "camera input that starts at zero (`text3d.teacher_training.camera_input`) kept the loaded teacher's predictions",
             "at the start. Guidance passes each rendered view's camera (`Teacher.viewing`).", ""]),
@@ -155,7 +158,8 @@ def finetune_card(previous: str, info: dict) -> str:
 def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: str | Path, view_repeat: int = 3,
                      replay: int | None = None, data_path: str = "", log=print, stop: StopRequest | None = None,
                      on_step=None, repeat_views: Sequence[str] | None = None,
-                     camera_drop: float | None = None, suffix_drop: float = 0.0) -> dict:
+                     camera_drop: float | None = None, suffix_drop: float = 0.0,
+                     camera_drop_max_elevation: float | None = None) -> dict:
     """Fine-tune the teacher in ``init`` on ``dataset`` (``cfg.unet_steps`` steps) and write it into ``cfg.out``.
 
     ``replay`` caps the examples without a visible view that are kept (None = all): encoding the
@@ -166,7 +170,10 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     (:mod:`text3d.teacher_training.camera_input`) and sees each example's true camera, except for a
     ``camera_drop`` fraction that see "no camera". ``suffix_drop`` (with ``camera_drop``) gives a fraction of the
     examples that keep their camera the caption without its view suffix ("a red car" for "a red car, back
-    view"), so that which way the object faces is learnt from the camera, not only from the words."""
+    view"), so that which way the object faces is learnt from the camera, not only from the words.
+    ``camera_drop_max_elevation`` (degrees; None: every example) drops the camera only from examples seen from at most
+    that high: trained on a dataset rendered from higher up (``text3d toyworld render --max-elevation``), the teacher
+    then still samples the usual views when it gets no camera, and takes the higher ones only when asked by one."""
     from text3d.teacher.loader import load_components
     from text3d.teacher_training.run import available_threads
     from text3d.utils.backends import resolve_device
@@ -207,6 +214,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     captions = [str(dataset.arrays["captions"][i]) for i in keep]
     if suffix_drop and camera_drop is None:
         raise UserError("a view-suffix drop needs --camera-drop (the camera has to carry the view instead)")
+    if camera_drop_max_elevation is not None and camera_drop is None:
+        raise UserError("--camera-drop-max-elevation needs --camera-drop")
     plain_captions = [split_view_suffix(c)[0] for c in captions]
     distinct, caption_index = caption_table(captions + (plain_captions if suffix_drop else []))
     plain_index = caption_index[len(captions):] if suffix_drop else None
@@ -225,19 +234,26 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
         unet.requires_grad_(True)
         cameras = dataset_camera_features(dataset.arrays, keep[order])
         log(f"camera: the UNet sees each example's camera, dropped for {camera_drop:.0%} of them")
+        if camera_drop_max_elevation is not None:
+            droppable = np.asarray(dataset.arrays["elevation"])[keep[order]] <= camera_drop_max_elevation
+            log(f"camera: dropped only from the {droppable.mean():.0%} of examples seen from at most "
+                f"{camera_drop_max_elevation:g} degrees up")
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
                            tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0],
                            cameras=cameras, camera_drop=camera_drop or 0.0,
                            plain_caption_index=None if plain_index is None else plain_index[order],
-                           suffix_drop=suffix_drop)
+                           suffix_drop=suffix_drop,
+                           camera_droppable=None if camera_drop_max_elevation is None else droppable)
     if suffix_drop:
         log(f"view suffix: dropped from the caption of {suffix_drop:.0%} of the examples that keep their camera")
     extra = {"init": str(init), "n": len(images_u8), "view_repeat": view_repeat, "scaling_factor": scaling,
-             "repeat_views": views, "camera_drop": camera_drop, **({"suffix_drop": suffix_drop} if suffix_drop else {})}
+             "repeat_views": views, "camera_drop": camera_drop, **({"suffix_drop": suffix_drop} if suffix_drop else {}),
+             **({} if camera_drop_max_elevation is None else {"camera_drop_max_elevation": camera_drop_max_elevation})}
     if state is not None:
         if (int(state.get("n", -1)) != len(images_u8) or int(state.get("view_repeat", -1)) != view_repeat
                 or state.get("repeat_views") != views or state.get("camera_drop") != camera_drop
-                or float(state.get("suffix_drop", 0.0)) != float(suffix_drop)):
+                or float(state.get("suffix_drop", 0.0)) != float(suffix_drop)
+                or state.get("camera_drop_max_elevation") != camera_drop_max_elevation):
             raise UserError(f"the checkpoint in {work} fine-tuned on {state.get('n')} images with view repeat "
                             f"{state.get('view_repeat')} (views {state.get('repeat_views') or 'all'}); this run has "
                             f"{len(images_u8)} and {view_repeat} (views {views or 'all'}) "
@@ -255,6 +271,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     shown_init = os.path.relpath(init) if init.is_relative_to(Path.cwd()) else str(init)  # the card travels
     info = {"init": shown_init, "data": str(data_path), "n": len(images_u8), "n_data": len(full_mask),
             "n_view": int(mask.sum()), "repeat_views": views, "camera_drop": camera_drop, "suffix_drop": suffix_drop,
+            "camera_drop_max_elevation": camera_drop_max_elevation,
             "view_repeat": view_repeat, "view_share": view_share, "device": str(device), "threads": threads,
             "command": cfg.command,
             "settings": {k: getattr(cfg, k) for k in ("unet_steps", "batch_size", "lr", "text_lr_scale", "camera_lr_scale",

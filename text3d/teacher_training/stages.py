@@ -290,12 +290,18 @@ class DiffusionStage(Stage):
     def __init__(self, cfg: TeacherTrainConfig, device: torch.device, unet, text_encoder, scheduler,
                  latents: torch.Tensor, caption_ids: torch.Tensor, caption_index: np.ndarray, uncond_ids: torch.Tensor,
                  cameras: torch.Tensor | None = None, camera_drop: float = 0.0,
-                 plain_caption_index: np.ndarray | None = None, suffix_drop: float = 0.0):
+                 plain_caption_index: np.ndarray | None = None, suffix_drop: float = 0.0,
+                 camera_droppable: np.ndarray | None = None):
         super().__init__(cfg, device, cfg.unet_steps, cfg.batch_size, len(latents))
         # a view-aware teacher (text3d.teacher_training.camera_input): each example's camera features [N, 16],
         # replaced by zeros ("no camera") for a fraction camera_drop of the examples drawn
         self.cameras = None if cameras is None else cameras.to(device)
         self.camera_drop = float(camera_drop)
+        # which examples may lose their camera (None: all); the others always keep it, so that "no camera" stands
+        # for the views those examples are not (e.g. a teacher also shown views from above samples the old
+        # range of views without a camera)
+        self.camera_droppable = (None if camera_droppable is None
+                                 else torch.as_tensor(np.asarray(camera_droppable), dtype=torch.bool))
         # where the camera is kept, a fraction suffix_drop of the examples see their caption without its view
         # suffix (plain_caption_index: each example's plain caption in the same caption table), so the facing
         # direction has to come from the camera
@@ -341,7 +347,10 @@ class DiffusionStage(Stage):
         zt = ab.sqrt() * z0 + (1.0 - ab).sqrt() * noise
         kwargs = {}
         if self.cameras is not None:
-            keep = (torch.rand(batch, generator=self.generator) >= self.camera_drop).to(self.device)
+            keep = torch.rand(batch, generator=self.generator) >= self.camera_drop
+            if self.camera_droppable is not None:
+                keep = keep | ~self.camera_droppable[idx]
+            keep = keep.to(self.device)
             kwargs["class_labels"] = self.cameras[idx.to(self.device)] * keep[:, None].float()
             if self.suffix_drop:  # drawn only when on, so runs without it keep their random stream
                 plain = keep & ~drop & (torch.rand(batch, generator=self.generator) < self.suffix_drop).to(self.device)
