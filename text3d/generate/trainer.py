@@ -94,7 +94,10 @@ class AssetTrainer:
                                       and p.requires_grad], "lr": self.train_cfg.lr})
             if background and self.train_cfg.lr_background > 0:
                 groups.append({"params": background, "lr": self.train_cfg.lr_background})
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        # the fused kernel: one pass over each tensor instead of a dozen element-wise ops (4x faster on the CPU
+        # for the hash tables, scripts/bench_step.py); the same update and state_dict layout
+        fused = {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {}
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, **fused)
         self.step = 0
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, self.checkpoint_path,
                                         "try a lower train.lr or sds.guidance_scale")

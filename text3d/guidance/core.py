@@ -152,7 +152,11 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
     adapters = lora.active(condition) if lora is not None else nullcontext()
     with adapters:
         eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives], no_camera=(0,) if camera_cfg else ())
-    images = [decoded(e) for e in eps]
+    # every branch's x0 decoded in one VAE call: one batch of K*B runs the decoder's convolutions faster on
+    # the CPU than K batches of B (scripts/bench_step.py)
+    k, batch = len(eps), noisy.shape[0]
+    tk = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(batch).repeat(k)
+    images = list(teacher.decode_latents(predict_x0(teacher, noisy.repeat(k, 1, 1, 1), torch.cat(eps), tk)).chunk(k))
     if weights is None:
         weights = torch.zeros(0, noisy.shape[0])
     guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale)
