@@ -57,3 +57,17 @@ def test_bad_files(tmp_path):
     unknown.write_text("train:\n  colour: red\n")
     with pytest.raises(ConfigError, match="train.colour"):
         load_config(files=[unknown])
+
+
+def test_coarse_to_fine_preset_renders_small_then_full():
+    """The shipped coarse-to-fine preset: 32 px for the first half of the run, the default's 64 px from the half on,
+    every other setting the default's."""
+    from text3d.generate.config import render_resolution
+    from text3d.runtime.resources import CONFIG_DIR
+
+    cfg = load_config(files=[CONFIG_DIR / "coarse-to-fine.yaml"])
+    default = load_config()
+    t = cfg.train
+    assert [render_resolution(t, s) for s in (1, t.steps // 2, t.steps // 2 + 1, t.steps)] == [32, 32, 64, 64]
+    assert render_resolution(default.train, 1) == default.train.resolution == 64
+    assert (cfg.sds, cfg.camera, cfg.export, t.steps) == (default.sds, default.camera, default.export, default.train.steps)
