@@ -290,3 +290,32 @@ def test_grid_layout_rows_per_prompt_or_near_square():
     assert grid_columns(1, 16) == 4  # one prompt: a square
     assert grid_columns(540, 1) == 24  # one image per prompt: wrapped, not a 540-high column
     assert grid_columns(3, 1) == 2
+
+
+def test_ddim_inversion_recovers_a_constant_noise_and_calls_the_model_steps_times():
+    """A model whose noise prediction is a constant c: every DDIM x0 estimate on the way up is x0 itself, so inverting
+    x0 to t lands on sqrt(ab_t) x0 + sqrt(1 - ab_t) c, whatever the number of steps; the model sees timesteps rising
+    from 0 and is called once per step."""
+    from text3d.teacher.sampling import ddim_invert
+
+    alphas = torch.linspace(0.9999, 0.01, 1000)
+    x0, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 900])
+    for steps in (1, 3, 7):
+        seen = []
+
+        def eps_fn(x, s):
+            seen.append(s.clone())
+            return c
+
+        x_t = ddim_invert(alphas, x0, eps_fn, t, steps)
+        ab = alphas[t].view(-1, 1, 1, 1)
+        assert torch.allclose((x_t - ab.sqrt() * x0) / (1 - ab).sqrt(), c, atol=1e-4)
+        assert len(seen) == steps and seen[0].tolist() == [0, 0]
+        assert all(bool((b > a).all()) for a, b in zip(seen, seen[1:]))
+    # a model that depends on x: the inverted noise is not the constant any more, and one step is DDIM's own
+    x_t = ddim_invert(alphas, x0, lambda x, s: 0.5 * x, t, 1)
+    ab = alphas[t].view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * 0.5 * x0, atol=1e-5)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        ddim_invert(alphas, x0, eps_fn, t, 0)

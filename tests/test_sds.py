@@ -243,3 +243,41 @@ def test_cfg_rescale_in_image_and_latent_space_sds(teacher):
     assert torch.allclose(lat.grad, expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="sds.cfg_rescale must be in"):
         load_config(overrides=["sds.cfg_rescale=1.5"])
+
+
+def test_inverted_noise_sds_uses_ddim_inversion_of_the_latents(teacher):
+    """noise=inversion (SDI): x_t is the DDIM inversion of the latents with the conditional prediction, so the
+    gradient is w (eps_CFG(x_t) - eps_inv) with eps_inv = (x_t - sqrt(ab) x) / sqrt(1 - ab), computed here by hand."""
+    from text3d.errors import ConfigError
+    from text3d.generate.config import load_config
+
+    torch.manual_seed(0)
+    scale, steps = 5.0, 2
+    guidance = SDSGuidance(teacher, SDSConfig(guidance_scale=scale, noise="inversion", inversion_steps=steps))
+    latents = torch.randn(2, teacher.latent_channels, teacher.latent_size, teacher.latent_size, requires_grad=True)
+    t = torch.tensor([200, 600])
+    prompts = ["a red cube, front view", "a red cube, back view"]
+    out = guidance.guide_latents(latents, prompts, t=t)
+    out.loss.backward()
+    with torch.no_grad():
+        cond, uncond = teacher.encode_prompts(prompts), teacher.encode_prompts(["", ""])
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        s1 = (t.float() / steps).round().long()  # 0 -> t/2 -> t
+        e0 = teacher.unet(latents, torch.zeros_like(t), encoder_hidden_states=cond).sample
+        ab1 = teacher.alphas_cumprod[s1].view(-1, 1, 1, 1)
+        x1 = ab1.sqrt() * latents + (1 - ab1).sqrt() * e0
+        e1 = teacher.unet(x1, s1, encoder_hidden_states=cond).sample
+        x_t = ab.sqrt() * (x1 - (1 - ab1).sqrt() * e1) / ab1.sqrt() + (1 - ab).sqrt() * e1
+        eps_inv = (x_t - ab.sqrt() * latents) / (1 - ab).sqrt()
+        eps_c = teacher.unet(x_t, t, encoder_hidden_states=cond).sample
+        eps_u = teacher.unet(x_t, t, encoder_hidden_states=uncond).sample
+        expected = (1 - ab) * (eps_u + scale * (eps_c - eps_u) - eps_inv)
+    assert torch.allclose(out.grad, expected, atol=1e-4, rtol=1e-3)
+    assert torch.allclose(latents.grad, expected, atol=1e-4, rtol=1e-3)
+    random = SDSGuidance(teacher, SDSConfig(guidance_scale=scale)).guide_latents(latents, prompts, t=t)
+    assert not torch.allclose(random.grad, expected, atol=1e-2)  # the random noise gives another gradient
+    assert load_config(overrides=["sds.noise=inversion"]).sds.noise == "inversion"
+    with pytest.raises(ConfigError, match="sds.noise must be random or inversion"):
+        load_config(overrides=["sds.noise=ddim"])
+    with pytest.raises(ConfigError, match="vsd.inversion_steps must be >= 1"):
+        load_config(overrides=["vsd.inversion_steps=0"])

@@ -31,6 +31,14 @@ The gradient is sanitised (NaN/inf zeroed and counted, optional clamp to ``grad_
 the target trick ``loss = 0.5 ||y - (y - grad).detach()||^2`` on ``y`` (the latents or the image), so
 ``d loss / d y = grad`` exactly with ``reduction = "sum"`` and ``grad / y.numel()`` with ``"mean"``.
 
+``noise = "inversion"`` (SDI, Lukoianov et al. 2024) replaces the random ``eps`` by the noise that DDIM inversion
+of ``x`` finds: ``x_t`` is reached from ``x`` by ``inversion_steps`` deterministic DDIM steps upwards with the teacher's
+conditional prediction (the camera included), and ``eps = (x_t - sqrt(ab_t) x) / sqrt(1 - ab_t)``
+(:func:`~text3d.teacher.sampling.ddim_invert`). SDS with random noise is a DDIM sampler whose every step starts a
+new trajectory, and what it distils is the average over them (small features averaged away); with the inverted
+noise each step continues the trajectory through the current ``x``. It costs ``inversion_steps`` conditional UNet
+calls a step.
+
 Everything goes through :func:`score_gradient`; :class:`ScoreDistillation` draws ``t`` and the noise,
 encodes prompts and injects the result. 3D guidance calls it with rendered images and prompts
 (:meth:`ScoreDistillation.__call__`), 2D students with latents and embeddings
@@ -48,7 +56,7 @@ import torch
 from text3d.errors import ConfigError
 from text3d.guidance.schedules import TimestepSchedule
 from text3d.prompts import other_view_prompts
-from text3d.teacher.sampling import predict_x0
+from text3d.teacher.sampling import ddim_invert, predict_x0
 from text3d.teacher.teacher import apply_perp_neg, rescale_cfg
 
 if TYPE_CHECKING:
@@ -58,6 +66,7 @@ if TYPE_CHECKING:
 
 WEIGHTINGS = ("sigma2", "dmd")
 SPACES = ("latent", "image")
+NOISES = ("random", "inversion")
 REDUCTIONS = ("sum", "mean")
 
 
@@ -82,6 +91,8 @@ class ScoreConfig:
     camera_cfg: bool = False  # view-aware teacher: the real branch's unconditional prediction also without the
     #                           camera, so CFG's direction (cond - uncond) carries the view and is amplified with the text
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
+    noise: str = "random"  # random | inversion: the noise found by DDIM inversion of x (SDI; module docstring)
+    inversion_steps: int = 3  # noise = inversion: conditional UNet calls of the inversion, 0 -> t
 
 
 def check_score_config(s: ScoreConfig, name: str) -> None:
@@ -105,6 +116,8 @@ def check_score_config(s: ScoreConfig, name: str) -> None:
     check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")
     check(s.perp_neg >= 0, f"{name}.perp_neg must be >= 0, got {s.perp_neg}")
     check(0.0 <= s.cfg_rescale <= 1.0, f"{name}.cfg_rescale must be in [0, 1], got {s.cfg_rescale}")
+    check(s.noise in NOISES, f"{name}.noise must be random or inversion, got {s.noise!r}")
+    check(s.inversion_steps >= 1, f"{name}.inversion_steps must be >= 1, got {s.inversion_steps}")
 
 
 @dataclass
@@ -235,6 +248,18 @@ class ScoreDistillation:
         """Integer timesteps [batch] on the teacher's device from the schedule at ``progress``."""
         return self.schedule.sample(batch, progress, device=self.teacher.device)
 
+    def draw_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The step's noise [B, C, h, w] (float32): random, or with ``noise = "inversion"`` the noise that DDIM
+        inversion of ``latents`` to ``t`` with the conditional prediction finds (module docstring)."""
+        if self.cfg.noise != "inversion":
+            return torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
+        with torch.no_grad():
+            x = latents.detach().float()
+            x_t = ddim_invert(self.teacher, x, lambda z, s: self.teacher.predict_eps(z, s, cond), t,
+                              self.cfg.inversion_steps)
+            ab = self.teacher.alpha_bar(t).to(x.device)
+            return (x_t - ab.sqrt() * x) / (1.0 - ab).sqrt()
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """The ``sigma2`` weighting w(t) = 1 - alpha_bar_t, shaped [B, 1, 1, 1]."""
         return 1.0 - self.teacher.alpha_bar(t)
@@ -254,7 +279,7 @@ class ScoreDistillation:
         batch = latents.shape[0]
         t = self.schedule.sample(batch, progress, device=latents.device) if t is None else t.to(latents.device)
         if noise is None:
-            noise = torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
+            noise = self.draw_noise(latents, t, cond)
         grad = score_gradient(self.teacher, latents, t, noise, cond, uncond, cfg, self.lora, condition=condition,
                               image=image if cfg.space == "image" else None, negatives=negatives,
                               negative_weights=negative_weights)

@@ -102,6 +102,29 @@ def ddim_step(teacher_or_alphas, x_t: torch.Tensor, eps: torch.Tensor, t, t_prev
     return x_prev
 
 
+def ddim_invert(teacher_or_alphas, x0: torch.Tensor, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                t, steps: int) -> torch.Tensor:
+    """Deterministic DDIM inversion of clean ``x0`` up to timestep ``t`` (int or [B] tensor) in ``steps`` steps.
+
+    The timesteps ``s_k = round(k t / steps)``, ``k = 0 .. steps``, are climbed with the DDIM update run upwards,
+    ``x_{s_{k+1}} = sqrt(ab_{k+1}) x0(x_{s_k}) + sqrt(1 - ab_{k+1}) eps(x_{s_k}, s_k)``, starting from ``x_{s_0} = x0``
+    (taken as clean, ``ab = 1``) with ``eps_fn(x, s)`` the model's noise prediction at timesteps ``s`` [B]: ``steps``
+    model calls. Returns ``x_t`` (float32); ``(x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t)`` is the noise that the forward
+    process would have to draw to reach it (SDI's inverted noise, Lukoianov et al. 2024)."""
+    if steps < 1:
+        raise ValueError(f"ddim_invert needs steps >= 1, got {steps}")
+    alphas = _alphas(teacher_or_alphas)
+    batch = x0.shape[0]
+    t = torch.as_tensor(t, device=x0.device).long().reshape(-1).expand(batch)
+    x, prev = x0.float(), torch.full_like(t, -1)
+    for k in range(steps):
+        s = (t.float() * k / steps).round().long()
+        nxt = (t.float() * (k + 1) / steps).round().long()
+        x = ddim_step(alphas, x, eps_fn(x, s), prev, nxt)
+        prev = nxt
+    return x
+
+
 def progressive_target(teacher_or_alphas, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z_t: torch.Tensor,
                        t: int, t_mid: int, t_next: int) -> torch.Tensor:
     """Progressive distillation's x-target (Salimans & Ho): two deterministic DDIM steps of the teacher
