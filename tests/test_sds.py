@@ -246,8 +246,8 @@ def test_cfg_rescale_in_image_and_latent_space_sds(teacher):
 
 
 def test_inverted_noise_sds_uses_ddim_inversion_of_the_latents(teacher):
-    """noise=inversion (SDI): x_t is the DDIM inversion of the latents with the conditional prediction, so the
-    gradient is w (eps_CFG(x_t) - eps_inv) with eps_inv = (x_t - sqrt(ab) x) / sqrt(1 - ab), computed here by hand."""
+    """noise=inversion (SDI): the noise is the DDIM inversion's, eps_inv = (x_t - sqrt(ab) x) / sqrt(1 - ab), and the
+    gradient w (eps_CFG(x_t) - eps_inv), computed here by hand."""
     from text3d.errors import ConfigError
     from text3d.generate.config import load_config
 
@@ -269,13 +269,20 @@ def test_inverted_noise_sds_uses_ddim_inversion_of_the_latents(teacher):
         e1 = teacher.unet(x1, s1, encoder_hidden_states=cond).sample
         x_t = ab.sqrt() * (x1 - (1 - ab1).sqrt() * e1) / ab1.sqrt() + (1 - ab).sqrt() * e1
         eps_inv = (x_t - ab.sqrt() * latents) / (1 - ab).sqrt()
-        eps_c = teacher.unet(x_t, t, encoder_hidden_states=cond).sample
-        eps_u = teacher.unet(x_t, t, encoder_hidden_states=uncond).sample
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * eps_inv
+        eps_c = teacher.unet(noisy, t, encoder_hidden_states=cond).sample
+        eps_u = teacher.unet(noisy, t, encoder_hidden_states=uncond).sample
         expected = (1 - ab) * (eps_u + scale * (eps_c - eps_u) - eps_inv)
     assert torch.allclose(out.grad, expected, atol=1e-4, rtol=1e-3)
     assert torch.allclose(latents.grad, expected, atol=1e-4, rtol=1e-3)
     random = SDSGuidance(teacher, SDSConfig(guidance_scale=scale)).guide_latents(latents, prompts, t=t)
     assert not torch.allclose(random.grad, expected, atol=1e-2)  # the random noise gives another gradient
+    late = SDSGuidance(teacher, SDSConfig(noise="inversion", inversion_steps=steps, inversion_from=0.5))
+    torch.manual_seed(3)
+    early = late.draw_noise(latents, t, cond, progress=0.4)  # before inversion_from: random noise
+    torch.manual_seed(3)
+    assert torch.equal(early, torch.randn(latents.shape))
+    assert torch.allclose(late.draw_noise(latents, t, cond, progress=0.5), eps_inv, atol=1e-4, rtol=1e-3)
     assert load_config(overrides=["sds.noise=inversion"]).sds.noise == "inversion"
     with pytest.raises(ConfigError, match="sds.noise must be random or inversion"):
         load_config(overrides=["sds.noise=ddim"])

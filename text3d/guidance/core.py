@@ -37,7 +37,10 @@ conditional prediction (the camera included), and ``eps = (x_t - sqrt(ab_t) x) /
 (:func:`~text3d.teacher.sampling.ddim_invert`). SDS with random noise is a DDIM sampler whose every step starts a
 new trajectory, and what it distils is the average over them (small features averaged away); with the inverted
 noise each step continues the trajectory through the current ``x``. It costs ``inversion_steps`` conditional UNet
-calls a step.
+calls a step; ``inversion_from`` keeps the random noise for that first fraction of the run (the shape). With the
+embedded teacher it does not work: its inversion of a render finds noise of standard deviation 0.24-0.5 rather
+than 1 (the renders are not on its manifold), ``x_t`` is under-noised for its ``t`` and the assets come out as
+faint clouds (docs/guidance.md, 2026-12-06); it is there for real SD teachers, where the paper measured it.
 
 Everything goes through :func:`score_gradient`; :class:`ScoreDistillation` draws ``t`` and the noise,
 encodes prompts and injects the result. 3D guidance calls it with rendered images and prompts
@@ -93,6 +96,7 @@ class ScoreConfig:
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
     noise: str = "random"  # random | inversion: the noise found by DDIM inversion of x (SDI; module docstring)
     inversion_steps: int = 3  # noise = inversion: conditional UNet calls of the inversion, 0 -> t
+    inversion_from: float = 0.0  # noise = inversion: the fraction of the run guided with random noise first
 
 
 def check_score_config(s: ScoreConfig, name: str) -> None:
@@ -118,6 +122,7 @@ def check_score_config(s: ScoreConfig, name: str) -> None:
     check(0.0 <= s.cfg_rescale <= 1.0, f"{name}.cfg_rescale must be in [0, 1], got {s.cfg_rescale}")
     check(s.noise in NOISES, f"{name}.noise must be random or inversion, got {s.noise!r}")
     check(s.inversion_steps >= 1, f"{name}.inversion_steps must be >= 1, got {s.inversion_steps}")
+    check(0.0 <= s.inversion_from <= 1.0, f"{name}.inversion_from must be in [0, 1], got {s.inversion_from}")
 
 
 @dataclass
@@ -248,10 +253,12 @@ class ScoreDistillation:
         """Integer timesteps [batch] on the teacher's device from the schedule at ``progress``."""
         return self.schedule.sample(batch, progress, device=self.teacher.device)
 
-    def draw_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The step's noise [B, C, h, w] (float32): random, or with ``noise = "inversion"`` the noise that DDIM
-        inversion of ``latents`` to ``t`` with the conditional prediction finds (module docstring)."""
-        if self.cfg.noise != "inversion":
+    def draw_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                   progress: float = 0.0) -> torch.Tensor:
+        """The step's noise [B, C, h, w] (float32): random, or with ``noise = "inversion"`` from ``inversion_from``
+        of the run on the noise that DDIM inversion of ``latents`` to ``t`` with the conditional prediction finds
+        (module docstring)."""
+        if self.cfg.noise != "inversion" or progress < self.cfg.inversion_from:
             return torch.randn(latents.shape, dtype=torch.float32).to(latents.device)
         with torch.no_grad():
             x = latents.detach().float()
@@ -279,7 +286,7 @@ class ScoreDistillation:
         batch = latents.shape[0]
         t = self.schedule.sample(batch, progress, device=latents.device) if t is None else t.to(latents.device)
         if noise is None:
-            noise = self.draw_noise(latents, t, cond)
+            noise = self.draw_noise(latents, t, cond, progress)
         grad = score_gradient(self.teacher, latents, t, noise, cond, uncond, cfg, self.lora, condition=condition,
                               image=image if cfg.space == "image" else None, negatives=negatives,
                               negative_weights=negative_weights)

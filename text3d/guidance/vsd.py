@@ -92,7 +92,7 @@ class VSDGuidance(ScoreDistillation):
             batch = latents.shape[0]
             t = self.schedule.sample(batch, progress, device=latents.device) if t is None else t.to(latents.device)
             if noise is None:
-                noise = self.draw_noise(latents, t, cond)
+                noise = self.draw_noise(latents, t, cond, progress)
             if condition is not None and cfg.lora.camera_drop > 0:
                 fusable = bool((torch.rand(batch) >= cfg.lora.camera_drop).all())  # a dropped condition: unfused
         if not fusable:
