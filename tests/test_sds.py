@@ -288,3 +288,23 @@ def test_inverted_noise_sds_uses_ddim_inversion_of_the_latents(teacher):
         load_config(overrides=["sds.noise=ddim"])
     with pytest.raises(ConfigError, match="vsd.inversion_steps must be >= 1"):
         load_config(overrides=["vsd.inversion_steps=0"])
+
+
+def test_guidance_scale_ramp_follows_the_annealing_start(teacher):
+    """guidance_scale_end: CFG constant until t_anneal_start, then linear to the end value; the gradient at a late
+    progress is the one a constant CFG of that value gives."""
+    from text3d.errors import ConfigError
+    from text3d.generate.config import load_config
+
+    cfg = SDSConfig(guidance_scale=5.0, guidance_scale_end=9.0, t_anneal_start=0.5, space="image")
+    ramp = SDSGuidance(teacher, cfg)
+    assert [ramp.guidance_scale_at(p) for p in (0.0, 0.5, 0.75, 1.0)] == [5.0, 5.0, 7.0, 9.0]
+    assert SDSGuidance(teacher, SDSConfig(guidance_scale=5.0)).guidance_scale_at(1.0) == 5.0
+    images = torch.rand(1, 3, 32, 32)
+    t, noise = torch.tensor([300]), torch.randn(1, teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    late = ramp(images, ["a red cube"], progress=0.75, t=t, noise=noise).grad
+    fixed = SDSGuidance(teacher, SDSConfig(guidance_scale=7.0, space="image"))(images, ["a red cube"], t=t, noise=noise)
+    early = ramp(images, ["a red cube"], progress=0.25, t=t, noise=noise).grad
+    assert torch.allclose(late, fixed.grad, atol=1e-5) and not torch.allclose(early, late, atol=1e-3)
+    with pytest.raises(ConfigError, match="guidance_scale_end"):
+        load_config(overrides=["sds.guidance_scale_end=-1"])

@@ -51,7 +51,7 @@ encodes prompts and injects the result. 3D guidance calls it with rendered image
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -78,6 +78,8 @@ class ScoreConfig:
     """The score-distillation gradient's settings (module docstring); SDS's defaults."""
 
     guidance_scale: float = 100.0  # CFG of the real branch (the frozen teacher)
+    guidance_scale_end: Optional[float] = None  # CFG ramped linearly to this from t_anneal_start of the run on
+    #                                             (null: constant): stronger guidance where the detail is drawn
     lora_guidance_scale: float = 1.0  # CFG of the LoRA baseline, when there is one (1 = conditional only)
     weighting: str = "sigma2"  # sigma2: (1 - ab_t)(eps_real - eps_base) | dmd: (x0_base - x0_real) / mean|x - x0_real|
     t_min: float = 0.02
@@ -107,8 +109,8 @@ def check_score_config(s: ScoreConfig, name: str) -> None:
             raise ConfigError(message)
 
     check(0.0 <= s.t_min < s.t_max <= 1.0, f"need 0 <= {name}.t_min < {name}.t_max <= 1, got {s.t_min}, {s.t_max}")
-    check(s.guidance_scale >= 0 and s.lora_guidance_scale >= 0,
-          f"{name}.guidance_scale and {name}.lora_guidance_scale must be >= 0")
+    check(s.guidance_scale >= 0 and s.lora_guidance_scale >= 0 and (s.guidance_scale_end or 0.0) >= 0,
+          f"{name}.guidance_scale, {name}.guidance_scale_end and {name}.lora_guidance_scale must be >= 0")
     check(s.t_anneal in TimestepSchedule.KINDS,
           f"{name}.t_anneal must be one of {', '.join(TimestepSchedule.KINDS)}, got {s.t_anneal!r}")
     if s.t_anneal != "none" and s.t_max_end is not None:
@@ -253,6 +255,15 @@ class ScoreDistillation:
         """Integer timesteps [batch] on the teacher's device from the schedule at ``progress``."""
         return self.schedule.sample(batch, progress, device=self.teacher.device)
 
+    def guidance_scale_at(self, progress: float) -> float:
+        """The real branch's CFG scale at ``progress``: ``guidance_scale``, ramped linearly to ``guidance_scale_end``
+        from ``t_anneal_start`` of the run on when that is set."""
+        cfg = self.cfg
+        if cfg.guidance_scale_end is None or progress <= cfg.t_anneal_start:
+            return cfg.guidance_scale
+        p = min(1.0, (progress - cfg.t_anneal_start) / max(1e-8, 1.0 - cfg.t_anneal_start))
+        return cfg.guidance_scale + (cfg.guidance_scale_end - cfg.guidance_scale) * p
+
     def draw_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                    progress: float = 0.0) -> torch.Tensor:
         """The step's noise [B, C, h, w] (float32): random, or with ``noise = "inversion"`` from ``inversion_from``
@@ -287,6 +298,8 @@ class ScoreDistillation:
         t = self.schedule.sample(batch, progress, device=latents.device) if t is None else t.to(latents.device)
         if noise is None:
             noise = self.draw_noise(latents, t, cond, progress)
+        if cfg.guidance_scale_end is not None:
+            cfg = replace(cfg, guidance_scale=self.guidance_scale_at(progress))
         grad = score_gradient(self.teacher, latents, t, noise, cond, uncond, cfg, self.lora, condition=condition,
                               image=image if cfg.space == "image" else None, negatives=negatives,
                               negative_weights=negative_weights)
