@@ -299,3 +299,43 @@ def test_camera_drop_max_elevation_keeps_the_camera_of_views_from_above(tmp_path
     with pytest.raises(UserError, match="needs --camera-drop"):
         finetune_teacher(tiny_config(tmp_path / "x"), data, Path(init_cfg.out), log=quiet,
                          camera_drop_max_elevation=30.0)
+
+
+@pytest.mark.parametrize("space", ["latent", "image"])
+def test_camera_guidance_adds_the_views_own_direction(camera_teacher, space):
+    """``camera_guidance = w``: CFG as usual (uncond and cond both with the camera) plus w (cond - cond without the
+    camera), written out by hand per branch; on a teacher without a camera input it changes nothing."""
+    from text3d.guidance.core import score_gradient
+    from text3d.guidance.sds import SDSConfig
+    from text3d.teacher.sampling import predict_x0
+
+    base, teacher = camera_teacher
+    z, t, cond, uncond = _inputs(teacher)
+    cams = spherical_cameras(20.0, [0.0, 180.0], 2.8, 42.0)
+    image = torch.rand(2, 3, 64, 64)
+    noise = torch.randn_like(z)
+    scale, w = 5.0, 3.0
+    with torch.no_grad():
+        noisy = teacher.add_noise(z, noise, t)
+        with teacher.viewing(cams):
+            e_uncond, e_cond = teacher.predict_eps(noisy, t, uncond), teacher.predict_eps(noisy, t, cond)
+        e_plain = teacher.predict_eps(noisy, t, cond)  # outside viewing: the "no camera" input
+        assert not torch.allclose(e_plain, e_cond, atol=1e-4)
+
+        def gradient(t_, cfg, model):
+            with model.viewing(cams):
+                return score_gradient(model, z, t_, noise, cond, uncond, cfg, image=image)
+
+        cfg = SDSConfig(guidance_scale=scale, space=space, camera_guidance=w)
+        if space == "latent":
+            guided = e_uncond + scale * (e_cond - e_uncond) + w * (e_cond - e_plain)
+            expected = (1.0 - teacher.alpha_bar(t)).view(-1, 1, 1, 1) * (guided - noise)
+        else:
+            decode = lambda e: teacher.decode_latents(predict_x0(teacher, noisy, e, t))  # noqa: E731
+            d_uncond, d_cond, d_plain = decode(e_uncond), decode(e_cond), decode(e_plain)
+            expected = image - (d_uncond + scale * (d_cond - d_uncond) + w * (d_cond - d_plain)).clamp(0.0, 1.0)
+        assert torch.allclose(gradient(t, cfg, teacher), expected, atol=1e-4)
+        without = SDSConfig(guidance_scale=scale, space=space)
+        assert not torch.allclose(gradient(t, cfg, teacher), gradient(t, without, teacher), atol=1e-4)
+        # a teacher without a camera input: no third branch, the plain CFG gradient
+        assert torch.allclose(gradient(t, cfg, base), gradient(t, without, base), atol=1e-5)

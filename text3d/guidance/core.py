@@ -10,7 +10,9 @@ noise ``eps``, and form ``x_t = sqrt(ab_t) x + sqrt(1 - ab_t) eps``. Two branche
   standard deviation pulled by ``phi`` towards the conditional prediction's,
   :func:`~text3d.teacher.teacher.rescale_cfg`; with ``camera_cfg`` on a view-aware teacher the
   unconditional prediction sees neither the text nor the camera, so ``s (cond - uncond)`` amplifies the view
-  as it amplifies the prompt),
+  as it amplifies the prompt; with ``camera_guidance = w > 0`` on a view-aware teacher a third prediction, the
+  prompt's without the camera, adds ``w (cond - cond_no_camera)``: the view's own direction (the car's lights on
+  its front, the house's door) amplified on its own, the prompt's CFG left as it is),
 * the **baseline** branch: the injected noise ``eps`` itself (SDS), or a LoRA on the teacher's own UNet
   (:class:`~text3d.guidance.lora.LoRAScoreNetwork`: VSD's variational score, the "fake score" of SwiftBrush,
   DMD and DMD2) with CFG ``lora_guidance_scale`` (1 = conditional only) and an optional condition (VSD's
@@ -93,6 +95,7 @@ class ScoreConfig:
     perp_neg: float = 0.0  # Perp-Neg: weight of each other azimuth view's prompt as a negative (0 = plain CFG)
     cfg_rescale: float = 0.0  # phi of CFG rescale, each channel's mean and std matched to the conditional
     #                           prediction's (text3d.teacher.teacher.rescale_cfg; 0 = plain CFG)
+    camera_guidance: float = 0.0  # view-aware teacher: w of the extra term w (cond - cond without the camera)
     camera_cfg: bool = False  # view-aware teacher: the real branch's unconditional prediction also without the
     #                           camera, so CFG's direction (cond - uncond) carries the view and is amplified with the text
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
@@ -121,6 +124,7 @@ def check_score_config(s: ScoreConfig, name: str) -> None:
     check(s.reduction in REDUCTIONS, f"{name}.reduction must be sum or mean, got {s.reduction!r}")
     check(s.image_weight > 0, f"{name}.image_weight must be > 0, got {s.image_weight}")
     check(s.perp_neg >= 0, f"{name}.perp_neg must be >= 0, got {s.perp_neg}")
+    check(s.camera_guidance >= 0, f"{name}.camera_guidance must be >= 0, got {s.camera_guidance}")
     check(0.0 <= s.cfg_rescale <= 1.0, f"{name}.cfg_rescale must be in [0, 1], got {s.cfg_rescale}")
     check(s.noise in NOISES, f"{name}.noise must be random or inversion, got {s.noise!r}")
     check(s.inversion_steps >= 1, f"{name}.inversion_steps must be >= 1, got {s.inversion_steps}")
@@ -157,21 +161,32 @@ def sanitize_grad(grad: torch.Tensor, clip: float | None) -> tuple[torch.Tensor,
     return grad, nonfinite
 
 
+def _camera_branches(teacher, camera_cfg: bool, camera_guidance: float, k: int) -> tuple[tuple[int, ...], bool]:
+    """Which of ``k`` prediction branches run without the camera (``camera_cfg``: the unconditional one) and whether
+    a last branch, the prompt's without the camera, is added (``camera_guidance`` on a view-aware teacher)."""
+    extra = bool(camera_guidance) and bool(getattr(teacher, "camera_dim", 0))
+    return ((0,) if camera_cfg else ()) + ((k,) if extra else ()), extra
+
+
 def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
-                  weights=None, rescale: float = 0.0, camera_cfg: bool = False) -> torch.Tensor:
+                  weights=None, rescale: float = 0.0, camera_cfg: bool = False,
+                  camera_guidance: float = 0.0) -> torch.Tensor:
     """One branch in image space: clamp(CFG of its decoded x0 predictions, 0, 1), CFG-rescaled by ``rescale``;
     at scale 1 without negatives only the conditional prediction is made (the same image, one UNet batch
-    instead of two). ``camera_cfg``: the unconditional prediction without the camera too."""
+    instead of two). ``camera_cfg``: the unconditional prediction without the camera too; ``camera_guidance``:
+    plus ``w (cond - cond without the camera)``."""
 
     def decoded(eps):
         return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
 
-    if scale == 1.0 and not negatives:
+    if scale == 1.0 and not negatives and not camera_guidance:
         eps = teacher.predict_eps(noisy, t, cond) if lora is None else lora.predict_eps(noisy, t, cond, condition)
         return decoded(eps)
     adapters = lora.active(condition) if lora is not None else nullcontext()
+    branches = [uncond, cond, *negatives]
+    no_camera, extra = _camera_branches(teacher, camera_cfg, camera_guidance, len(branches))
     with adapters:
-        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives], no_camera=(0,) if camera_cfg else ())
+        eps = teacher.predict_eps_many(noisy, t, branches + [cond] * extra, no_camera=no_camera)
     # every branch's x0 decoded in one VAE call: one batch of K*B runs the decoder's convolutions faster on
     # the CPU than K batches of B (scripts/bench_step.py)
     k, batch = len(eps), noisy.shape[0]
@@ -179,19 +194,30 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
     images = list(teacher.decode_latents(predict_x0(teacher, noisy.repeat(k, 1, 1, 1), torch.cat(eps), tk)).chunk(k))
     if weights is None:
         weights = torch.zeros(0, noisy.shape[0])
-    guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale)
+    if extra:
+        view = images.pop()
+        guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale) + camera_guidance * (images[1] - view)
+    else:
+        guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale)
     return rescale_cfg(guided, images[1], rescale).clamp(0.0, 1.0)
 
 
 def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weights=None,
-              rescale: float = 0.0, camera_cfg: bool = False) -> torch.Tensor:
+              rescale: float = 0.0, camera_cfg: bool = False, camera_guidance: float = 0.0) -> torch.Tensor:
     """The real branch in latent space: the teacher's guided noise prediction (Perp-Neg with negatives),
-    CFG-rescaled by ``rescale``; ``camera_cfg``: the unconditional prediction without the camera too."""
-    if negatives or rescale or camera_cfg:
-        eps = teacher.predict_eps_many(noisy, t, [uncond, cond, *negatives], no_camera=(0,) if camera_cfg else ())
+    CFG-rescaled by ``rescale``; ``camera_cfg``: the unconditional prediction without the camera too;
+    ``camera_guidance``: plus ``w (cond - cond without the camera)``."""
+    if negatives or rescale or camera_cfg or camera_guidance:
+        branches = [uncond, cond, *negatives]
+        no_camera, extra = _camera_branches(teacher, camera_cfg, camera_guidance, len(branches))
+        eps = teacher.predict_eps_many(noisy, t, branches + [cond] * extra, no_camera=no_camera)
+        view = eps.pop() if extra else None
         if weights is None:
             weights = torch.zeros(0, noisy.shape[0])
-        return rescale_cfg(apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale), eps[1], rescale)
+        guided = apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale)
+        if view is not None:
+            guided = guided + camera_guidance * (eps[1] - view)
+        return rescale_cfg(guided, eps[1], rescale)
     return teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=scale)
 
 
@@ -213,7 +239,8 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
             if image is None:
                 raise ValueError("image-space score distillation needs the image the gradient applies to")
             real = _guided_image(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
-                                 weights=negative_weights, rescale=cfg.cfg_rescale, camera_cfg=cfg.camera_cfg)
+                                 weights=negative_weights, rescale=cfg.cfg_rescale, camera_cfg=cfg.camera_cfg,
+                                 camera_guidance=cfg.camera_guidance)
             base = image.detach() if lora is None else _guided_image(
                 teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale, lora=lora, condition=condition)
             grad = cfg.image_weight * (base - real)
@@ -223,7 +250,7 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
                 raise ValueError(f"unknown weighting {cfg.weighting!r}")
             return grad
         eps_real = _real_eps(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives, negative_weights,
-                             cfg.cfg_rescale, cfg.camera_cfg)
+                             cfg.cfg_rescale, cfg.camera_cfg, cfg.camera_guidance)
         eps_base = noise if lora is None else lora.predict_eps(noisy, t, cond, condition, uncond_embeddings=uncond,
                                                               guidance_scale=cfg.lora_guidance_scale)
         if cfg.weighting == "sigma2":
