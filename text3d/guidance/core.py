@@ -80,8 +80,6 @@ class ScoreConfig:
     """The score-distillation gradient's settings (module docstring); SDS's defaults."""
 
     guidance_scale: float = 100.0  # CFG of the real branch (the frozen teacher)
-    guidance_scale_end: Optional[float] = None  # CFG ramped linearly to this from t_anneal_start of the run on
-    #                                             (null: constant): stronger guidance where the detail is drawn
     lora_guidance_scale: float = 1.0  # CFG of the LoRA baseline, when there is one (1 = conditional only)
     weighting: str = "sigma2"  # sigma2: (1 - ab_t)(eps_real - eps_base) | dmd: (x0_base - x0_real) / mean|x - x0_real|
     t_min: float = 0.02
@@ -95,10 +93,12 @@ class ScoreConfig:
     perp_neg: float = 0.0  # Perp-Neg: weight of each other azimuth view's prompt as a negative (0 = plain CFG)
     cfg_rescale: float = 0.0  # phi of CFG rescale, each channel's mean and std matched to the conditional
     #                           prediction's (text3d.teacher.teacher.rescale_cfg; 0 = plain CFG)
-    camera_guidance: float = 0.0  # view-aware teacher: w of the extra term w (cond - cond without the camera)
     camera_cfg: bool = False  # view-aware teacher: the real branch's unconditional prediction also without the
     #                           camera, so CFG's direction (cond - uncond) carries the view and is amplified with the text
     reduction: str = "sum"  # sum (d loss / d y = grad) | mean (the gradient divided by the element count)
+    camera_guidance: float = 0.0  # view-aware teacher: w of the extra term w (cond - cond without the camera)
+    guidance_scale_end: Optional[float] = None  # CFG ramped linearly to this from t_anneal_start of the run on
+    #                                             (null: constant): stronger guidance where the detail is drawn
     noise: str = "random"  # random | inversion: the noise found by DDIM inversion of x (SDI; module docstring)
     inversion_steps: int = 3  # noise = inversion: conditional UNet calls of the inversion, 0 -> t
     inversion_from: float = 0.0  # noise = inversion: the fraction of the run guided with random noise first
