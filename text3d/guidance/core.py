@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from text3d.errors import ConfigError
-from text3d.guidance.schedules import TimestepSchedule
+from text3d.guidance.schedules import TimestepSchedule, anneal_fraction
 from text3d.prompts import other_view_prompts
 from text3d.teacher.sampling import ddim_invert, predict_x0
 from text3d.teacher.teacher import apply_perp_neg, rescale_cfg
@@ -168,6 +168,17 @@ def _camera_branches(teacher, camera_cfg: bool, camera_guidance: float, k: int) 
     return ((0,) if camera_cfg else ()) + ((k,) if extra else ()), extra
 
 
+def _combine(preds: list[torch.Tensor], extra: bool, scale: float, weights, camera_guidance: float,
+             batch: int) -> torch.Tensor:
+    """The guided prediction (noise or decoded image) from the branches ``[uncond, cond, *negatives]`` and, with
+    ``extra``, a last one without the camera: Perp-Neg's CFG plus ``camera_guidance (cond - cond without camera)``."""
+    view = preds.pop() if extra else None
+    if weights is None:
+        weights = torch.zeros(0, batch)
+    guided = apply_perp_neg(preds[0], preds[1], preds[2:], weights, scale)
+    return guided if view is None else guided + camera_guidance * (preds[1] - view)
+
+
 def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
                   weights=None, rescale: float = 0.0, camera_cfg: bool = False,
                   camera_guidance: float = 0.0) -> torch.Tensor:
@@ -192,13 +203,7 @@ def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, cond
     k, batch = len(eps), noisy.shape[0]
     tk = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(batch).repeat(k)
     images = list(teacher.decode_latents(predict_x0(teacher, noisy.repeat(k, 1, 1, 1), torch.cat(eps), tk)).chunk(k))
-    if weights is None:
-        weights = torch.zeros(0, noisy.shape[0])
-    if extra:
-        view = images.pop()
-        guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale) + camera_guidance * (images[1] - view)
-    else:
-        guided = apply_perp_neg(images[0], images[1], images[2:], weights, scale)
+    guided = _combine(images, extra, scale, weights, camera_guidance, batch)
     return rescale_cfg(guided, images[1], rescale).clamp(0.0, 1.0)
 
 
@@ -211,12 +216,7 @@ def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weigh
         branches = [uncond, cond, *negatives]
         no_camera, extra = _camera_branches(teacher, camera_cfg, camera_guidance, len(branches))
         eps = teacher.predict_eps_many(noisy, t, branches + [cond] * extra, no_camera=no_camera)
-        view = eps.pop() if extra else None
-        if weights is None:
-            weights = torch.zeros(0, noisy.shape[0])
-        guided = apply_perp_neg(eps[0], eps[1], eps[2:], weights, scale)
-        if view is not None:
-            guided = guided + camera_guidance * (eps[1] - view)
+        guided = _combine(eps, extra, scale, weights, camera_guidance, noisy.shape[0])
         return rescale_cfg(guided, eps[1], rescale)
     return teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=scale)
 
@@ -286,10 +286,10 @@ class ScoreDistillation:
         """The real branch's CFG scale at ``progress``: ``guidance_scale``, ramped linearly to ``guidance_scale_end``
         from ``t_anneal_start`` of the run on when that is set."""
         cfg = self.cfg
-        if cfg.guidance_scale_end is None or progress <= cfg.t_anneal_start:
+        if cfg.guidance_scale_end is None:
             return cfg.guidance_scale
-        p = min(1.0, (progress - cfg.t_anneal_start) / max(1e-8, 1.0 - cfg.t_anneal_start))
-        return cfg.guidance_scale + (cfg.guidance_scale_end - cfg.guidance_scale) * p
+        return cfg.guidance_scale + (cfg.guidance_scale_end - cfg.guidance_scale) * anneal_fraction(
+            progress, cfg.t_anneal_start)
 
     def draw_noise(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                    progress: float = 0.0) -> torch.Tensor:

@@ -12,6 +12,14 @@ import math
 import torch
 
 
+def anneal_fraction(progress: float, start: float) -> float:
+    """How far an annealing that starts at ``start`` of the run has gone at ``progress``: 0 until ``start``, then
+    linear to 1 at the end."""
+    if progress <= start:
+        return 0.0
+    return min(1.0, (progress - start) / max(1e-8, 1.0 - start))
+
+
 class TimestepSchedule:
     """Samples integer timesteps in [t_min*T, t_max(step)*T]."""
 
@@ -32,9 +40,9 @@ class TimestepSchedule:
 
     def upper(self, progress: float) -> float:
         """The annealed upper bound (a fraction of T) at ``progress`` in [0, 1] of the run."""
-        if self.anneal == "none" or progress <= self.anneal_start:
+        if self.anneal == "none":
             return self.t_max
-        p = min(1.0, (progress - self.anneal_start) / max(1e-8, 1.0 - self.anneal_start))
+        p = anneal_fraction(progress, self.anneal_start)
         shape = {"linear": p, "sqrt": math.sqrt(p), "cosine": 0.5 * (1 - math.cos(math.pi * p))}[self.anneal]
         return self.t_max + (self.t_max_end - self.t_max) * shape
 

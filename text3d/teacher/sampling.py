@@ -116,11 +116,10 @@ def ddim_invert(teacher_or_alphas, x0: torch.Tensor, eps_fn: Callable[[torch.Ten
     alphas = _alphas(teacher_or_alphas)
     batch = x0.shape[0]
     t = torch.as_tensor(t, device=x0.device).long().reshape(-1).expand(batch)
-    x, prev = x0.float(), torch.full_like(t, -1)
-    for k in range(steps):
-        s = (t.float() * k / steps).round().long()
-        nxt = (t.float() * (k + 1) / steps).round().long()
-        x = ddim_step(alphas, x, eps_fn(x, s), prev, nxt)
+    x, prev = x0.float(), torch.full_like(t, -1)  # -1: clean (ab = 1); the model sees it at timestep 0
+    for k in range(1, steps + 1):
+        nxt = (t.float() * k / steps).round().long()
+        x = ddim_step(alphas, x, eps_fn(x, prev.clamp_min(0)), prev, nxt)
         prev = nxt
     return x
 
