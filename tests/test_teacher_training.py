@@ -250,6 +250,9 @@ def test_command_exit_codes(monkeypatch, fake_data, tmp_path, capsys):
     command = reproduce_command(["--data", "d"], {"n": 100, "seed": 4, "elevation": [-10.0, 85.0]})
     assert command == ("text3d toyworld render --n 100 --out d --seed 4 --max-elevation 85 && "
                        "text3d teacher train --data d")
+    command = reproduce_command(["--data", "d"], {"n": 100, "seed": 4, "radius": [1.8, 3.0]})
+    assert command == ("text3d toyworld render --n 100 --out d --seed 4 --min-radius 1.8 && "
+                       "text3d teacher train --data d")
 
 
 def test_script_wraps_the_command(monkeypatch, fake_data, tmp_path):

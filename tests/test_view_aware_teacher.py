@@ -296,6 +296,17 @@ def test_camera_drop_max_elevation_keeps_the_camera_of_views_from_above(tmp_path
     elevation = torch.rad2deg(torch.asin(position[:, 1] / position.norm(dim=1)))
     assert (elevation > threshold - 1e-3).all(), (elevation.min(), threshold)
     assert f"at most {threshold:g} degrees" in (tmp_path / "above" / "teacher" / "README.md").read_text()
+    # nearer than the usual 2.6 (toyworld render --min-radius): those keep their camera too, whatever their elevation
+    radius = np.asarray(data.arrays["radius"]).copy()
+    radius[::2] = 2.0
+    data.arrays["radius"] = radius
+    seen = cameras_seen(threshold, "near")
+    kept = seen[seen.abs().sum(dim=1) > 0]
+    position = kept[:, [3, 7, 11]]
+    distance = position.norm(dim=1)
+    elevation = torch.rad2deg(torch.asin(position[:, 1] / distance))
+    assert (distance < 2.5).any() and ((elevation > threshold - 1e-3) | (distance < 2.5)).all()
+    assert ((elevation <= threshold + 1e-3) & (distance < 2.5)).any()  # a low view kept its camera for being near
     with pytest.raises(UserError, match="needs --camera-drop"):
         finetune_teacher(tiny_config(tmp_path / "x"), data, Path(init_cfg.out), log=quiet,
                          camera_drop_max_elevation=30.0)

@@ -179,31 +179,37 @@ def _combine(preds: list[torch.Tensor], extra: bool, scale: float, weights, came
     return guided if view is None else guided + camera_guidance * (preds[1] - view)
 
 
-def _guided_image(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
-                  weights=None, rescale: float = 0.0, camera_cfg: bool = False,
-                  camera_guidance: float = 0.0) -> torch.Tensor:
-    """One branch in image space: clamp(CFG of its decoded x0 predictions, 0, 1), CFG-rescaled by ``rescale``;
-    at scale 1 without negatives only the conditional prediction is made (the same image, one UNet batch
-    instead of two). ``camera_cfg``: the unconditional prediction without the camera too; ``camera_guidance``:
-    plus ``w (cond - cond without the camera)``."""
-
-    def decoded(eps):
-        return teacher.decode_latents(predict_x0(teacher, noisy, eps, t))
-
+def _branch_x0(teacher, noisy, t, cond, uncond, scale: float, lora=None, condition=None, negatives=(),
+               camera_cfg: bool = False, camera_guidance: float = 0.0) -> tuple[list[torch.Tensor], bool]:
+    """One image-space branch's x0 predictions (latents), before decoding: ``[cond]`` alone at scale 1 without
+    negatives (the same image, one UNet batch instead of two), else ``[uncond, cond, *negatives]`` and, with
+    ``camera_guidance`` on a view-aware teacher, the prompt's without the camera; ``camera_cfg``: the
+    unconditional one without the camera too. Returns them and whether that last one is there."""
     if scale == 1.0 and not negatives and not camera_guidance:
-        eps = teacher.predict_eps(noisy, t, cond) if lora is None else lora.predict_eps(noisy, t, cond, condition)
-        return decoded(eps)
-    adapters = lora.active(condition) if lora is not None else nullcontext()
-    branches = [uncond, cond, *negatives]
-    no_camera, extra = _camera_branches(teacher, camera_cfg, camera_guidance, len(branches))
-    with adapters:
-        eps = teacher.predict_eps_many(noisy, t, branches + [cond] * extra, no_camera=no_camera)
-    # every branch's x0 decoded in one VAE call: one batch of K*B runs the decoder's convolutions faster on
-    # the CPU than K batches of B (scripts/bench_step.py)
-    k, batch = len(eps), noisy.shape[0]
-    tk = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(batch).repeat(k)
-    images = list(teacher.decode_latents(predict_x0(teacher, noisy.repeat(k, 1, 1, 1), torch.cat(eps), tk)).chunk(k))
-    guided = _combine(images, extra, scale, weights, camera_guidance, batch)
+        eps = [teacher.predict_eps(noisy, t, cond) if lora is None else lora.predict_eps(noisy, t, cond, condition)]
+        extra = False
+    else:
+        branches = [uncond, cond, *negatives]
+        no_camera, extra = _camera_branches(teacher, camera_cfg, camera_guidance, len(branches))
+        with lora.active(condition) if lora is not None else nullcontext():
+            eps = teacher.predict_eps_many(noisy, t, branches + [cond] * extra, no_camera=no_camera)
+    return [predict_x0(teacher, noisy, e, t) for e in eps], extra
+
+
+def _decode_all(teacher, x0: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every x0 in one VAE call: one batch of K*B runs the decoder's convolutions faster on the CPU than K
+    batches of B (scripts/bench_step.py)."""
+    return list(teacher.decode_latents(torch.cat(x0)).chunk(len(x0)))
+
+
+def _guided_image(images: list[torch.Tensor], extra: bool, scale: float, weights=None, rescale: float = 0.0,
+                  camera_guidance: float = 0.0) -> torch.Tensor:
+    """A branch's guided image from its decoded predictions (:func:`_branch_x0`): the one image at scale 1, else
+    clamp(CFG of the images (Perp-Neg with negatives, ``+ w (cond - cond without the camera)`` with ``extra``), 0, 1),
+    CFG-rescaled by ``rescale``."""
+    if len(images) == 1:
+        return images[0]
+    guided = _combine(images, extra, scale, weights, camera_guidance, images[0].shape[0])
     return rescale_cfg(guided, images[1], rescale).clamp(0.0, 1.0)
 
 
@@ -238,11 +244,15 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
         if cfg.space == "image":
             if image is None:
                 raise ValueError("image-space score distillation needs the image the gradient applies to")
-            real = _guided_image(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
-                                 weights=negative_weights, rescale=cfg.cfg_rescale, camera_cfg=cfg.camera_cfg,
-                                 camera_guidance=cfg.camera_guidance)
-            base = image.detach() if lora is None else _guided_image(
-                teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale, lora=lora, condition=condition)
+            real_x0, extra = _branch_x0(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
+                                        camera_cfg=cfg.camera_cfg, camera_guidance=cfg.camera_guidance)
+            base_x0 = [] if lora is None else _branch_x0(teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale,
+                                                         lora=lora, condition=condition)[0]
+            images = _decode_all(teacher, real_x0 + base_x0)  # the real and the LoRA's branches in one VAE call
+            real = _guided_image(images[:len(real_x0)], extra, cfg.guidance_scale, negative_weights, cfg.cfg_rescale,
+                                 cfg.camera_guidance)
+            base = image.detach() if lora is None else _guided_image(images[len(real_x0):], False,
+                                                                     cfg.lora_guidance_scale)
             grad = cfg.image_weight * (base - real)
             if cfg.weighting == "dmd":
                 grad = grad / (image.detach() - real).abs().flatten(1).mean(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)

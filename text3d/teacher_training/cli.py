@@ -42,12 +42,16 @@ def reproduce_command(args: list[str], meta: dict) -> str:
     """The command line of a run given ``args``; a real (non-fake) dataset gets --render/--render-seed so it can
     be rebuilt."""
     args = list(args)
-    if meta.get("elevation") and "--data" in args and meta.get("n") is not None:
-        # rendered with a non-default camera range (toyworld render --max-elevation): --render cannot say so,
-        # so the render is its own command before the training
+    if (meta.get("elevation") or meta.get("radius")) and "--data" in args and meta.get("n") is not None:
+        # rendered with a non-default camera range (toyworld render --max-elevation / --min-radius): --render
+        # cannot say so, so the render is its own command before the training
         data = args[args.index("--data") + 1]
         render = ["text3d", "toyworld", "render", "--n", str(meta["n"]), "--out", data, "--seed",
-                  str(meta.get("seed", 0)), "--max-elevation", f"{meta['elevation'][1]:g}"]
+                  str(meta.get("seed", 0))]
+        if meta.get("elevation"):
+            render += ["--max-elevation", f"{meta['elevation'][1]:g}"]
+        if meta.get("radius"):
+            render += ["--min-radius", f"{meta['radius'][0]:g}"]
         return shlex.join(render) + " && " + shlex.join([*COMMAND, *args])
     if not meta.get("fake") and "--render" not in args and meta.get("n") is not None:
         args += ["--render", str(meta["n"]), "--render-seed", str(meta.get("seed", 0))]

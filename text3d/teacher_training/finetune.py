@@ -172,8 +172,9 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     examples that keep their camera the caption without its view suffix ("a red car" for "a red car, back
     view"), so that which way the object faces is learnt from the camera, not only from the words.
     ``camera_drop_max_elevation`` (degrees; None: every example) drops the camera only from examples seen from at most
-    that high: trained on a dataset rendered from higher up (``text3d toyworld render --max-elevation``), the teacher
-    then still samples the usual views when it gets no camera, and takes the higher ones only when asked by one."""
+    that high (and from no nearer than the usual 2.6): trained on a dataset rendered from higher up or nearer
+    (``text3d toyworld render --max-elevation --min-radius``), the teacher then still samples the usual views when it
+    gets no camera, and takes the others only when asked by one."""
     from text3d.teacher.loader import load_components
     from text3d.teacher_training.run import available_threads
     from text3d.utils.backends import resolve_device
@@ -234,10 +235,14 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
         unet.requires_grad_(True)
         cameras = dataset_camera_features(dataset.arrays, keep[order])
         log(f"camera: the UNet sees each example's camera, dropped for {camera_drop:.0%} of them")
-        if camera_drop_max_elevation is not None:
-            droppable = np.asarray(dataset.arrays["elevation"])[keep[order]] <= camera_drop_max_elevation
+        if camera_drop_max_elevation is not None:  # the usual views only: not higher, and not nearer than usual
+            from text3d.cameras import CameraSamplerConfig
+
+            near = CameraSamplerConfig().radius[0]
+            droppable = ((np.asarray(dataset.arrays["elevation"])[keep[order]] <= camera_drop_max_elevation)
+                         & (np.asarray(dataset.arrays["radius"])[keep[order]] >= near - 1e-4))
             log(f"camera: dropped only from the {droppable.mean():.0%} of examples seen from at most "
-                f"{camera_drop_max_elevation:g} degrees up")
+                f"{camera_drop_max_elevation:g} degrees up and at least {near:g} away")
     stage = DiffusionStage(cfg, device, unet, text_encoder, scheduler, latents[torch.as_tensor(order)],
                            tokenize(tokenizer, distinct), caption_index[order], tokenize(tokenizer, [""])[0],
                            cameras=cameras, camera_drop=camera_drop or 0.0,

@@ -30,6 +30,9 @@ def render_cmd(
                                                   help="Top of the cameras' elevation range (default 45, as "
                                                        "`text3d generate` trains): higher shows the objects from "
                                                        "above, 60 and up with the \"overhead view\" suffix."),
+    min_radius: Optional[float] = typer.Option(None, "--min-radius", metavar="R",
+                                               help="Nearest camera distance (default 2.6, as `text3d generate` "
+                                                    "trains; the farthest is 3.0): lower shows the objects larger."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Render N captioned images of random objects, colours and training cameras into OUT."""
@@ -40,7 +43,7 @@ def render_cmd(
     t0 = time.perf_counter()
     folder = render_dataset(out, n, seed=seed, resolution=resolution, shard_size=shard_size,
                             p_plain_caption=p_plain_caption, progress=not quiet, workers=workers,
-                            max_elevation=max_elevation)
+                            max_elevation=max_elevation, min_radius=min_radius)
     seconds = time.perf_counter() - t0
     typer.echo(f"done: {n} images ({resolution}x{resolution}) in {folder} ({seconds:.1f}s)")
 

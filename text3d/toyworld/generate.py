@@ -11,7 +11,8 @@ pairs and ``perm_c`` a random permutation drawn for the block ``c = k // C``: ea
 consecutive examples holds every pair exactly once. Cameras come from
 ``sample_cameras(CameraSamplerConfig())``, the distribution ``text3d generate`` trains with (``max_elevation``
 raises its top, 45 degrees, to show the objects from above: cameras at 60 degrees and up get the "overhead view"
-suffix, the one view label the default range never reaches); the light is the
+suffix, the one view label the default range never reaches; ``min_radius`` lowers the bottom of the distance range,
+2.6, to show them larger, their small features (a car's lights, a snowman's face) over more pixels); the light is the
 camera direction jittered by up to ``LIGHT_JITTER_DEG`` (as in training) and the ambient term is uniform in
 ``AMBIENT_RANGE``. A caption is ``caption(object, colour)`` plus the camera's view suffix, or with
 probability ``p_plain_caption`` the plain caption.
@@ -65,25 +66,28 @@ def pair_indices(seed: int, start: int, stop: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def camera_sampler(max_elevation: float | None = None) -> CameraSamplerConfig:
-    """The training cameras' ranges, with the elevation's top at ``max_elevation`` (None: the default)."""
+def camera_sampler(max_elevation: float | None = None, min_radius: float | None = None) -> CameraSamplerConfig:
+    """The training cameras' ranges, with the elevation's top at ``max_elevation`` and the distance's bottom at
+    ``min_radius`` (None: the default)."""
     cfg = CameraSamplerConfig()
     if max_elevation is not None:
         cfg.elevation = (cfg.elevation[0], float(max_elevation))
+    if min_radius is not None:
+        cfg.radius = (float(min_radius), cfg.radius[1])
     return cfg
 
 
 def render_shard(seed: int, index: int, shard_size: int, size: int, resolution: int = 64,
                  p_plain_caption: float = 0.3,
                  on_batch: Callable[[int], None] | None = None,
-                 max_elevation: float | None = None) -> dict[str, np.ndarray]:
+                 max_elevation: float | None = None, min_radius: float | None = None) -> dict[str, np.ndarray]:
     """The arrays of shard ``index`` (``size`` examples, ``size <= shard_size``) in the dataset format."""
     g = _generator(seed, _SHARD_STREAM, index)
     start = index * shard_size
     all_pairs = pairs()
     chosen = [all_pairs[int(k)] for k in pair_indices(seed, start, start + size)]
     objects, colours = [o for o, _ in chosen], [c for _, c in chosen]
-    cam_cfg = camera_sampler(max_elevation)
+    cam_cfg = camera_sampler(max_elevation, min_radius)
     cams = sample_cameras(cam_cfg, size, generator=g)
     labels = cams.view_labels(cam_cfg)
     plain = (torch.rand(size, generator=g) < p_plain_caption).tolist()
@@ -133,17 +137,21 @@ def shard_complete(path: Path, size: int, resolution: int) -> bool:
 
 
 def _params(seed: int, resolution: int, shard_size: int, p_plain_caption: float,
-            max_elevation: float | None = None) -> dict:
+            max_elevation: float | None = None, min_radius: float | None = None) -> dict:
     return {"seed": seed, "resolution": resolution, "shard_size": shard_size, "p_plain_caption": p_plain_caption,
             "objects": list(OBJECTS), "colours": list(COLOURS), "light_jitter_deg": LIGHT_JITTER_DEG,
             "ambient_range": list(AMBIENT_RANGE),
-            **({} if max_elevation is None else {"max_elevation": float(max_elevation)})}
+            **({} if max_elevation is None else {"max_elevation": float(max_elevation)}),
+            **({} if min_radius is None else {"min_radius": float(min_radius)})}
 
 
-def _check_args(n, seed, resolution, shard_size, p_plain_caption, workers, max_elevation=None) -> None:
+def _check_args(n, seed, resolution, shard_size, p_plain_caption, workers, max_elevation=None, min_radius=None) -> None:
     low = CameraSamplerConfig().elevation[0]
     if max_elevation is not None and not low < max_elevation < 90.0:
         raise UserError(f"the top elevation must be in ({low:g}, 90) degrees, got {max_elevation:g}")
+    far = CameraSamplerConfig().radius[1]
+    if min_radius is not None and not 1.2 <= min_radius < far:  # nearer than 1.2 the camera is inside the objects' bound
+        raise UserError(f"the nearest camera distance must be in [1.2, {far:g}), got {min_radius:g}")
     if not isinstance(n, int) or n < 1:
         raise UserError(f"the number of images must be >= 1, got {n}")
     if not isinstance(seed, int) or seed < 0:
@@ -160,17 +168,17 @@ def _check_args(n, seed, resolution, shard_size, p_plain_caption, workers, max_e
 
 def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int = 64, shard_size: int = 2000,
                    p_plain_caption: float = 0.3, progress: bool = True, workers: int = 1,
-                   max_elevation: float | None = None) -> Path:
+                   max_elevation: float | None = None, min_radius: float | None = None) -> Path:
     """Render ``n`` images into ``out_dir`` (shards, then ``meta.json``) and return the folder.
 
     Shards already complete in ``out_dir`` (from a killed or smaller render with the same settings) are kept.
     ``workers > 1`` renders shards in that many processes (one torch thread each)."""
-    _check_args(n, seed, resolution, shard_size, p_plain_caption, workers, max_elevation)
+    _check_args(n, seed, resolution, shard_size, p_plain_caption, workers, max_elevation, min_radius)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    params = _params(seed, resolution, shard_size, p_plain_caption, max_elevation)
+    params = _params(seed, resolution, shard_size, p_plain_caption, max_elevation, min_radius)
     params_path = out / PARAMS_NAME
     if params_path.is_file():
         try:
@@ -191,7 +199,8 @@ def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int =
             "view_labels": list(VIEW_LABELS), "shards": names, "shard_size": shard_size,
             "p_plain_caption": p_plain_caption, "front_back_objects": list(FRONT_BACK_OBJECTS),
             "light_jitter_deg": LIGHT_JITTER_DEG, "ambient_range": list(AMBIENT_RANGE),
-            **({} if max_elevation is None else {"elevation": list(camera_sampler(max_elevation).elevation)})}
+            **({} if max_elevation is None else {"elevation": list(camera_sampler(max_elevation).elevation)}),
+            **({} if min_radius is None else {"radius": list(camera_sampler(None, min_radius).radius)})}
     meta_path = out / META_NAME
     if meta_path.is_file():
         try:
@@ -217,11 +226,11 @@ def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int =
         if workers == 1 or len(todo) <= 1:
             for i in todo:
                 arrays = render_shard(seed, i, shard_size, sizes[i], resolution, p_plain_caption, on_batch=advance,
-                                      max_elevation=max_elevation)
+                                      max_elevation=max_elevation, min_radius=min_radius)
                 write_shard(out / names[i], arrays)
         else:
             _render_parallel(out, todo, sizes, names, seed, shard_size, resolution, p_plain_caption, workers, advance,
-                             max_elevation)
+                             max_elevation, min_radius)
     write_meta(out, meta)
     return out
 
@@ -237,15 +246,16 @@ def _worker_init(queue) -> None:
 
 
 def _worker_render(out: str, index: int, shard_size: int, size: int, seed: int, resolution: int,
-                   p_plain_caption: float, name: str, max_elevation: float | None = None) -> int:
+                   p_plain_caption: float, name: str, max_elevation: float | None = None,
+                   min_radius: float | None = None) -> int:
     arrays = render_shard(seed, index, shard_size, size, resolution, p_plain_caption,
-                          on_batch=lambda k: _queue.put(k), max_elevation=max_elevation)
+                          on_batch=lambda k: _queue.put(k), max_elevation=max_elevation, min_radius=min_radius)
     write_shard(Path(out) / name, arrays)
     return index
 
 
 def _render_parallel(out, todo, sizes, names, seed, shard_size, resolution, p_plain_caption, workers, advance,
-                     max_elevation=None):
+                     max_elevation=None, min_radius=None):
     import concurrent.futures as cf
     import multiprocessing as mp
     import queue as queue_mod
@@ -255,7 +265,7 @@ def _render_parallel(out, todo, sizes, names, seed, shard_size, resolution, p_pl
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
                                 initargs=(q,)) as pool:
         futures = [pool.submit(_worker_render, str(out), i, shard_size, sizes[i], seed, resolution, p_plain_caption,
-                               names[i], max_elevation) for i in todo]
+                               names[i], max_elevation, min_radius) for i in todo]
         pending = set(futures)
         while pending:
             finished, pending = cf.wait(pending, timeout=0.5)
