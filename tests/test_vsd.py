@@ -46,6 +46,27 @@ def test_fresh_lora_predicts_the_teachers_conditional_eps(teacher):
     lora.remove()
 
 
+def test_adapter_switch_by_flag_matches_peft_enable_adapters(teacher):
+    """The adapters switched by the flag their forward reads give the predictions of peft's own
+    ``enable_adapters`` switch, on and off, and the fallback keeps the weights trainable as the flag path does."""
+    torch.manual_seed(3)
+    lora = LoRAScoreNetwork(teacher, rank=4, condition_dim=16)
+    assert lora._flag_switch  # the installed peft keeps the flag where the fast path expects it
+    _perturb(lora)
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([100, 700])
+    cond = teacher.encode_prompts(["a red car, front view", "a grey cube"])
+    condition = camera_features(sample_cameras(CameraSamplerConfig(), 2))
+    outputs = {}
+    for flag in (True, False):
+        lora._flag_switch = flag
+        with torch.no_grad():
+            outputs[flag] = (lora.predict_eps(latents, t, cond, condition), teacher.predict_eps(latents, t, cond))
+        assert all(p.requires_grad for p in lora.lora_parameters())
+    assert torch.equal(outputs[True][0], outputs[False][0]) and torch.equal(outputs[True][1], outputs[False][1])
+    assert (outputs[True][0] - outputs[True][1]).abs().max() > 1e-4  # on inside, off outside
+    lora.remove()
+
+
 def test_vsd_gradient_reaching_latents(teacher):
     torch.manual_seed(1)
     scale = 7.5
