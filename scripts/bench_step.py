@@ -20,7 +20,9 @@ split into
 and compared with the **bare teacher work** of one step, timed on its own: one CFG UNet forward plus the VAE
 encode and its backward (the least any latent-space score-distillation step must do). Printed: the median of
 each part, ``SDS step / bare teacher work`` (target <= 1.3) and ``VSD step / SDS step`` (target <= 1.6;
-ProlificDreamer's own implementation is about 3). Without --teacher a tiny random teacher is built in a
+ProlificDreamer's own implementation is about 3). The methods' steps are taken in turn, one step of each per
+round, each method with its own copy of the teacher, so a machine whose speed drifts during the run (a shared
+virtual machine) stretches them alike and their ratio holds. Without --teacher a tiny random teacher is built in a
 temporary folder; for SD 2.1 size build one with ``scripts/make_sd_teacher.py --shape sd21-base``.
 """
 
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from text3d.cameras import jittered_light_dirs, sample_cameras  # noqa: E402
 from text3d.generate.config import load_config  # noqa: E402
 from text3d.generate.trainer import AssetTrainer  # noqa: E402
+from text3d.guidance import vsd as vsd_module  # noqa: E402
 from text3d.guidance.core import target_trick_loss  # noqa: E402
 from text3d.prompts import prompts_for_cameras  # noqa: E402
 from text3d.runtime.seed import seed_everything  # noqa: E402
@@ -107,80 +110,103 @@ def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidanc
     return statistics.median(times)
 
 
-def bench_method(teacher, teacher_dir: str, method: str, resolution: int, steps: int, warmup: int,
-                 overrides: list[str], device: torch.device, space: str = "latent") -> dict[str, float]:
-    """Median seconds of each part of a ``method`` (sds | vsd | vsd-fused) step of the generate trainer."""
-    if method == "vsd-fused":
-        method, overrides = "vsd", [*overrides, "vsd.fused_lora=true"]
-    cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"guidance={method}",
-                                 f"train.resolution={resolution}", "train.high_resolution=null",
-                                 f"train.steps={steps + warmup}", *overrides, f"{method}.space={space}"])
-    cfg.prompt = "a corgi"
-    seed_everything(0)
-    trainer = AssetTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
-    guidance = trainer.guidance
-    lora_timer = None
-    fused_cls = original_fused = None
-    if guidance.lora is not None:  # time the LoRA's prediction inside the guidance call (fused: with its step)
-        from text3d.guidance import vsd as vsd_module
+class MethodSteps:
+    """The generate trainer's step of one ``method`` (sds | vsd | vsd-fused), run one step at a time and split into
+    its parts; :meth:`step` returns the seconds of each part. ``close()`` takes the LoRA off the teacher."""
 
-        lora_timer = _Timed(guidance.lora.predict_eps, device)
-        guidance.lora.predict_eps = lora_timer
-        fused_cls, original_fused = vsd_module._FusedLoRAStep, vsd_module._FusedLoRAStep.predict_eps
+    def __init__(self, teacher, teacher_dir: str, method: str, resolution: int, total_steps: int,
+                 overrides: list[str], device: torch.device, space: str = "latent"):
+        if method == "vsd-fused":
+            method, overrides = "vsd", [*overrides, "vsd.fused_lora=true"]
+        cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"guidance={method}",
+                                     f"train.resolution={resolution}", "train.high_resolution=null",
+                                     f"train.steps={total_steps}", *overrides, f"{method}.space={space}"])
+        cfg.prompt = "a corgi"
+        seed_everything(0)
+        self.cfg, self.teacher, self.device, self.space, self.resolution = cfg, teacher, device, space, resolution
+        self.trainer = AssetTrainer(cfg, teacher, device, Path(tempfile.mkdtemp()), show_progress=False)
+        self.guidance = guidance = self.trainer.guidance
+        self.lora_timer = None
+        if guidance.lora is not None:  # time the LoRA's prediction inside the guidance call (fused: with its step)
+            self.lora_timer = _Timed(guidance.lora.predict_eps, device)
+            guidance.lora.predict_eps = self.lora_timer
+            self._fused_original = original = vsd_module._FusedLoRAStep.predict_eps
+            timer = self.lora_timer
 
-        def timed_fused(self, *args, **kwargs):
-            sync(device)
-            t0 = clock()
-            out = original_fused(self, *args, **kwargs)
-            sync(device)
-            lora_timer.seconds += clock() - t0
-            return out
+            def timed_fused(fused, *args, **kwargs):  # this instance's fused steps only
+                if fused.vsd is not guidance:
+                    return original(fused, *args, **kwargs)
+                sync(device)
+                t0 = clock()
+                out = original(fused, *args, **kwargs)
+                sync(device)
+                timer.seconds += clock() - t0
+                return out
 
-        fused_cls.predict_eps = timed_fused
-    parts: dict[str, list[float]] = {k: [] for k in PARTS}
+            vsd_module._FusedLoRAStep.predict_eps = timed_fused
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, trainer, guidance, device, teacher = self.cfg, self.trainer, self.guidance, self.device, self.teacher
+        resolution = self.resolution
+        if self.lora_timer is not None:
+            self.lora_timer.seconds = 0.0
+        sync(device)
+        t0 = clock()
+        trainer.renderer.train()
+        trainer.renderer.update_occupancy(step)
+        cams = sample_cameras(cfg.camera, cfg.train.batch_size).to(device)
+        out = trainer.renderer(cams, resolution, resolution, shading=trainer.choose_shading(step),
+                               light_dirs=jittered_light_dirs(cams, 45.0))
+        sync(device); t1 = clock()
+        pixels = None
+        if self.space == "image":  # as ScoreDistillation.__call__: the gradient goes into the resized pixels
+            pixels = teacher.resize_images(out["rgb"]).float()
+            with torch.no_grad():
+                latents = teacher.encode_images(pixels.detach())
+        else:
+            latents = teacher.encode_images(out["rgb"])
+        sync(device); t2 = clock()
+        prompts = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
+        g = guidance.guide_latents(latents, prompts, progress=step / cfg.train.steps, cameras=cams, image=pixels)
+        sync(device); t3 = clock()
+        loss = g.loss + cfg.train.lambda_orientation * out.get("orientation_loss", 0.0)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync(device); t4 = clock()
+        trainer.optimizer.step()
+        sync(device); t5 = clock()
+        guidance.update(g, prompts, cams)  # VSD: the LoRA's training step; SDS: nothing
+        sync(device); t6 = clock()
+        lora_predict = self.lora_timer.seconds if self.lora_timer is not None else 0.0
+        return {"render": t1 - t0, "encode": t2 - t1, "unet": t3 - t2 - lora_predict, "lora": lora_predict + t6 - t5,
+                "backward": t4 - t3, "optim": t5 - t4, "step": t6 - t0}
+
+    def close(self) -> None:
+        if self.lora_timer is not None:
+            vsd_module._FusedLoRAStep.predict_eps = self._fused_original
+            del self.guidance.lora.predict_eps  # the class's method again
+            self.guidance.lora.remove()  # the teacher's UNet as it was
+
+
+def bench_methods(teacher_dir: str, methods: list[str], resolution: int, steps: int, warmup: int,
+                  overrides: list[str], device: torch.device, space: str = "latent") -> dict[str, dict[str, float]]:
+    """Median seconds of each part of each method's step, the methods' steps taken in turn (one step of each, then
+    the next round), so that a machine whose speed drifts slows them alike. Each method has its own teacher, so
+    VSD's LoRA adapters are not in the SDS steps' UNet."""
+    runs = {m: MethodSteps(load_teacher(teacher_dir, device), teacher_dir, m, resolution, steps + warmup, overrides,
+                           device, space) for m in methods}
+    parts = {m: {k: [] for k in PARTS} for m in methods}
     try:
         for step in range(1, steps + warmup + 1):
-            if lora_timer is not None:
-                lora_timer.seconds = 0.0
-            sync(device)
-            t0 = clock()
-            trainer.renderer.train()
-            trainer.renderer.update_occupancy(step)
-            cams = sample_cameras(cfg.camera, cfg.train.batch_size).to(device)
-            out = trainer.renderer(cams, resolution, resolution, shading=trainer.choose_shading(step),
-                                   light_dirs=jittered_light_dirs(cams, 45.0))
-            sync(device); t1 = clock()
-            pixels = None
-            if space == "image":  # as ScoreDistillation.__call__: the gradient goes into the resized pixels
-                pixels = teacher.resize_images(out["rgb"]).float()
-                with torch.no_grad():
-                    latents = teacher.encode_images(pixels.detach())
-            else:
-                latents = teacher.encode_images(out["rgb"])
-            sync(device); t2 = clock()
-            prompts = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
-            g = guidance.guide_latents(latents, prompts, progress=step / cfg.train.steps, cameras=cams, image=pixels)
-            sync(device); t3 = clock()
-            loss = g.loss + cfg.train.lambda_orientation * out.get("orientation_loss", 0.0)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync(device); t4 = clock()
-            trainer.optimizer.step()
-            sync(device); t5 = clock()
-            guidance.update(g, prompts, cams)  # VSD: the LoRA's training step; SDS: nothing
-            sync(device); t6 = clock()
-            lora_predict = lora_timer.seconds if lora_timer is not None else 0.0
-            if step > warmup:
-                for key, value in (("render", t1 - t0), ("encode", t2 - t1), ("unet", t3 - t2 - lora_predict),
-                                   ("lora", lora_predict + t6 - t5), ("backward", t4 - t3), ("optim", t5 - t4),
-                                   ("step", t6 - t0)):
-                    parts[key].append(value)
+            for m, run in runs.items():
+                timed = run.step(step)
+                if step > warmup:
+                    for key, value in timed.items():
+                        parts[m][key].append(value)
     finally:
-        if guidance.lora is not None:
-            fused_cls.predict_eps = original_fused
-            del guidance.lora.predict_eps  # the class's method again
-            guidance.lora.remove()  # the teacher's UNet as it was, for the next method
-    return {k: statistics.median(v) for k, v in parts.items()}
+        for run in runs.values():
+            run.close()
+    return {m: {k: statistics.median(v) for k, v in p.items()} for m, p in parts.items()}
 
 
 def main() -> None:
@@ -217,8 +243,8 @@ def main() -> None:
           f"teacher={args.teacher} "
           f"({teacher.image_size}px, {teacher.dtype}, {teacher.prediction_type}) steps={args.steps} space={args.space}")
     bare = bare_teacher_work(teacher, args.resolution, args.steps, args.warmup, space=args.space)
-    results = {m: bench_method(teacher, args.teacher, m, args.resolution, args.steps, args.warmup, args.overrides,
-                               device, args.space) for m in methods}
+    results = bench_methods(args.teacher, methods, args.resolution, args.steps, args.warmup, args.overrides, device,
+                            args.space)
     print(f"{'part (median ms)':<18}" + "".join(f"{m:>10}" for m in methods))
     for key in PARTS:
         print(f"{key:<18}" + "".join(f"{results[m][key] * 1000:>10.1f}" for m in methods))
