@@ -22,7 +22,8 @@ encode and its backward (the least any latent-space score-distillation step must
 each part, ``SDS step / bare teacher work`` (target <= 1.3) and ``VSD step / SDS step`` (target <= 1.6;
 ProlificDreamer's own implementation is about 3). The methods' steps are taken in turn, one step of each per
 round, each method with its own copy of the teacher, so a machine whose speed drifts during the run (a shared
-virtual machine) stretches them alike and their ratio holds. Without --teacher a tiny random teacher is built in a
+virtual machine) stretches them alike and their ratio holds (the bare teacher work is timed before them, so
+``SDS step / bare teacher work`` is not protected so). Without --teacher a tiny random teacher is built in a
 temporary folder; for SD 2.1 size build one with ``scripts/make_sd_teacher.py --shape sd21-base``.
 """
 
@@ -193,10 +194,12 @@ def bench_methods(teacher_dir: str, methods: list[str], resolution: int, steps: 
     """Median seconds of each part of each method's step, the methods' steps taken in turn (one step of each, then
     the next round), so that a machine whose speed drifts slows them alike. Each method has its own teacher, so
     VSD's LoRA adapters are not in the SDS steps' UNet."""
-    runs = {m: MethodSteps(load_teacher(teacher_dir, device), teacher_dir, m, resolution, steps + warmup, overrides,
-                           device, space) for m in methods}
+    runs: dict[str, MethodSteps] = {}
     parts = {m: {k: [] for k in PARTS} for m in methods}
     try:
+        for m in methods:
+            runs[m] = MethodSteps(load_teacher(teacher_dir, device), teacher_dir, m, resolution, steps + warmup,
+                                  overrides, device, space)
         for step in range(1, steps + warmup + 1):
             for m, run in runs.items():
                 timed = run.step(step)
@@ -204,7 +207,7 @@ def bench_methods(teacher_dir: str, methods: list[str], resolution: int, steps: 
                     for key, value in timed.items():
                         parts[m][key].append(value)
     finally:
-        for run in runs.values():
+        for run in reversed(list(runs.values())):  # the last patch of the fused step first, so the original returns
             run.close()
     return {m: {k: statistics.median(v) for k, v in p.items()} for m, p in parts.items()}
 

@@ -116,6 +116,7 @@ class LoRAScoreNetwork(nn.Module):
             raise ValueError("the teacher UNet has no attention projections (to_q/to_k/to_v/to_out.0) for LoRA")
         for p in self._lora_params.values():
             p.data = p.data.float()
+            p.requires_grad_(True)  # trainable from here on: the flag switch leaves requires_grad alone
         self._switch_adapters(False)
         self.condition_dim = int(condition_dim)
         self.condition_mlp = (ConditionMLP(condition_dim, _time_embedding_dim(unet), condition_hidden).to(teacher.device)
@@ -181,14 +182,16 @@ class LoRAScoreNetwork(nn.Module):
     def _switch_adapters(self, on: bool) -> None:
         """Adapters on or off in the UNet's forward pass; the LoRA weights stay trainable either way.
 
-        peft's ``disable_adapters`` also sets ``requires_grad=False`` on the adapter weights, and autograd
-        then drops their gradients from a graph built while they were on, so a loss computed inside
-        :meth:`active` and backpropagated after it would never reach them: they are switched back on here."""
-        for layer in self._tuner_layers:
-            if self._flag_switch:
+        The flag path touches nothing else. On the fallback, peft's ``enable_adapters(False)`` also sets
+        ``requires_grad=False`` on the adapter weights, and autograd then drops their gradients from a graph built
+        while they were on, so a loss computed inside :meth:`active` and backpropagated after it would never reach
+        them: they are switched back on here."""
+        if self._flag_switch:
+            for layer in self._tuner_layers:
                 layer._disable_adapters = not on
-            else:  # what unet.enable_adapters() / disable_adapters() do, layer by layer
-                layer.enable_adapters(on)
+            return
+        for layer in self._tuner_layers:  # what unet.enable_adapters() / disable_adapters() do, layer by layer
+            layer.enable_adapters(on)
         for p in self._lora_params.values():
             p.requires_grad_(True)
 
@@ -248,7 +251,11 @@ def _flag_switchable(layer) -> bool:
         return False
     was = layer._disable_adapters
     try:
-        return all((setattr(layer, "_disable_adapters", v), layer.disable_adapters)[1] is v for v in (True, False))
+        for value in (True, False):
+            layer._disable_adapters = value
+            if layer.disable_adapters is not value:
+                return False
+        return True
     finally:
         layer._disable_adapters = was
 

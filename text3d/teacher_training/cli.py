@@ -178,9 +178,9 @@ def train_cmd(
                                            "view)"),
     camera_drop_max_elevation: Optional[float] = typer.Option(
         None, "--camera-drop-max-elevation", metavar="DEG",
-        help="with --camera-drop: drop the camera only from images seen from at most DEG degrees up, so a teacher "
-             "fine-tuned on renders from higher up (toyworld render --max-elevation) still samples the usual views "
-             "without a camera"),
+        help="with --camera-drop: drop the camera only from images seen from at most DEG degrees up and from no "
+             "nearer than the usual 2.6, so a teacher fine-tuned on renders from higher up or nearer (toyworld "
+             "render --max-elevation / --min-radius) still samples the usual views without a camera"),
 ):
     """Train the teacher on the toyworld dataset in --data, or fine-tune one with --init.
 

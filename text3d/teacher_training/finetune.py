@@ -134,7 +134,8 @@ def finetune_card(previous: str, info: dict) -> str:
             + (f" Of the examples that kept their camera, {info['suffix_drop']:.0%} saw their caption without its view "
                "suffix, so the facing direction had to come from the camera." if info.get("suffix_drop") else "")
             + (f" The camera was dropped only from images seen from at most {info['camera_drop_max_elevation']:g} "
-               "degrees up, so without a camera the teacher samples those views." if info.get(
+               "degrees up and from no nearer than the usual 2.6, so without a camera the teacher samples those "
+               "views." if info.get(
                    "camera_drop_max_elevation") is not None else "")
             + " A",
             "camera input that starts at zero (`text3d.teacher_training.camera_input`) kept the loaded teacher's predictions",

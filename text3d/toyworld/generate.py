@@ -150,8 +150,10 @@ def _check_args(n, seed, resolution, shard_size, p_plain_caption, workers, max_e
     if max_elevation is not None and not low < max_elevation < 90.0:
         raise UserError(f"the top elevation must be in ({low:g}, 90) degrees, got {max_elevation:g}")
     far = CameraSamplerConfig().radius[1]
-    if min_radius is not None and not 1.2 <= min_radius < far:  # nearer than 1.2 the camera is inside the objects' bound
-        raise UserError(f"the nearest camera distance must be in [1.2, {far:g}), got {min_radius:g}")
+    # nearer than 1.8 the largest objects (bounding radius 0.6) leave the frame at the narrowest field of view, 40
+    # degrees: 0.6 / sin(20 degrees) = 1.75
+    if min_radius is not None and not 1.8 <= min_radius < far:
+        raise UserError(f"the nearest camera distance must be in [1.8, {far:g}), got {min_radius:g}")
     if not isinstance(n, int) or n < 1:
         raise UserError(f"the number of images must be >= 1, got {n}")
     if not isinstance(seed, int) or seed < 0:
