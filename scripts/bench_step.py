@@ -1,6 +1,6 @@
 """Time one SDS or VSD step of `text3d generate`, split into its parts, against the bare teacher work.
 
-    python scripts/bench_step.py [--teacher DIR] [--methods sds,vsd,vsd-fused] [--resolution 64] [--steps 30]
+    python scripts/bench_step.py [--teacher DIR] [--methods sds,vsd,vsd-fused,vsd-fused-sidebranch] [--resolution 64] [--steps 30]
                                  [--warmup 5] [--device auto] [--threads N] [--clock wall|cpu]
                                  [--space latent|image] [key=value ...]
 
@@ -13,7 +13,9 @@ split into
   encode    the VAE encoder's forward pass on the render, resized to the teacher's input (512 px for SD 2.1)
   unet      the teacher's CFG forward (one UNet call on the [uncond, cond] batch)
   lora      VSD only: the LoRA baseline's prediction plus the LoRA's training step (forward, backward, AdamW);
-            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward)
+            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward);
+            ``vsd-fused-sidebranch`` the same with peft's side branch in every adapted layer instead of the
+            merged weights ``W + sBA`` the embedded teacher gets by default (``vsd.lora.merged_forward=false``)
   backward  the backward pass through the VAE encoder and the renderer
   optim     the asset's Adam step
 
@@ -111,14 +113,18 @@ def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidanc
     return statistics.median(times)
 
 
+METHODS = {"sds": [], "vsd": [], "vsd-fused": ["vsd.fused_lora=true"],
+           "vsd-fused-sidebranch": ["vsd.fused_lora=true", "vsd.lora.merged_forward=false"]}  # name: its overrides
+
+
 class MethodSteps:
-    """The generate trainer's step of one ``method`` (sds | vsd | vsd-fused), run one step at a time and split into
+    """The generate trainer's step of one ``method`` (one of :data:`METHODS`), run one step at a time and split into
     its parts; :meth:`step` returns the seconds of each part. ``close()`` takes the LoRA off the teacher."""
 
     def __init__(self, teacher, teacher_dir: str, method: str, resolution: int, total_steps: int,
                  overrides: list[str], device: torch.device, space: str = "latent"):
-        if method == "vsd-fused":
-            method, overrides = "vsd", [*overrides, "vsd.fused_lora=true"]
+        overrides = [*overrides, *METHODS[method]]
+        method = method.split("-")[0]
         cfg = load_config(overrides=[f"teacher.name_or_path={teacher_dir}", f"guidance={method}",
                                      f"train.resolution={resolution}", "train.high_resolution=null",
                                      f"train.steps={total_steps}", *overrides, f"{method}.space={space}"])
@@ -215,7 +221,7 @@ def bench_methods(teacher_dir: str, methods: list[str], resolution: int, steps: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None)
-    parser.add_argument("--methods", default="sds,vsd", help="comma-separated: sds, vsd, vsd-fused")
+    parser.add_argument("--methods", default="sds,vsd", help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -238,9 +244,9 @@ def main() -> None:
 
         args.teacher = str(build_tiny_teacher(Path(tempfile.mkdtemp()) / "tiny"))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ("sds", "vsd", "vsd-fused")]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        parser.error(f"--methods takes sds, vsd and vsd-fused, got {args.methods!r}")
+        parser.error(f"--methods takes {', '.join(METHODS)}, got {args.methods!r}")
     teacher = load_teacher(args.teacher, device)
     print(f"device={device} threads={torch.get_num_threads()} clock={args.clock} render={args.resolution}px "
           f"teacher={args.teacher} "
@@ -248,15 +254,16 @@ def main() -> None:
     bare = bare_teacher_work(teacher, args.resolution, args.steps, args.warmup, space=args.space)
     results = bench_methods(args.teacher, methods, args.resolution, args.steps, args.warmup, args.overrides, device,
                             args.space)
-    print(f"{'part (median ms)':<18}" + "".join(f"{m:>10}" for m in methods))
+    width = max(10, *(len(m) + 2 for m in methods))
+    print(f"{'part (median ms)':<18}" + "".join(f"{m:>{width}}" for m in methods))
     for key in PARTS:
-        print(f"{key:<18}" + "".join(f"{results[m][key] * 1000:>10.1f}" for m in methods))
+        print(f"{key:<18}" + "".join(f"{results[m][key] * 1000:>{width}.1f}" for m in methods))
     what = "VAE encode + CFG UNet forward + 2 decodes" if args.space == "image" else "CFG UNet forward + VAE encode + its backward"
     print(f"{'bare teacher work':<18}{bare * 1000:>10.1f}   ({what})")
     if "sds" in results:
         ratio = results["sds"]["step"] / bare
         print(f"SDS step / bare teacher work = {ratio:.2f}   (target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
-    for m in ("vsd", "vsd-fused"):
+    for m in (m for m in METHODS if m.startswith("vsd")):
         if m in results:
             print(f"{m} step / bare teacher work = {results[m]['step'] / bare:.2f}")
             if "sds" in results:
