@@ -421,3 +421,18 @@ def test_shipped_3d_table_prompts_cover_every_object_twice_and_every_colour():
     assert set(objects) == set(OBJECTS) and set(objects.values()) == {2}  # every object twice, two colours
     assert set(colours) == set(COLOURS) and min(colours.values()) >= 2 and colours["grey"] >= 2
     assert all(objects[o] == 2 for o in FRONT_BACK_OBJECTS)
+
+
+def test_cli_help_names_the_camera_samplers_distances():
+    """The CLIs' help texts (kept free of torch's import, so written out) give the distances the code uses."""
+    import inspect
+
+    from text3d.cameras import CameraSamplerConfig
+    from text3d.teacher_training.cli import train_cmd
+    from text3d.toyworld.cli import render_cmd
+
+    near, far = CameraSamplerConfig().radius
+    render_help = inspect.signature(render_cmd).parameters["min_radius"].default.help
+    train_help = inspect.signature(train_cmd).parameters["camera_drop_max_elevation"].default.help
+    assert f"default {near:g}" in render_help and f"farthest is {far:g}" in render_help
+    assert f"the usual {near:g}," in train_help

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from text3d.cameras import CameraSamplerConfig
 from text3d.errors import UserError
 from text3d.prompts import split_view_suffix
 from text3d.teacher_training import export
@@ -134,7 +135,8 @@ def finetune_card(previous: str, info: dict) -> str:
             + (f" Of the examples that kept their camera, {info['suffix_drop']:.0%} saw their caption without its view "
                "suffix, so the facing direction had to come from the camera." if info.get("suffix_drop") else "")
             + (f" The camera was dropped only from images seen from at most {info['camera_drop_max_elevation']:g} "
-               "degrees up and from no nearer than the usual 2.6, so without a camera the teacher samples those "
+               f"degrees up and from no nearer than the usual {CameraSamplerConfig().radius[0]:g}, so without a camera "
+               "the teacher samples those "
                "views." if info.get(
                    "camera_drop_max_elevation") is not None else "")
             + " A",
@@ -173,7 +175,7 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     examples that keep their camera the caption without its view suffix ("a red car" for "a red car, back
     view"), so that which way the object faces is learnt from the camera, not only from the words.
     ``camera_drop_max_elevation`` (degrees; None: every example) drops the camera only from examples seen from at most
-    that high (and from no nearer than the usual 2.6): trained on a dataset rendered from higher up or nearer
+    that high (and from no nearer than the usual distance, ``CameraSamplerConfig().radius[0]``): trained on a dataset rendered from higher up or nearer
     (``text3d toyworld render --max-elevation --min-radius``), the teacher then still samples the usual views when it
     gets no camera, and takes the others only when asked by one."""
     from text3d.teacher.loader import load_components
@@ -237,8 +239,6 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
         cameras = dataset_camera_features(dataset.arrays, keep[order])
         log(f"camera: the UNet sees each example's camera, dropped for {camera_drop:.0%} of them")
         if camera_drop_max_elevation is not None:  # the usual views only: not higher, and not nearer than usual
-            from text3d.cameras import CameraSamplerConfig
-
             near = CameraSamplerConfig().radius[0]
             droppable = ((np.asarray(dataset.arrays["elevation"])[keep[order]] <= camera_drop_max_elevation)
                          & (np.asarray(dataset.arrays["radius"])[keep[order]] >= near - 1e-4))

@@ -80,14 +80,15 @@ def camera_sampler(max_elevation: float | None = None, min_radius: float | None 
 def render_shard(seed: int, index: int, shard_size: int, size: int, resolution: int = 64,
                  p_plain_caption: float = 0.3,
                  on_batch: Callable[[int], None] | None = None,
-                 max_elevation: float | None = None, min_radius: float | None = None) -> dict[str, np.ndarray]:
-    """The arrays of shard ``index`` (``size`` examples, ``size <= shard_size``) in the dataset format."""
+                 cameras: CameraSamplerConfig | None = None) -> dict[str, np.ndarray]:
+    """The arrays of shard ``index`` (``size`` examples, ``size <= shard_size``) in the dataset format, its cameras
+    drawn from ``cameras`` (None: :func:`camera_sampler`'s default ranges)."""
     g = _generator(seed, _SHARD_STREAM, index)
     start = index * shard_size
     all_pairs = pairs()
     chosen = [all_pairs[int(k)] for k in pair_indices(seed, start, start + size)]
     objects, colours = [o for o, _ in chosen], [c for _, c in chosen]
-    cam_cfg = camera_sampler(max_elevation, min_radius)
+    cam_cfg = cameras if cameras is not None else camera_sampler()
     cams = sample_cameras(cam_cfg, size, generator=g)
     labels = cams.view_labels(cam_cfg)
     plain = (torch.rand(size, generator=g) < p_plain_caption).tolist()
@@ -181,6 +182,7 @@ def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int =
         raise UserError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     params = _params(seed, resolution, shard_size, p_plain_caption, max_elevation, min_radius)
+    cameras = camera_sampler(max_elevation, min_radius)
     params_path = out / PARAMS_NAME
     if params_path.is_file():
         try:
@@ -201,8 +203,8 @@ def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int =
             "view_labels": list(VIEW_LABELS), "shards": names, "shard_size": shard_size,
             "p_plain_caption": p_plain_caption, "front_back_objects": list(FRONT_BACK_OBJECTS),
             "light_jitter_deg": LIGHT_JITTER_DEG, "ambient_range": list(AMBIENT_RANGE),
-            **({} if max_elevation is None else {"elevation": list(camera_sampler(max_elevation).elevation)}),
-            **({} if min_radius is None else {"radius": list(camera_sampler(None, min_radius).radius)})}
+            **({} if max_elevation is None else {"elevation": list(cameras.elevation)}),
+            **({} if min_radius is None else {"radius": list(cameras.radius)})}
     meta_path = out / META_NAME
     if meta_path.is_file():
         try:
@@ -228,11 +230,11 @@ def render_dataset(out_dir: str | Path, n: int, seed: int = 0, resolution: int =
         if workers == 1 or len(todo) <= 1:
             for i in todo:
                 arrays = render_shard(seed, i, shard_size, sizes[i], resolution, p_plain_caption, on_batch=advance,
-                                      max_elevation=max_elevation, min_radius=min_radius)
+                                      cameras=cameras)
                 write_shard(out / names[i], arrays)
         else:
             _render_parallel(out, todo, sizes, names, seed, shard_size, resolution, p_plain_caption, workers, advance,
-                             max_elevation, min_radius)
+                             cameras)
     write_meta(out, meta)
     return out
 
@@ -248,16 +250,15 @@ def _worker_init(queue) -> None:
 
 
 def _worker_render(out: str, index: int, shard_size: int, size: int, seed: int, resolution: int,
-                   p_plain_caption: float, name: str, max_elevation: float | None = None,
-                   min_radius: float | None = None) -> int:
+                   p_plain_caption: float, name: str, cameras: CameraSamplerConfig | None = None) -> int:
     arrays = render_shard(seed, index, shard_size, size, resolution, p_plain_caption,
-                          on_batch=lambda k: _queue.put(k), max_elevation=max_elevation, min_radius=min_radius)
+                          on_batch=lambda k: _queue.put(k), cameras=cameras)
     write_shard(Path(out) / name, arrays)
     return index
 
 
 def _render_parallel(out, todo, sizes, names, seed, shard_size, resolution, p_plain_caption, workers, advance,
-                     max_elevation=None, min_radius=None):
+                     cameras=None):
     import concurrent.futures as cf
     import multiprocessing as mp
     import queue as queue_mod
@@ -267,7 +268,7 @@ def _render_parallel(out, todo, sizes, names, seed, shard_size, resolution, p_pl
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
                                 initargs=(q,)) as pool:
         futures = [pool.submit(_worker_render, str(out), i, shard_size, sizes[i], seed, resolution, p_plain_caption,
-                               names[i], max_elevation, min_radius) for i in todo]
+                               names[i], cameras) for i in todo]
         pending = set(futures)
         while pending:
             finished, pending = cf.wait(pending, timeout=0.5)
