@@ -29,6 +29,15 @@ the gradient is formed on an image ``D``: the render's pixels in 3D, the decoded
 ``grad = image_weight (base - clamp(real, 0, 1))`` with ``base = D`` for the noise baseline and the LoRA's
 decoded x0 otherwise; ``dmd`` divides it by ``mean|D - real|``.
 
+``relative_baseline`` (image space with a LoRA) takes the LoRA's baseline relative to the decode of the image's own
+latents: ``base = D + D(x0_LoRA) - D(x)``. The LoRA models the latents ``x = E(D)``, so its decoded x0 at best
+reproduces ``D(E(D))``, not ``D``; where the VAE's round trip is off in colour (the embedded teacher's, on the
+speckled, half-transparent renders of the first few hundred steps, decodes grey and green as pink) that error is a
+bias in ``D(x0_LoRA) - real`` that the asset pays for by shifting its colour the other way, while SDS's ``D - real``
+does not carry it. With it VSD's gradient is SDS's plus the decoded difference of the LoRA's x0 and the latents,
+``D(x0_LoRA) - D(x)`` (a LoRA that fits one render exactly adds nothing); the round trip's error cancels. In 2D,
+where ``D = D(x)``, it changes nothing. ``D(x)`` shares the branches' one VAE call.
+
 The gradient is sanitised (NaN/inf zeroed and counted, optional clamp to ``grad_clip``) and injected with
 the target trick ``loss = 0.5 ||y - (y - grad).detach()||^2`` on ``y`` (the latents or the image), so
 ``d loss / d y = grad`` exactly with ``reduction = "sum"`` and ``grad / y.numel()`` with ``"mean"``.
@@ -102,6 +111,7 @@ class ScoreConfig:
     noise: str = "random"  # random | inversion: the noise found by DDIM inversion of x (SDI; module docstring)
     inversion_steps: int = 3  # noise = inversion: conditional UNet calls of the inversion, 0 -> t
     inversion_from: float = 0.0  # noise = inversion: the fraction of the run guided with random noise first
+    relative_baseline: bool = False  # image space with a LoRA: base = D + D(x0_LoRA) - D(x) (module docstring)
 
 
 def check_score_config(s: ScoreConfig, name: str) -> None:
@@ -248,11 +258,15 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
                                         camera_cfg=cfg.camera_cfg, camera_guidance=cfg.camera_guidance)
             base_x0 = [] if lora is None else _branch_x0(teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale,
                                                          lora=lora, condition=condition)[0]
-            images = _decode_all(teacher, real_x0 + base_x0)  # the real and the LoRA's branches in one VAE call
+            relative = lora is not None and cfg.relative_baseline
+            # the real and the LoRA's branches (and, relative, the latents themselves) in one VAE call
+            images = _decode_all(teacher, real_x0 + base_x0 + ([x] if relative else []))
             real = _guided_image(images[:len(real_x0)], extra, cfg.guidance_scale, negative_weights, cfg.cfg_rescale,
                                  cfg.camera_guidance)
-            base = image.detach() if lora is None else _guided_image(images[len(real_x0):], False,
-                                                                     cfg.lora_guidance_scale)
+            base = image.detach() if lora is None else _guided_image(
+                images[len(real_x0):len(real_x0) + len(base_x0)], False, cfg.lora_guidance_scale)
+            if relative:
+                base = image.detach() + (base - images[-1])
             grad = cfg.image_weight * (base - real)
             if cfg.weighting == "dmd":
                 grad = grad / (image.detach() - real).abs().flatten(1).mean(dim=1).clamp_min(1e-8).view(-1, 1, 1, 1)
