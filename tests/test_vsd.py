@@ -166,6 +166,27 @@ def test_image_space_vsd_compares_with_the_loras_decoded_x0(teacher):
     guidance.lora.remove()
 
 
+
+def test_relative_baseline_cancels_the_vae_round_trip(teacher):
+    """vsd.relative_baseline: the image-space gradient becomes image + D(x0_LoRA) - D(x) - real, i.e. the plain
+    VSD gradient plus the round trip's error image - D(E(image)); with an exact LoRA fit it would be SDS's."""
+    torch.manual_seed(7)
+    guidance = VSDGuidance(teacher, VSDConfig(guidance_scale=5.0, space="image", cfg_rescale=1.0))
+    _perturb(guidance.lora, seed=5)
+    images = torch.rand(2, 3, teacher.image_size, teacher.image_size)
+    t, cams = torch.tensor([200, 700]), sample_cameras(CameraSamplerConfig(), 2)
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+        round_trip = teacher.decode_latents(latents)
+    noise = torch.randn(latents.shape)
+    prompts = ["a grey cube, front view", "a yellow house"]
+    plain = guidance(images, prompts, cameras=cams, t=t, noise=noise).grad
+    guidance.cfg.relative_baseline = True
+    relative = guidance(images, prompts, cameras=cams, t=t, noise=noise).grad
+    assert (images - round_trip).abs().max() > 1e-2  # the tiny VAE's round trip is off: the test can fail
+    assert torch.allclose(relative - plain, images - round_trip, atol=1e-4)
+    guidance.lora.remove()
+
 def test_sds_warmup_guides_as_sds_while_the_lora_trains(teacher):
     """vsd.sds_warmup: before that fraction of the run the gradient is SDS's (the render as baseline), after it the
     LoRA's; the LoRA trains in both."""

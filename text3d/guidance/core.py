@@ -35,8 +35,9 @@ reproduces ``D(E(D))``, not ``D``; where the VAE's round trip is off in colour (
 speckled, half-transparent renders of the first few hundred steps, decodes grey and green as pink) that error is a
 bias in ``D(x0_LoRA) - real`` that the asset pays for by shifting its colour the other way, while SDS's ``D - real``
 does not carry it. With it VSD's gradient is SDS's plus the decoded difference of the LoRA's x0 and the latents,
-``D(x0_LoRA) - D(x)`` (a LoRA that fits one render exactly adds nothing); the round trip's error cancels. In 2D,
-where ``D = D(x)``, it changes nothing. ``D(x)`` shares the branches' one VAE call.
+``D(x0_LoRA) - D(x)`` (a LoRA that fits one render exactly adds nothing); the round trip's error cancels. (In 2D,
+where ``D`` is ``D(x)`` unclamped, it would only add ``D``'s part outside [0, 1]; it is meant for 3D.) ``D(x)``
+shares the branches' one VAE call.
 
 The gradient is sanitised (NaN/inf zeroed and counted, optional clamp to ``grad_clip``) and injected with
 the target trick ``loss = 0.5 ||y - (y - grad).detach()||^2`` on ``y`` (the latents or the image), so
