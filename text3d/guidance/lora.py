@@ -59,7 +59,7 @@ class LoRAScoreConfig:
     camera_condition: bool = False  # condition on the camera through the time embedding (VSD)
     camera_drop: float = 0.0  # fraction of training samples whose condition is zeroed
     camera_hidden: int = 64
-    merged_forward: Optional[bool] = None  # W + sBA per call instead of peft's side branch (module docstring); None: auto
+    merged_forward: Optional[bool] = None  # W + sBA for the call, not peft's side branch (module docstring); None: auto
 
 
 def check_lora_config(c: LoRAScoreConfig, name: str) -> None:
