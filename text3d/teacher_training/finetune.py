@@ -176,8 +176,8 @@ def finetune_teacher(cfg: TeacherTrainConfig, dataset: ToyworldDataset, init: st
     view"), so that which way the object faces is learnt from the camera, not only from the words.
     ``camera_drop_max_elevation`` (degrees; None: every example) drops the camera only from examples seen from at most
     that high (and from no nearer than the usual distance, ``CameraSamplerConfig().radius[0]``): trained on a
-    dataset rendered from higher up or nearer (``text3d toyworld render --max-elevation --min-radius``), the teacher then still samples the usual views when it
-    gets no camera, and takes the others only when asked by one."""
+    dataset rendered from higher up or nearer (``text3d toyworld render --max-elevation --min-radius``), the teacher
+    then still samples the usual views when it gets no camera, and takes the others only when asked by one."""
     from text3d.teacher.loader import load_components
     from text3d.teacher_training.run import available_threads
     from text3d.utils.backends import resolve_device
