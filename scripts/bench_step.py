@@ -1,6 +1,6 @@
 """Time one SDS or VSD step of `text3d generate`, split into its parts, against the bare teacher work.
 
-    python scripts/bench_step.py [--teacher DIR] [--methods sds,vsd,vsd-fused,vsd-fused-sidebranch] [--resolution 64] [--steps 30]
+    python scripts/bench_step.py [--teacher DIR] [--methods sds,vsd,vsd-fused] [--resolution 64] [--steps 30]
                                  [--warmup 5] [--device auto] [--threads N] [--clock wall|cpu]
                                  [--space latent|image] [key=value ...]
 
@@ -13,9 +13,7 @@ split into
   encode    the VAE encoder's forward pass on the render, resized to the teacher's input (512 px for SD 2.1)
   unet      the teacher's CFG forward (one UNet call on the [uncond, cond] batch)
   lora      VSD only: the LoRA baseline's prediction plus the LoRA's training step (forward, backward, AdamW);
-            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward);
-            ``vsd-fused-sidebranch`` the same with peft's side branch in every adapted layer instead of the
-            merged weights ``W + sBA`` the embedded teacher gets by default (``vsd.lora.merged_forward=false``)
+            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward)
   backward  the backward pass through the VAE encoder and the renderer
   optim     the asset's Adam step
 
@@ -113,8 +111,7 @@ def bare_teacher_work(teacher, resolution: int, steps: int, warmup: int, guidanc
     return statistics.median(times)
 
 
-METHODS = {"sds": [], "vsd": [], "vsd-fused": ["vsd.fused_lora=true"],
-           "vsd-fused-sidebranch": ["vsd.fused_lora=true", "vsd.lora.merged_forward=false"]}  # name: its overrides
+METHODS = {"sds": [], "vsd": [], "vsd-fused": ["vsd.fused_lora=true"]}  # name: the method's own overrides
 
 
 class MethodSteps:

@@ -109,8 +109,7 @@ class Distill2DTrainer(RunCheckpoint):
         if cfg.gradient_checkpointing:
             self.student.unet.enable_gradient_checkpointing()
         with shared_seed(self.accelerator, cfg.seed):  # the same initial LoRA and GAN head on every process
-            self.fake = LoRAScoreNetwork(self.teacher, rank=cfg.fake.rank, alpha=cfg.fake.alpha,
-                                         merged_forward=cfg.fake.merged_forward)
+            self.fake = LoRAScoreNetwork(self.teacher, rank=cfg.fake.rank, alpha=cfg.fake.alpha)
             self.core = ScoreDistillation(self.teacher, cfg.core, lora=self.fake)
             self.disc = FakeScoreDiscriminator(self.fake, self.teacher) if cfg.gan.generator_weight > 0 else None
         fake_groups = [{"params": self.fake.trainable_parameters(), "lr": cfg.fake.lr}]

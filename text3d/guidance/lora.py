@@ -9,15 +9,6 @@ for 3D) goes through a small MLP whose output is added to the UNet's timestep em
 forward hook. The MLP's last layer and peft's LoRA ``B`` matrices start at zero, so a fresh
 network predicts exactly what the teacher predicts.
 
-Two ways to run the adapted UNet, the same function ``y = x W^T + s (x A^T) B^T`` (to float rounding):
-peft's side branch in every adapted layer, or (``merged_forward``) the layer's weight replaced, for the call, by
-``W' = W + s B A`` (one ``addmm`` a layer, differentiable in ``A`` and ``B``) with the adapters left off, so the
-layer is one plain linear. The merged form saves peft's per-layer dispatch (about 0.13 ms a layer forward and
-backward on the CPU; 56 layers in the embedded teacher, a VSD step 8 ms shorter) but its backward forms the full
-weight gradient ``dL/dW'`` (``tokens x in x out`` multiply-adds a layer), and an fp16 ``W'`` would round a small
-``s B A`` away: by default (``None``) it is used for float32 UNets whose latents are at most 32x32
-(``sample_size``), the side branch otherwise.
-
 One training step serves VSD's LoRA and the 2D fake score alike (:func:`lora_denoising_loss`,
 :func:`optimizer_step`): the teacher's own diffusion loss on detached samples ``x``,
 ``L = mean_b w_b ||f_LoRA(x_t, t, c) - target(x, eps, t)||^2`` at ``t ~ U[t_min, t_max) * T`` in the
@@ -59,7 +50,6 @@ class LoRAScoreConfig:
     camera_condition: bool = False  # condition on the camera through the time embedding (VSD)
     camera_drop: float = 0.0  # fraction of training samples whose condition is zeroed
     camera_hidden: int = 64
-    merged_forward: Optional[bool] = None  # W + sBA for the call, not peft's side branch (module docstring); None: auto
 
 
 def check_lora_config(c: LoRAScoreConfig, name: str) -> None:
@@ -101,7 +91,7 @@ class LoRAScoreNetwork(nn.Module):
     """
 
     def __init__(self, teacher: Teacher, rank: int = 4, alpha: float | None = None, condition_dim: int = 0,
-                 condition_hidden: int = 64, merged_forward: bool | None = None):
+                 condition_hidden: int = 64):
         super().__init__()
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -124,10 +114,6 @@ class LoRAScoreNetwork(nn.Module):
         self._flag_switch = all(_flag_switchable(m) for m in self._tuner_layers)
         if not self._lora_params:
             raise ValueError("the teacher UNet has no attention projections (to_q/to_k/to_v/to_out.0) for LoRA")
-        mergeable = all(_mergeable(m) for m in self._tuner_layers)
-        if merged_forward and not mergeable:
-            raise ValueError("merged_forward needs plain float32 peft LoRA Linear layers (no dropout, DoRA or fp16)")
-        self._merged = (mergeable and int(unet.config.sample_size) <= 32) if merged_forward is None else merged_forward
         for p in self._lora_params.values():
             p.data = p.data.float()
             p.requires_grad_(True)  # trainable from here on: the flag switch leaves requires_grad alone
@@ -181,12 +167,7 @@ class LoRAScoreNetwork(nn.Module):
         The UNet batch may be ``B`` or a CFG-doubled ``2B`` (the condition is repeated)."""
         if self.condition_mlp is not None and condition is not None:
             self._condition_embedding = self.condition_mlp(condition.to(self.teacher.device, torch.float32))
-        # (a UNet that recomputes its activations in the backward would recompute them with W, after the block)
-        merged = self._merged and not getattr(self.teacher.unet, "is_gradient_checkpointing", False)
-        if merged:
-            originals = self._merge_weights()
-        else:
-            self._switch_adapters(True)
+        self._switch_adapters(True)
         self._active = True
         try:
             autocast = (torch.autocast(self.teacher.device.type, dtype=self.teacher.dtype)
@@ -196,24 +177,7 @@ class LoRAScoreNetwork(nn.Module):
         finally:
             self._active = False
             self._condition_embedding = None
-            if merged:
-                for layer, weight in zip(self._tuner_layers, originals):
-                    layer.base_layer._parameters["weight"] = weight
-            else:
-                self._switch_adapters(False)
-
-    def _merge_weights(self) -> list[torch.Tensor]:
-        """Each adapted layer's weight replaced by ``W + s B A`` (a tensor in the autograd graph of ``A`` and
-        ``B``; put in the module's parameter slot as ``torch.func.functional_call`` does); returns the originals."""
-        originals = []
-        for layer in self._tuner_layers:
-            base = layer.base_layer
-            weight = base._parameters["weight"]
-            originals.append(weight)
-            base._parameters["weight"] = torch.addmm(weight, layer.lora_B[ADAPTER_NAME].weight,
-                                                     layer.lora_A[ADAPTER_NAME].weight,
-                                                     alpha=layer.scaling[ADAPTER_NAME])
-        return originals
+            self._switch_adapters(False)
 
     def _switch_adapters(self, on: bool) -> None:
         """Adapters on or off in the UNet's forward pass; the LoRA weights stay trainable either way.
@@ -279,16 +243,6 @@ class LoRAScoreNetwork(nn.Module):
 @contextmanager
 def _null():
     yield
-
-
-def _mergeable(layer) -> bool:
-    """Whether ``layer`` is a plain peft LoRA Linear whose update ``W + s B A`` can stand in for its forward."""
-    from peft.tuners.lora.layer import Linear
-
-    return (isinstance(layer, Linear) and list(layer.lora_A) == [ADAPTER_NAME]
-            and not getattr(layer, "lora_variant", None) and not any(getattr(layer, "use_dora", {}).values())
-            and not layer.fan_in_fan_out and isinstance(layer.lora_dropout[ADAPTER_NAME], nn.Identity)
-            and layer.base_layer.weight.dtype == torch.float32)
 
 
 def _flag_switchable(layer) -> bool:
