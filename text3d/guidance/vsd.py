@@ -3,7 +3,9 @@
 VSD is the score-distillation core (:mod:`text3d.guidance.core`) with a LoRA score network on the
 teacher's own UNet (:class:`~text3d.guidance.lora.LoRAScoreNetwork`) as the baseline branch, conditioned
 on the camera (the flattened camera-to-world matrix) through its timestep embedding; in image space the
-baseline is the LoRA's decoded x0. After every 3D step, :meth:`VSDGuidance.update` trains the LoRA on
+baseline is the LoRA's decoded x0, with ``relative_baseline`` (the preset's) taken relative to the decode of the
+render's own latents, ``render + D(x0_LoRA) - D(E(render))``, so that the VAE's round-trip error is no colour bias
+(:mod:`text3d.guidance.core`). After every 3D step, :meth:`VSDGuidance.update` trains the LoRA on
 the detached latents of that step's renders with :func:`~text3d.guidance.lora.lora_training_step`, the
 same step that trains the 2D fake score.
 
@@ -21,9 +23,9 @@ the drop keeps its rate; ``lora.steps - 1`` further steps are ordinary ones.
 injected noise (latent space) or the render itself (image space) while the LoRA still trains on every step's
 renders, so when VSD's baseline takes over it predicts the renders it has been fitting instead of starting as the
 teacher's own conditional prediction (with which ``grad = x0_cond - x0_CFG`` ignores the render altogether, and
-with one particle nothing anchors the asset's colour; docs/guidance.md, 2026-12-05). With one particle and a
-LoRA that fits its camera's render exactly, VSD's image-space gradient ``D(x0_LoRA) - x0_CFG`` *is* SDS's
-``render - x0_CFG``, so the warm-up starts VSD from the point it tends to.
+with one particle nothing anchors the asset's colour; docs/guidance.md, 2026-12-05). With one particle, a
+LoRA that fits its camera's render exactly and ``relative_baseline``, VSD's image-space gradient *is* SDS's
+``render - x0_CFG`` (without it, ``D(E(render)) - x0_CFG``), so the warm-up starts VSD from the point it tends to.
 """
 
 from __future__ import annotations
