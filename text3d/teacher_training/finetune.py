@@ -136,9 +136,7 @@ def finetune_card(previous: str, info: dict) -> str:
                "suffix, so the facing direction had to come from the camera." if info.get("suffix_drop") else "")
             + (f" The camera was dropped only from images seen from at most {info['camera_drop_max_elevation']:g} "
                f"degrees up and from no nearer than the usual {CameraSamplerConfig().radius[0]:g}, so without a camera "
-               "the teacher samples those "
-               "views." if info.get(
-                   "camera_drop_max_elevation") is not None else "")
+               "the teacher samples those views." if info.get("camera_drop_max_elevation") is not None else "")
             + " A",
             "camera input that starts at zero (`text3d.teacher_training.camera_input`) kept the loaded teacher's predictions",
             "at the start. Guidance passes each rendered view's camera (`Teacher.viewing`).", ""]),
