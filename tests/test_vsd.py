@@ -186,6 +186,40 @@ def test_sds_warmup_guides_as_sds_while_the_lora_trains(teacher):
         load_config(overrides=["guidance=vsd", "vsd.sds_warmup=1.5"])
 
 
+def test_lora_interval_trains_the_lora_on_one_step_in_k(teacher):
+    """vsd.lora_interval=2: the LoRA trains on steps 0, 2, ... (fused in the guidance call or in update()) and is
+    left alone on the others; the step count travels in the guidance's state, so a resumed run keeps the rhythm."""
+    from text3d.errors import ConfigError
+
+    torch.manual_seed(4)
+    images = torch.rand(2, 3, teacher.image_size, teacher.image_size)
+    cams = sample_cameras(CameraSamplerConfig(), 2)
+    prompts = ["a red cube, side view", "a blue torus"]
+    for fused in (True, False):
+        guidance = VSDGuidance(teacher, VSDConfig(guidance_scale=5.0, space="image", fused_lora=fused,
+                                                  lora_interval=2, lora=LoRAScoreConfig(
+                                                      rank=4, alpha=4.0, lr=1e-2, camera_condition=True,
+                                                      camera_drop=0.0)))
+        trained = []
+        for step in range(4):
+            before = {k: v.clone() for k, v in guidance.lora.lora_state_dict().items()}
+            out = guidance(images, prompts, progress=step / 4, cameras=cams)
+            stats = guidance.update(out, prompts, cams)
+            after = guidance.lora.lora_state_dict()
+            trained.append(any(not torch.equal(before[k], after[k]) for k in before))
+            assert ("lora_loss" in stats) == trained[-1]
+        assert trained == [True, False, True, False], (fused, trained)
+        state = guidance.state_dict()
+        assert state["steps"] == 4
+        guidance.load_state_dict({**state, "steps": 5})
+        assert not guidance.lora_trains
+        guidance.load_state_dict({k: v for k, v in state.items() if k != "steps"})  # an older checkpoint
+        assert guidance.steps_taken == 0 and guidance.lora_trains
+        guidance.lora.remove()
+    with pytest.raises(ConfigError, match="vsd.lora_interval must be >= 1"):
+        load_config(overrides=["guidance=vsd", "vsd.lora_interval=0"])
+
+
 def test_one_lora_step_lowers_its_loss_on_a_fixed_batch(teacher):
     torch.manual_seed(2)
     guidance = VSDGuidance(teacher, VSDConfig(lora=LoRAScoreConfig(rank=4, alpha=4.0, lr=1e-2, camera_condition=True)))

@@ -30,6 +30,8 @@ def _check_vsd(section: Any, name: str) -> None:
     check_lora_config(section.lora, f"{name}.lora")
     if not 0.0 <= section.sds_warmup <= 1.0:
         raise ConfigError(f"{name}.sds_warmup must be in [0, 1], got {section.sds_warmup}")
+    if section.lora_interval < 1:
+        raise ConfigError(f"{name}.lora_interval must be >= 1, got {section.lora_interval}")
 
 
 sds = GuidanceMethod(config=SDSConfig, build=SDSGuidance, validate=check_score_config)

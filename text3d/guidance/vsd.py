@@ -19,6 +19,12 @@ schedule (``t_min``..``t_max``, annealed) instead of ``U[lora.t_min, lora.t_max)
 image space (where the prediction is then decoded to the baseline's x0) with ``lora_guidance_scale = 1``; a step whose camera condition is dropped (``camera_drop``) runs unfused, so
 the drop keeps its rate; ``lora.steps - 1`` further steps are ordinary ones.
 
+``lora_interval = k`` (1 by default) trains the LoRA on one step in ``k`` only (the first, then every k-th); on
+the others its prediction is made without a graph and :meth:`VSDGuidance.update` does nothing. On the embedded
+teacher the UNet is call-bound (a batch of 1 costs two thirds of the CFG batch of 2), so the LoRA's forward and
+backward make up most of what a VSD step adds to an SDS step, and ``k = 2`` takes half of that away; the LoRA then
+has half the steps to follow the renders (docs/guidance.md).
+
 ``sds_warmup = w`` (0 by default) makes the first fraction ``w`` of the run SDS: the baseline branch is the
 injected noise (latent space) or the render itself (image space) while the LoRA still trains on every step's
 renders, so when VSD's baseline takes over it predicts the renders it has been fitting instead of starting as the
@@ -52,6 +58,7 @@ class VSDConfig(ScoreConfig):
     guidance_scale: float = 7.5
     fused_lora: bool = False  # train the LoRA on the guidance's own draw (module docstring): one UNet forward less
     sds_warmup: float = 0.0  # fraction of the run guided as SDS while the LoRA already trains (module docstring)
+    lora_interval: int = 1  # the LoRA trains on one step in every ``lora_interval`` (module docstring)
     lora: LoRAScoreConfig = field(default_factory=lambda: LoRAScoreConfig(
         rank=4, alpha=4.0, lr=1e-4, steps=1, camera_condition=True, camera_drop=0.1))
 
@@ -67,6 +74,12 @@ class VSDGuidance(ScoreDistillation):
         super().__init__(teacher, cfg, lora=lora, negative_prompt=negative_prompt)
         self.optimizer = torch.optim.AdamW(lora.trainable_parameters(), lr=lora_cfg.lr, weight_decay=0.0,
                                            **fused_optimizer_kwargs(teacher.device))
+        self.steps_taken = 0  # update() calls so far: the steps whose LoRA trains follow from it (lora_interval)
+
+    @property
+    def lora_trains(self) -> bool:
+        """Whether this step's :meth:`update` (and a fused :meth:`guide`) trains the LoRA."""
+        return self.steps_taken % self.cfg.lora_interval == 0
 
     def condition(self, cameras: Cameras | None, batch: int) -> torch.Tensor | None:
         """The camera features the LoRA is conditioned on (zeros without cameras; None if unconditioned)."""
@@ -90,7 +103,7 @@ class VSDGuidance(ScoreDistillation):
                                      noise)
             finally:
                 self.lora = network
-        fusable = (cfg.fused_lora and cfg.lora_guidance_scale == 1.0
+        fusable = (cfg.fused_lora and self.lora_trains and cfg.lora_guidance_scale == 1.0
                    and cfg.lora.steps >= 1 and not cfg.lora.alpha_weighted and cfg.lora.null_prompt_prob == 0.0)
         if fusable:
             batch = latents.shape[0]
@@ -113,7 +126,10 @@ class VSDGuidance(ScoreDistillation):
 
     def update(self, output: GuidanceOutput, prompts: Sequence[str], cameras: Cameras | None = None) -> dict[str, float]:
         """``lora.steps`` diffusion-loss steps of the LoRA on the detached latents of this step (the first of
-        them already taken inside :meth:`guide` with ``fused_lora``)."""
+        them already taken inside :meth:`guide` with ``fused_lora``); none on the steps ``lora_interval`` skips."""
+        trains, self.steps_taken = self.lora_trains, self.steps_taken + 1
+        if not trains:
+            return {}
         latents = output.latents.detach().float()
         cond = self.teacher.encode_prompts(list(prompts))
         losses = []
@@ -128,11 +144,12 @@ class VSDGuidance(ScoreDistillation):
         return {"lora_loss": sum(losses) / len(losses)} if losses else {}
 
     def state_dict(self) -> dict:
-        return {"lora": self.lora.lora_state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"lora": self.lora.lora_state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.steps_taken}
 
     def load_state_dict(self, state: dict) -> None:
         self.lora.load_lora_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_taken = int(state.get("steps", 0))  # checkpoints before lora_interval: 0
 
 
 class _FusedLoRAStep:
