@@ -17,6 +17,7 @@ The schema is built on first use, never at import, so importing this module load
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ class TrainConfig:
     lr_background: float = 1e-3
     # shading: albedo only for the first `albedo_warmup` fraction, then drawn with these probabilities
     albedo_warmup: float = 0.1
+    # progressive views (DreamCraft3D's progressive view training): over the first `view_warmup` fraction of the run
+    # the azimuth range opens from `view_warmup_azimuth` degrees either side of its middle (the front) to the whole
+    # of camera.azimuth (training_cameras)
+    view_warmup: float = 0.0
+    view_warmup_azimuth: float = 30.0
     p_albedo: float = 0.5
     p_lambertian: float = 0.25
     p_textureless: float = 0.25
@@ -227,6 +233,20 @@ def render_resolution(t: TrainConfig, step: int) -> int:
     return t.resolution
 
 
+def training_cameras(camera: CameraSamplerConfig, t: TrainConfig, step: int) -> CameraSamplerConfig:
+    """The camera ranges to draw from at ``step`` (from 1). With ``view_warmup = w > 0`` the azimuth range
+    ``[m - h, m + h]`` about the middle ``m`` of ``camera.azimuth = [m - H, m + H]`` has the half-width
+    ``h = h0 + (H - h0) min(1, p / w)`` at the run's fraction ``p = (step - 1) / steps``, ``h0`` being
+    ``view_warmup_azimuth`` (at most ``H``): the front first, where the teacher draws what marks it, then the rest."""
+    if t.view_warmup <= 0:
+        return camera
+    lo, hi = camera.azimuth
+    middle, full = (lo + hi) / 2, (hi - lo) / 2
+    start = min(full, t.view_warmup_azimuth)
+    half = start + (full - start) * min(1.0, (step - 1) / max(1, t.steps) / t.view_warmup)
+    return dataclasses.replace(camera, azimuth=(middle - half, middle + half))
+
+
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base=None,
                 use_default_file: bool = True) -> RunConfig:
     """Build a :class:`RunConfig` from the defaults, YAML files and ``key=value`` overrides."""
@@ -255,6 +275,9 @@ def validate(cfg: RunConfig) -> None:
     _check(all(p >= 0 for p in probs) and sum(probs) > 0,
            "train.p_albedo/p_lambertian/p_textureless must be >= 0 with a positive sum")
     _check(0.0 <= t.albedo_warmup <= 1.0, f"train.albedo_warmup must be in [0, 1], got {t.albedo_warmup}")
+    _check(0.0 <= t.view_warmup <= 1.0 and t.view_warmup_azimuth >= 0,
+           f"train.view_warmup must be in [0, 1] and train.view_warmup_azimuth >= 0, got {t.view_warmup} and "
+           f"{t.view_warmup_azimuth}")
     _check(0.0 <= t.ambient <= 1.0, f"train.ambient must be in [0, 1], got {t.ambient}")
     _check(t.lambda_opaque >= 0, f"train.lambda_opaque must be >= 0, got {t.lambda_opaque}")
     for name in ("log_every", "preview_every", "checkpoint_every", "max_nonfinite_steps", "preview_views"):

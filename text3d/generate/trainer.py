@@ -20,7 +20,7 @@ import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
 from text3d.generate.config import (GUIDANCE_REGISTRY, STAGE_REGISTRY, Guidance, RunConfig, TrainConfig,
-                                    render_resolution, stage_checkpoint, to_yaml)
+                                    render_resolution, stage_checkpoint, to_yaml, training_cameras)
 from text3d.errors import CheckpointError
 from text3d.prompts import prompts_for_cameras
 from text3d.renderers.protocol import Renderer
@@ -150,7 +150,7 @@ class AssetTrainer:
         for particle in self.particles:  # every particle's schedule follows the step, drawn or not
             particle.anneal((step - 1) / max(1, t.steps))
         renderer.update_occupancy(step)
-        cameras = sample_cameras(cfg.camera, t.batch_size).to(self.device)
+        cameras = sample_cameras(training_cameras(cfg.camera, t, step), t.batch_size).to(self.device)
         shading = self.choose_shading(step)
         light = jittered_light_dirs(cameras, t.light_jitter_deg)
         res = render_resolution(t, step)
