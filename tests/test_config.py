@@ -59,6 +59,45 @@ def test_bad_files(tmp_path):
         load_config(files=[unknown])
 
 
+def test_view_warmup_opens_the_azimuth_range_from_the_front(tiny_teacher_dir, tmp_path):
+    """train.view_warmup: the training cameras' azimuth range is the front +-view_warmup_azimuth at the first step,
+    widens linearly and is camera.azimuth from view_warmup of the run on; the trainer draws from it."""
+    import torch
+
+    from text3d.errors import ConfigError
+    from text3d.generate.config import training_cameras
+
+    cfg = load_config(overrides=["train.view_warmup=0.5", "train.view_warmup_azimuth=20", "train.steps=100"])
+    ranges = [training_cameras(cfg.camera, cfg.train, s).azimuth for s in (1, 26, 51, 100)]
+    assert ranges == [(-20.0, 20.0), (-100.0, 100.0), (-180.0, 180.0), (-180.0, 180.0)]
+    assert training_cameras(cfg.camera, load_config().train, 1) == cfg.camera  # off (the default): unchanged
+    assert cfg.camera.azimuth == (-180.0, 180.0)  # the config itself is left alone
+    with pytest.raises(ConfigError, match="train.view_warmup must be in"):
+        load_config(overrides=["train.view_warmup=2"])
+
+    from tests.helpers import FAST
+    from text3d.generate.trainer import AssetTrainer
+    from text3d.teacher import load_teacher
+
+    teacher_dir = tiny_teacher_dir
+    run = load_config(overrides=FAST + [f"teacher.name_or_path={teacher_dir}", "train.steps=10",
+                                        "train.view_warmup=1.0", "train.view_warmup_azimuth=10"])
+    run.prompt = "a red car"
+    trainer = AssetTrainer(run, load_teacher(str(teacher_dir), "cpu"), torch.device("cpu"), tmp_path / "run",
+                           show_progress=False)
+    drawn = []
+    import text3d.generate.trainer as trainer_module
+
+    original = trainer_module.sample_cameras
+    trainer_module.sample_cameras = lambda camera, n: drawn.append(camera.azimuth) or original(camera, n)
+    try:
+        for step in (1, 2):
+            trainer.train_step(step)
+    finally:
+        trainer_module.sample_cameras = original
+    assert drawn == [(-10.0, 10.0), (-27.0, 27.0)]
+
+
 def test_coarse_to_fine_preset_renders_small_then_full():
     """The shipped coarse-to-fine preset: 32 px for the first half of the run, the default's 64 px from the half on,
     every other setting the default's."""
