@@ -13,13 +13,15 @@ split into
   encode    the VAE encoder's forward pass on the render, resized to the teacher's input (512 px for SD 2.1)
   unet      the teacher's CFG forward (one UNet call on the [uncond, cond] batch)
   lora      VSD only: the LoRA baseline's prediction plus the LoRA's training step (forward, backward, AdamW);
-            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward)
+            ``vsd-fused`` is VSD with ``vsd.fused_lora=true`` (the prediction is the training step's forward);
+            ``vsd-i2`` / ``vsd-i3`` VSD whose LoRA trains on one step in 2 / 3 (``vsd.lora_interval``)
   backward  the backward pass through the VAE encoder and the renderer
   optim     the asset's Adam step
 
 and compared with the **bare teacher work** of one step, timed on its own: one CFG UNet forward plus the VAE
 encode and its backward (the least any latent-space score-distillation step must do). Printed: the median of
-each part, ``SDS step / bare teacher work`` (target <= 1.3) and ``VSD step / SDS step`` (target <= 1.6;
+each part (for a method whose LoRA trains on one step in k, the median over windows of k steps of their mean, so
+that it is the mean step), ``SDS step / bare teacher work`` (target <= 1.3) and ``VSD step / SDS step`` (target <= 1.6;
 ProlificDreamer's own implementation is about 3). The methods' steps are taken in turn, one step of each per
 round, each method with its own copy of the teacher, so a machine whose speed drifts during the run (a shared
 virtual machine) stretches them alike and their ratio holds (the bare teacher work is timed before them, so
