@@ -325,7 +325,7 @@ def test_cli_vsd_with_two_particles_then_eval(tiny_teacher_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     cfg_text = (out / "config.yaml").read_text()
     assert "guidance: vsd" in cfg_text and "t_max_end: 0.5" in cfg_text  # text3d/configs/vsd.yaml was applied
-    assert "space: image" in cfg_text and "relative_baseline: true" in cfg_text
+    assert "space: image" in cfg_text and "relative_baseline: true" in cfg_text and "lora_interval: 3" in cfg_text
     summary = json.loads((out / "run.json").read_text())
     assert summary["particles"] == 2 and set(summary["files"]) >= {"particle_0", "particle_1", "preview"}
     assert set(summary["export_seconds"]) == {"particle_0", "particle_1", "preview"}  # the split, per particle
