@@ -59,7 +59,7 @@ def test_bad_files(tmp_path):
         load_config(files=[unknown])
 
 
-def test_view_warmup_opens_the_azimuth_range_from_the_front(tiny_teacher_dir, tmp_path):
+def test_view_warmup_opens_the_azimuth_range_from_the_front(tiny_teacher_dir, tmp_path, monkeypatch):
     """train.view_warmup: the training cameras' azimuth range is the front +-view_warmup_azimuth at the first step,
     widens linearly and is camera.azimuth from view_warmup of the run on; the trainer draws from it."""
     import torch
@@ -79,22 +79,19 @@ def test_view_warmup_opens_the_azimuth_range_from_the_front(tiny_teacher_dir, tm
     from text3d.generate.trainer import AssetTrainer
     from text3d.teacher import load_teacher
 
-    teacher_dir = tiny_teacher_dir
-    run = load_config(overrides=FAST + [f"teacher.name_or_path={teacher_dir}", "train.steps=10",
+    run = load_config(overrides=FAST + [f"teacher.name_or_path={tiny_teacher_dir}", "train.steps=10",
                                         "train.view_warmup=1.0", "train.view_warmup_azimuth=10"])
     run.prompt = "a red car"
-    trainer = AssetTrainer(run, load_teacher(str(teacher_dir), "cpu"), torch.device("cpu"), tmp_path / "run",
+    trainer = AssetTrainer(run, load_teacher(str(tiny_teacher_dir), "cpu"), torch.device("cpu"), tmp_path / "run",
                            show_progress=False)
     drawn = []
     import text3d.generate.trainer as trainer_module
 
     original = trainer_module.sample_cameras
-    trainer_module.sample_cameras = lambda camera, n: drawn.append(camera.azimuth) or original(camera, n)
-    try:
-        for step in (1, 2):
-            trainer.train_step(step)
-    finally:
-        trainer_module.sample_cameras = original
+    monkeypatch.setattr(trainer_module, "sample_cameras",
+                        lambda camera, n: drawn.append(camera.azimuth) or original(camera, n))
+    for step in (1, 2):
+        trainer.train_step(step)
     assert drawn == [(-10.0, 10.0), (-27.0, 27.0)]
 
 

@@ -17,10 +17,9 @@ The schema is built on first use, never at import, so importing this module load
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Protocol, Sequence
 
@@ -226,9 +225,14 @@ def check_mesh_stage_config(m: MeshStageConfig, name: str) -> None:
            f"{name}.shadings must be among {', '.join(SHADINGS)}")
 
 
+def run_progress(t: TrainConfig, step: int) -> float:
+    """The fraction of the run done before ``step`` (from 1): 0 at the first step, what every schedule reads."""
+    return (step - 1) / max(1, t.steps)
+
+
 def render_resolution(t: TrainConfig, step: int) -> int:
     """The render side at ``step`` (from 1): ``resolution``, then ``high_resolution`` if set."""
-    if t.high_resolution and (step - 1) / max(1, t.steps) >= t.high_resolution_from:
+    if t.high_resolution and run_progress(t, step) >= t.high_resolution_from:
         return t.high_resolution
     return t.resolution
 
@@ -243,8 +247,8 @@ def training_cameras(camera: CameraSamplerConfig, t: TrainConfig, step: int) -> 
     lo, hi = camera.azimuth
     middle, full = (lo + hi) / 2, (hi - lo) / 2
     start = min(full, t.view_warmup_azimuth)
-    half = start + (full - start) * min(1.0, (step - 1) / max(1, t.steps) / t.view_warmup)
-    return dataclasses.replace(camera, azimuth=(middle - half, middle + half))
+    half = start + (full - start) * min(1.0, run_progress(t, step) / t.view_warmup)
+    return replace(camera, azimuth=(middle - half, middle + half))
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base=None,

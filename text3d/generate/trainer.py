@@ -20,7 +20,8 @@ import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
 from text3d.generate.config import (GUIDANCE_REGISTRY, STAGE_REGISTRY, Guidance, RunConfig, TrainConfig,
-                                    render_resolution, stage_checkpoint, to_yaml, training_cameras)
+                                    render_resolution, run_progress, stage_checkpoint, to_yaml,
+                                    training_cameras)
 from text3d.errors import CheckpointError
 from text3d.prompts import prompts_for_cameras
 from text3d.renderers.protocol import Renderer
@@ -147,8 +148,9 @@ class AssetTrainer:
         index = int(torch.randint(len(self.particles), ())) if len(self.particles) > 1 else 0
         renderer = self.particles[index]
         renderer.train()
+        progress = run_progress(t, step)
         for particle in self.particles:  # every particle's schedule follows the step, drawn or not
-            particle.anneal((step - 1) / max(1, t.steps))
+            particle.anneal(progress)
         renderer.update_occupancy(step)
         cameras = sample_cameras(training_cameras(cfg.camera, t, step), t.batch_size).to(self.device)
         shading = self.choose_shading(step)
@@ -156,7 +158,7 @@ class AssetTrainer:
         res = render_resolution(t, step)
         out = renderer(cameras, res, res, shading=shading, light_dirs=light, ambient=t.ambient)
         prompts = prompts_for_cameras(cfg.prompt, cameras, cfg.prompts, cfg.camera)
-        g = self.guidance(out["rgb"], prompts, progress=(step - 1) / max(1, t.steps), cameras=cameras)
+        g = self.guidance(out["rgb"], prompts, progress=progress, cameras=cameras)
         loss = g.loss
         if t.lambda_orientation > 0 and "orientation_loss" in out:
             loss = loss + t.lambda_orientation * out["orientation_loss"]
