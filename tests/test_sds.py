@@ -308,3 +308,69 @@ def test_guidance_scale_ramp_follows_the_annealing_start(teacher):
     assert torch.allclose(late, fixed.grad, atol=1e-5) and not torch.allclose(early, late, atol=1e-3)
     with pytest.raises(ConfigError, match="guidance_scale_end"):
         load_config(overrides=["sds.guidance_scale_end=-1"])
+
+
+def test_multi_step_target_takes_ddim_steps_with_image_space_cfg(teacher):
+    """target_steps = K: the real target is K t / T DDIM steps down (at least one), each step's x0 the encoded,
+    clamped image-space CFG of the two decoded predictions; written out here for t = 500, K = 4 (two steps,
+    500 -> 250), with a UNet call counter; before target_steps_from the one-step target is used."""
+    from text3d.errors import ConfigError
+    from text3d.generate.config import load_config
+    from text3d.guidance.core import target_timesteps
+
+    assert [s.tolist() for s in target_timesteps(torch.tensor([500]), 8, 1000)] == [[500], [375], [250], [125]]
+    assert [s.tolist() for s in target_timesteps(torch.tensor([300, 100]), 8, 1000)] == [[300, 100], [150, 50]]
+    assert [s.tolist() for s in target_timesteps(torch.tensor([40]), 8, 1000)] == [[40]]
+    torch.manual_seed(0)
+    scale = 4.0
+    cfg = SDSConfig(guidance_scale=scale, space="image", target_steps=4, target_steps_from=0.5)
+    guidance = SDSGuidance(teacher, cfg)
+    images = torch.rand(1, 3, teacher.image_size, teacher.image_size)
+    t = torch.tensor([500])
+    prompts = ["a red cube"]
+    with torch.no_grad():
+        latents = teacher.encode_images(images)
+    noise = torch.randn(latents.shape)
+    calls = {"n": 0}
+    unet_forward = teacher.unet.forward
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return unet_forward(*args, **kwargs)
+
+    teacher.unet.forward = counted
+    try:
+        out = guidance(images, prompts, progress=0.6, t=t, noise=noise)
+        n_multi = calls["n"]
+        one = guidance(images, prompts, progress=0.4, t=t, noise=noise)  # before target_steps_from
+        n_one = calls["n"] - n_multi
+    finally:
+        del teacher.unet.forward
+    assert (n_multi, n_one) == (2, 1)  # one CFG pair (one batch of 2) a step
+
+    def guided(z, s):
+        ab = teacher.alphas_cumprod[s].view(-1, 1, 1, 1)
+        x0 = {}
+        for name, emb in (("c", teacher.encode_prompts(prompts)), ("u", teacher.encode_prompts([""]))):
+            eps = teacher.unet(z, s, encoder_hidden_states=emb).sample
+            x0[name] = teacher.decode_latents((z - (1 - ab).sqrt() * eps) / ab.sqrt())
+        g = x0["u"] + scale * (x0["c"] - x0["u"])
+        return g.clamp(0, 1), ab
+
+    with torch.no_grad():
+        ab = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        first, _ = guided(z, t)
+        x0 = teacher.encode_images(first)
+        s = torch.tensor([250])
+        ab_s = teacher.alphas_cumprod[s].view(-1, 1, 1, 1)
+        z = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * (z - ab.sqrt() * x0) / (1 - ab).sqrt()
+        target, _ = guided(z, s)
+        one_target, _ = guided(ab.sqrt() * latents + (1 - ab).sqrt() * noise, t)
+    assert torch.allclose(out.grad, images - target, atol=2e-4, rtol=1e-4)
+    assert torch.allclose(one.grad, images - one_target, atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(out.grad, one.grad, atol=1e-2)
+    with pytest.raises(ConfigError, match="sds.target_steps must be >= 1"):
+        load_config(overrides=["sds.target_steps=0"])
+    with pytest.raises(ConfigError, match="needs sds.space = image"):
+        load_config(overrides=["sds.target_steps=4", "sds.space=latent"])

@@ -54,6 +54,16 @@ embedded teacher it does not work: its inversion of a render finds noise of stan
 than 1 (the renders are not on its manifold), ``x_t`` is under-noised for its ``t`` and the assets come out as
 faint clouds (docs/guidance.md, 2026-12-06); it is there for real SD teachers, where the paper measured it.
 
+``target_steps = K > 1`` (image space) takes the real branch's target several denoising steps down instead of one,
+where the teacher draws small features that its one-step prediction averages away (a car's lights at 64 px appear
+in the guided x0 after 2-4 DDIM steps from t = 0.5, not after one; docs/guidance.md, 2026-12-07). The steps are
+``K t / T`` rounded (at least 1: a fixed step length of ``T / K``), at timesteps ``s_i = round(t (k - i) / k)``; each
+but the last decodes the guided x0 at ``s_i`` (image-space CFG, rescaled, clamped), encodes it back to ``x0_i`` and
+takes the deterministic DDIM step ``z <- sqrt(ab_{s_{i+1}}) x0_i + sqrt(1 - ab_{s_{i+1}}) (z - sqrt(ab_{s_i}) x0_i) /
+sqrt(1 - ab_{s_i})``; the last step's guided image is the target. It costs one CFG pair and a VAE round trip per extra
+step; ``target_steps_from`` keeps the one-step target for that first fraction of the run (the shape). The baseline
+branch is unchanged (meant for SDS).
+
 Everything goes through :func:`score_gradient`; :class:`ScoreDistillation` draws ``t`` and the noise,
 encodes prompts and injects the result. 3D guidance calls it with rendered images and prompts
 (:meth:`ScoreDistillation.__call__`), 2D students with latents and embeddings
@@ -113,6 +123,8 @@ class ScoreConfig:
     inversion_steps: int = 3  # noise = inversion: conditional UNet calls of the inversion, 0 -> t
     inversion_from: float = 0.0  # noise = inversion: the fraction of the run guided with random noise first
     relative_baseline: bool = False  # image space with a LoRA: base = D + D(x0_LoRA) - D(x) (module docstring)
+    target_steps: int = 1  # image space: the real target K t / T DDIM steps down instead of one (module docstring)
+    target_steps_from: float = 0.0  # the fraction of the run guided with the one-step target first
 
 
 def check_score_config(s: ScoreConfig, name: str) -> None:
@@ -140,6 +152,9 @@ def check_score_config(s: ScoreConfig, name: str) -> None:
     check(s.noise in NOISES, f"{name}.noise must be random or inversion, got {s.noise!r}")
     check(s.inversion_steps >= 1, f"{name}.inversion_steps must be >= 1, got {s.inversion_steps}")
     check(0.0 <= s.inversion_from <= 1.0, f"{name}.inversion_from must be in [0, 1], got {s.inversion_from}")
+    check(s.target_steps >= 1, f"{name}.target_steps must be >= 1, got {s.target_steps}")
+    check(s.target_steps == 1 or s.space == "image", f"{name}.target_steps > 1 needs {name}.space = image")
+    check(0.0 <= s.target_steps_from <= 1.0, f"{name}.target_steps_from must be in [0, 1], got {s.target_steps_from}")
 
 
 @dataclass
@@ -238,6 +253,31 @@ def _real_eps(teacher, noisy, t, cond, uncond, scale: float, negatives=(), weigh
     return teacher.predict_eps(noisy, t, cond, uncond, guidance_scale=scale)
 
 
+def target_timesteps(t: torch.Tensor, target_steps: int, num_train_timesteps: int) -> list[torch.Tensor]:
+    """The timesteps [B] of a ``target_steps`` target from ``t`` [B] (module docstring): ``k = round(K max(t) / T)``
+    (at least 1) of them, ``s_i = round(t (k - i) / k)`` for ``i = 0 .. k - 1``, the first ``t`` itself."""
+    k = max(1, round(target_steps * int(t.max()) / num_train_timesteps))
+    return [(t.float() * (k - i) / k).round().long() for i in range(k)]
+
+
+def _denoised_start(teacher, noisy, t, cond, uncond, cfg: ScoreConfig, negatives=(), weights=None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real branch's last noisy latents and timestep of a ``target_steps`` target: every step but the last
+    (module docstring); ``(noisy, t)`` itself for a one-step target."""
+    steps = target_timesteps(t, cfg.target_steps, teacher.num_train_timesteps) if cfg.target_steps > 1 else [t]
+    z = noisy
+    for s, s_next in zip(steps, steps[1:]):
+        x0, extra = _branch_x0(teacher, z, s, cond, uncond, cfg.guidance_scale, negatives=negatives,
+                               camera_cfg=cfg.camera_cfg, camera_guidance=cfg.camera_guidance)
+        image = _guided_image(_decode_all(teacher, x0), extra, cfg.guidance_scale, weights, cfg.cfg_rescale,
+                              cfg.camera_guidance)
+        x0 = teacher.encode_images(image).float()
+        ab, ab_next = teacher.alpha_bar(s), teacher.alpha_bar(s_next)
+        eps = (z - ab.sqrt() * x0) / (1.0 - ab).sqrt()
+        z = ab_next.sqrt() * x0 + (1.0 - ab_next).sqrt() * eps
+    return z, steps[-1]
+
+
 def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
                    uncond: torch.Tensor, cfg: ScoreConfig, lora: LoRAScoreNetwork | None = None, condition: torch.Tensor | None = None,
                    image: torch.Tensor | None = None, negatives: Sequence[torch.Tensor] = (),
@@ -255,7 +295,8 @@ def score_gradient(teacher: Teacher, latents: torch.Tensor, t: torch.Tensor, noi
         if cfg.space == "image":
             if image is None:
                 raise ValueError("image-space score distillation needs the image the gradient applies to")
-            real_x0, extra = _branch_x0(teacher, noisy, t, cond, uncond, cfg.guidance_scale, negatives=negatives,
+            z, s = _denoised_start(teacher, noisy, t, cond, uncond, cfg, negatives, negative_weights)
+            real_x0, extra = _branch_x0(teacher, z, s, cond, uncond, cfg.guidance_scale, negatives=negatives,
                                         camera_cfg=cfg.camera_cfg, camera_guidance=cfg.camera_guidance)
             base_x0 = [] if lora is None else _branch_x0(teacher, noisy, t, cond, uncond, cfg.lora_guidance_scale,
                                                          lora=lora, condition=condition)[0]
@@ -352,6 +393,8 @@ class ScoreDistillation:
             noise = self.draw_noise(latents, t, cond, progress)
         if cfg.guidance_scale_end is not None:
             cfg = replace(cfg, guidance_scale=self.guidance_scale_at(progress))
+        if cfg.target_steps > 1 and progress < cfg.target_steps_from:
+            cfg = replace(cfg, target_steps=1)
         grad = score_gradient(self.teacher, latents, t, noise, cond, uncond, cfg, self.lora, condition=condition,
                               image=image if cfg.space == "image" else None, negatives=negatives,
                               negative_weights=negative_weights)
