@@ -421,3 +421,55 @@ def test_closed_cavities_are_filled_and_open_ones_kept():
     opened = extract_mesh(cup, 1.0, ExportConfig(**cfg))
     assert opened.volume == pytest.approx(extract_mesh(cup, 1.0, ExportConfig(fill_cavities=False, **cfg)).volume)
     assert opened.volume < 0.85 * filled.volume
+
+
+def test_solid_core_keeps_a_higher_level_from_hollowing_the_object():
+    """A ball whose density dips behind its surface (a NeRF's shell): a level above the dip's exports a shell with
+    an inner wall (or holes); with the solid core the same level gives one closed surface, slightly inside Otsu's."""
+    from text3d.export.marching import solid_core
+
+    res, bound = 48, 1.0
+    axis = np.linspace(-bound, bound, res)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    shell = np.exp(-((r - 0.55) / 0.08) ** 2) * 4.0  # peak 4 at r = 0.55
+    grid = (shell + np.where(r < 0.25, 6.0, 0.0) + np.where(r < 0.45, 0.3, 0.0)).astype(np.float32)  # a faint gap
+    cfg = ExportConfig(threshold=1.0, smooth_iterations=0, min_component_fraction=0.0, fill_cavities=False)
+    low = extract_mesh_from_grid(grid, bound, ExportConfig(threshold=0.2, smooth_iterations=0))
+    hollow = extract_mesh_from_grid(grid, bound, cfg)
+    cored = extract_mesh_from_grid(solid_core(grid, 0.2, 3), bound, cfg)
+    assert len(hollow.split(only_watertight=False)) >= 2  # the shell's outer and inner walls (and the centre)
+    assert len(cored.split(only_watertight=False)) == 1
+    assert 0.8 * low.volume < cored.volume < low.volume
+
+
+def test_opacity_rule_picks_the_level_whose_silhouettes_match():
+    """extract_mesh_matching: a soft ball whose 'renders' show a ball 0.04 smaller than Otsu's surface (r = 0.62;
+    within the core's 2 voxels at 64^3): the chosen level's mesh matches those silhouettes better than Otsu's mesh
+    and is nearer the rendered radius."""
+    from text3d.cameras import spherical_cameras
+    from text3d.export.marching import auto_threshold, extract_mesh_matching
+    from text3d.renderers.mesh import MeshAsset, render_mesh
+    from text3d.utils.masks import silhouette_iou
+
+    def soft_ball(p):  # density 8 at the centre falling linearly to 0 at r = 0.7
+        return (8.0 * (1.0 - p.norm(dim=-1) / 0.7)).clamp_min(0.0)
+
+    cams = spherical_cameras(torch.tensor([15.0, 15.0, 60.0]), torch.tensor([0.0, 120.0, 240.0]), 2.8, 42.0)
+
+    def silhouettes(mesh):
+        asset = MeshAsset(torch.as_tensor(mesh.vertices, dtype=torch.float32), torch.as_tensor(mesh.faces))
+        return render_mesh(asset, cams, 48, 48, shading="albedo")["opacity"]
+
+    cfg = ExportConfig(grid_resolution=64, smooth_iterations=0)
+    otsu_mesh = extract_mesh(soft_ball, 1.0, cfg)
+    target = silhouettes(trimesh.creation.icosphere(subdivisions=3, radius=0.58))
+    chosen = extract_mesh_matching(soft_ball, 1.0, cfg, silhouettes, target)
+    otsu_level = auto_threshold(sample_density_grid(soft_ball, 1.0, 64))
+    levels = [level for level, _ in chosen.metadata["level_scores"]]
+    assert levels[0] == pytest.approx(0.75 * otsu_level) and chosen.metadata["iso_level"] in levels
+    assert np.mean(silhouette_iou(silhouettes(chosen), target)) > np.mean(silhouette_iou(silhouettes(otsu_mesh), target)) + 0.05
+    r_otsu, r_chosen = (np.linalg.norm(m.vertices, axis=1).mean() for m in (otsu_mesh, chosen))
+    assert abs(r_chosen - 0.58) < 0.5 * abs(r_otsu - 0.58)
+    with pytest.raises(ConfigError, match="iso_level"):
+        check_export_config(ExportConfig(iso_level="median"))

@@ -340,3 +340,47 @@ def test_nerfacc_is_used_only_when_its_cuda_kernels_load(monkeypatch, kernels):
     monkeypatch.setattr(backends.torch.cuda, "get_device_name", lambda *_: "fake GPU")  # doctor's device line
     line = backends.backend_report()["nerfacc"]
     assert ("did not build" in line) is (kernels is None)
+
+
+class SoftBall(UniformBall):
+    """Density falling linearly from ``sigma`` at the centre to 0 at r = 0.7: its rendered edge (opacity 0.5) lies
+    inside the surface that Otsu's split of its density grid draws."""
+
+    def forward(self, x):
+        return self.sigma * (1.0 - x.norm(dim=-1) / 0.7).clamp_min(0.0), torch.tensor([1.0, 0.5, 0.0]).expand(x.shape[0], 3)
+
+
+def test_opacity_iso_level_matches_the_nerfs_own_silhouette():
+    """export.iso_level = opacity: the NeRF's surface is the candidate level whose mesh's silhouettes best match its
+    own rendered opacity, from the 12 views it names; that mesh matches them better than Otsu's and lies inside it."""
+    import numpy as np
+
+    from text3d.cameras import CameraSamplerConfig, orbit_cameras
+    from text3d.export import ExportConfig
+    from text3d.renderers.mesh import MeshAsset, render_mesh
+    from text3d.utils.masks import silhouette_iou
+
+    r = make_renderer(num_samples=128)
+    r.field = SoftBall(12.0)
+    r.eval()
+    cfg = dict(grid_resolution=64, smooth_iterations=0)
+    otsu = r.surface(ExportConfig(**cfg))
+    with torch.no_grad():
+        matched = r.export_surface(ExportConfig(iso_level="opacity", **cfg)).mesh
+        cams = orbit_cameras(CameraSamplerConfig(), 8)
+        own = r(cams, 64, 64, stratified=False)["opacity"]
+
+    def iou(vertices, faces) -> float:
+        asset = MeshAsset(torch.as_tensor(np.asarray(vertices), dtype=torch.float32), torch.as_tensor(np.asarray(faces)))
+        return float(np.mean(silhouette_iou(render_mesh(asset, cams, 64, 64, shading="albedo")["opacity"], own)))
+
+    assert len(matched.metadata["level_scores"]) >= 4
+    assert matched.metadata["iso_level"] > otsu_level(r)
+    assert iou(matched.vertices, matched.faces) > iou(otsu.vertices.numpy(), otsu.faces.numpy()) + 0.02
+    assert np.linalg.norm(matched.vertices, axis=1).mean() < otsu.vertices.norm(dim=1).mean().item()
+
+
+def otsu_level(renderer) -> float:
+    from text3d.export import auto_threshold, sample_density_grid
+
+    return auto_threshold(sample_density_grid(renderer.field.query_density, renderer.bound, 64))

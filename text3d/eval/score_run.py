@@ -34,6 +34,7 @@ from text3d.eval.clip_rprecision import DEFAULT_CLIP_PROMPTS, ClipScorer, load_c
 from text3d.eval.judge import Judge
 from text3d.eval.score_images import load_judge, pct, score_predictions
 from text3d.runtime.atomic import atomic_write_text
+from text3d.utils.masks import silhouette_iou
 
 EVAL_NAME = "eval.json"
 N_VIEWS = 8
@@ -66,14 +67,6 @@ def clear_views(cams, cfg: CameraSamplerConfig) -> list[tuple[int, str]]:
     labels = [(i, clear_front_back(float(e), float(a), cfg))
               for i, (e, a) in enumerate(zip(cams.elevation.tolist(), cams.azimuth.tolist()))]
     return [(i, label) for i, label in labels if label is not None]
-
-
-def silhouette_iou(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """Per-image IoU of opacity masks [B, 1, H, W] thresholded at 0.5."""
-    a, b = pred > 0.5, target > 0.5
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).tolist()
 
 
 def colour_saturation(rgb: torch.Tensor, opacity: torch.Tensor) -> float:

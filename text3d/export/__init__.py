@@ -8,7 +8,8 @@ Pipeline: ``extract_mesh`` (density grid -> closed mesh) -> ``unwrap_uv`` (xatla
 from text3d.export.asset import export_asset, export_textured_mesh
 from text3d.export.bake import bake_texture
 from text3d.export.config import ExportConfig, check_export_config
-from text3d.export.marching import auto_threshold, extract_mesh, extract_mesh_from_grid, sample_density_grid
+from text3d.export.marching import (auto_threshold, extract_mesh, extract_mesh_from_grid, extract_mesh_matching,
+                                   sample_density_grid)
 from text3d.export.turntable import write_turntable
 from text3d.export.uv_atlas import unwrap_uv
 
@@ -21,6 +22,7 @@ __all__ = [
     "export_textured_mesh",
     "extract_mesh",
     "extract_mesh_from_grid",
+    "extract_mesh_matching",
     "sample_density_grid",
     "unwrap_uv",
     "write_turntable",

@@ -31,6 +31,8 @@ from text3d.utils.backends import has_nerfacc, has_tcnn
 if TYPE_CHECKING:
     from text3d.export import ExportConfig
 
+LEVEL_MATCH_RESOLUTION = 64  # the size of the views the export's ``opacity`` iso-level rule compares
+
 
 @dataclass
 class NeRFConfig:
@@ -177,11 +179,10 @@ class NeRFRenderer(nn.Module):
         """The marching-cubes mesh of the density (:func:`text3d.export.extract_mesh` with ``export``'s grid,
         iso-level, small-piece and smoothing settings), float32 on this NeRF's device: where a texture stage
         started straight from the NeRF begins."""
-        from text3d.export import ExportConfig, extract_mesh
+        from text3d.export import ExportConfig
 
         device = self.occupancy.density.device
-        mesh = extract_mesh(self.field.query_density, self.bound, export if export is not None else ExportConfig(),
-                            device=device)
+        mesh = self._extract(export if export is not None else ExportConfig(), device)
         return SurfaceMesh(torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device),
                            torch.as_tensor(mesh.faces, device=device))
 
@@ -193,12 +194,38 @@ class NeRFRenderer(nn.Module):
     def export_surface(self, export: "ExportConfig") -> ExportSurface:
         """The marching-cubes mesh (float64, as extracted) and, per ``export.bake``, the colour a camera sees at
         the surface (:meth:`seen_albedo`) or the field's albedo."""
-        from text3d.export import extract_mesh
-
         device = self.occupancy.density.device
-        mesh = extract_mesh(self.field.query_density, self.bound, export, device=device)
+        mesh = self._extract(export, device)
         colour = self.seen_albedo if export.bake == "seen" else self.field.query_albedo
         return ExportSurface(mesh, lambda p: colour(p.to(device)))  # the baker's points come from the CPU
+
+    def _extract(self, export: "ExportConfig", device: torch.device):
+        """The marching-cubes mesh of the density at ``export``'s level: with ``iso_level = opacity`` (and no fixed
+        ``threshold``) the candidate level whose mesh's silhouettes best match this NeRF's own opacity, from 8
+        views around at the preview elevation and 4 from 60 degrees up (:func:`text3d.export.extract_mesh_matching`)."""
+        from text3d.export import extract_mesh, extract_mesh_matching
+
+        if export.threshold is not None or export.iso_level != "opacity":
+            return extract_mesh(self.field.query_density, self.bound, export, device=device)
+        from text3d.cameras import CameraSamplerConfig, orbit_cameras, spherical_cameras
+        from text3d.renderers.mesh import MeshAsset, render_mesh
+
+        views = CameraSamplerConfig()
+        around = orbit_cameras(views, 8)
+        above = spherical_cameras(60.0, torch.arange(4.0) * 90.0 + 45.0, views.eval_radius, views.eval_fovy)
+        size = LEVEL_MATCH_RESOLUTION
+        opacity = []
+        for cams in (around, above):
+            opacity.append(self(cams.to(device), size, size, stratified=False)["opacity"].detach().float().cpu())
+        target = torch.cat(opacity)
+
+        def silhouettes(mesh) -> torch.Tensor:
+            asset = MeshAsset(torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                              torch.as_tensor(mesh.faces, dtype=torch.long))
+            return torch.cat([render_mesh(asset, cams, size, size, shading="albedo")["opacity"]
+                              for cams in (around, above)])
+
+        return extract_mesh_matching(self.field.query_density, self.bound, export, silhouettes, target, device=device)
 
     # --------------------------------------------------------------------------------------------- render
     def _nerfacc_ready(self, device: torch.device) -> bool:
