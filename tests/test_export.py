@@ -423,32 +423,12 @@ def test_closed_cavities_are_filled_and_open_ones_kept():
     assert opened.volume < 0.85 * filled.volume
 
 
-def test_solid_core_keeps_a_higher_level_from_hollowing_the_object():
-    """A ball whose density dips behind its surface (a NeRF's shell): a level above the dip's exports a shell with
-    an inner wall (or holes); with the solid core the same level gives one closed surface, slightly inside Otsu's."""
-    from text3d.export.marching import solid_core
-
-    res, bound = 48, 1.0
-    axis = np.linspace(-bound, bound, res)
-    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    r = np.sqrt(x**2 + y**2 + z**2)
-    shell = np.exp(-((r - 0.55) / 0.08) ** 2) * 4.0  # peak 4 at r = 0.55
-    grid = (shell + np.where(r < 0.25, 6.0, 0.0) + np.where(r < 0.45, 0.3, 0.0)).astype(np.float32)  # a faint gap
-    cfg = ExportConfig(threshold=1.0, smooth_iterations=0, min_component_fraction=0.0, fill_cavities=False)
-    low = extract_mesh_from_grid(grid, bound, ExportConfig(threshold=0.2, smooth_iterations=0))
-    hollow = extract_mesh_from_grid(grid, bound, cfg)
-    cored = extract_mesh_from_grid(solid_core(grid, 0.2, 3), bound, cfg)
-    assert len(hollow.split(only_watertight=False)) >= 2  # the shell's outer and inner walls (and the centre)
-    assert len(cored.split(only_watertight=False)) == 1
-    assert 0.8 * low.volume < cored.volume < low.volume
-
-
-def test_opacity_rule_picks_the_level_whose_silhouettes_match():
-    """extract_mesh_matching: a soft ball whose 'renders' show a ball 0.04 smaller than Otsu's surface (r = 0.62;
-    within the core's 2 voxels at 64^3): the chosen level's mesh matches those silhouettes better than Otsu's mesh
-    and is nearer the rendered radius."""
+def test_opacity_fit_moves_the_surface_in_until_its_silhouettes_match():
+    """extract_mesh_matching: a soft ball whose 'renders' show a ball 0.03 smaller than Otsu's surface (r = 0.62):
+    the surface moved inwards along its normals by the best offset matches those silhouettes better than Otsu's
+    mesh, is nearer the rendered radius and keeps its faces and smoothness."""
     from text3d.cameras import spherical_cameras
-    from text3d.export.marching import auto_threshold, extract_mesh_matching
+    from text3d.export.marching import SURFACE_OFFSETS, extract_mesh_matching
     from text3d.renderers.mesh import MeshAsset, render_mesh
     from text3d.utils.masks import silhouette_iou
 
@@ -459,17 +439,16 @@ def test_opacity_rule_picks_the_level_whose_silhouettes_match():
 
     def silhouettes(mesh):
         asset = MeshAsset(torch.as_tensor(mesh.vertices, dtype=torch.float32), torch.as_tensor(mesh.faces))
-        return render_mesh(asset, cams, 48, 48, shading="albedo")["opacity"]
+        return render_mesh(asset, cams, 64, 64, shading="albedo")["opacity"]
 
-    cfg = ExportConfig(grid_resolution=64, smooth_iterations=0)
+    cfg = ExportConfig(grid_resolution=64)
     otsu_mesh = extract_mesh(soft_ball, 1.0, cfg)
-    target = silhouettes(trimesh.creation.icosphere(subdivisions=3, radius=0.58))
+    target = silhouettes(trimesh.creation.icosphere(subdivisions=3, radius=0.59))
     chosen = extract_mesh_matching(soft_ball, 1.0, cfg, silhouettes, target)
-    otsu_level = auto_threshold(sample_density_grid(soft_ball, 1.0, 64))
-    levels = [level for level, _ in chosen.metadata["level_scores"]]
-    assert levels[0] == pytest.approx(0.75 * otsu_level) and chosen.metadata["iso_level"] in levels
+    assert [d for d, _ in chosen.metadata["offset_scores"]] == list(SURFACE_OFFSETS)
+    assert chosen.metadata["surface_offset"] in SURFACE_OFFSETS[1:]
+    assert chosen.metadata["iso_level"] == otsu_mesh.metadata["iso_level"]
     assert np.mean(silhouette_iou(silhouettes(chosen), target)) > np.mean(silhouette_iou(silhouettes(otsu_mesh), target)) + 0.05
-    r_otsu, r_chosen = (np.linalg.norm(m.vertices, axis=1).mean() for m in (otsu_mesh, chosen))
-    assert abs(r_chosen - 0.58) < 0.5 * abs(r_otsu - 0.58)
-    with pytest.raises(ConfigError, match="iso_level"):
-        check_export_config(ExportConfig(iso_level="median"))
+    r_otsu, r_chosen = (np.linalg.norm(m.vertices, axis=1) for m in (otsu_mesh, chosen))
+    assert abs(r_chosen.mean() - 0.59) < 0.01 < abs(r_otsu.mean() - 0.59)
+    assert np.array_equal(chosen.faces, otsu_mesh.faces) and r_chosen.std() < 1.2 * r_otsu.std() + 1e-3

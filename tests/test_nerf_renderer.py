@@ -351,8 +351,8 @@ class SoftBall(UniformBall):
 
 
 def test_opacity_iso_level_matches_the_nerfs_own_silhouette():
-    """export.iso_level = opacity: the NeRF's surface is the candidate level whose mesh's silhouettes best match its
-    own rendered opacity, from the 12 views it names; that mesh matches them better than Otsu's and lies inside it."""
+    """export.fit_opacity: the NeRF's surface is moved inwards by the offset whose silhouettes best match its own
+    rendered opacity from the 12 views it names; that mesh matches them better than Otsu's and lies inside it."""
     import numpy as np
 
     from text3d.cameras import CameraSamplerConfig, orbit_cameras
@@ -366,7 +366,7 @@ def test_opacity_iso_level_matches_the_nerfs_own_silhouette():
     cfg = dict(grid_resolution=64, smooth_iterations=0)
     otsu = r.surface(ExportConfig(**cfg))
     with torch.no_grad():
-        matched = r.export_surface(ExportConfig(iso_level="opacity", **cfg)).mesh
+        matched = r.export_surface(ExportConfig(fit_opacity=True, **cfg)).mesh
         cams = orbit_cameras(CameraSamplerConfig(), 8)
         own = r(cams, 64, 64, stratified=False)["opacity"]
 
@@ -374,13 +374,7 @@ def test_opacity_iso_level_matches_the_nerfs_own_silhouette():
         asset = MeshAsset(torch.as_tensor(np.asarray(vertices), dtype=torch.float32), torch.as_tensor(np.asarray(faces)))
         return float(np.mean(silhouette_iou(render_mesh(asset, cams, 64, 64, shading="albedo")["opacity"], own)))
 
-    assert len(matched.metadata["level_scores"]) >= 4
-    assert matched.metadata["iso_level"] > otsu_level(r)
+    assert matched.metadata["surface_offset"] > 0 and len(matched.metadata["offset_scores"]) == 6
     assert iou(matched.vertices, matched.faces) > iou(otsu.vertices.numpy(), otsu.faces.numpy()) + 0.02
     assert np.linalg.norm(matched.vertices, axis=1).mean() < otsu.vertices.norm(dim=1).mean().item()
 
-
-def otsu_level(renderer) -> float:
-    from text3d.export import auto_threshold, sample_density_grid
-
-    return auto_threshold(sample_density_grid(renderer.field.query_density, renderer.bound, 64))

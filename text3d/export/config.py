@@ -8,24 +8,21 @@ from typing import Any, Optional
 from text3d.errors import ConfigError
 
 
-ISO_LEVEL_RULES = ("otsu", "opacity")
-
-
 @dataclass
 class ExportConfig:
     """Export settings; plain types only so OmegaConf can build it from YAML.
 
     ``threshold`` is the density iso-level of the surface (inside = density above it). ``None``
-    picks it automatically by the rule ``iso_level``: ``otsu``, from the density grid alone
-    (:func:`text3d.export.marching.auto_threshold`), or ``opacity``, the level among Otsu's times
-    :data:`~text3d.export.marching.LEVEL_FACTORS` whose mesh's silhouettes best match the renderer's own opacity
-    (:func:`text3d.export.marching.extract_mesh_matching`; a renderer without an opacity of its own uses Otsu's).
+    picks it automatically from the density grid, see :func:`text3d.export.marching.auto_threshold`.
+    ``fit_opacity`` moves a NeRF's surface inwards by the offset of :data:`~text3d.export.marching.SURFACE_OFFSETS`
+    whose silhouettes best match the NeRF's own rendered opacity (:func:`text3d.export.marching.extract_mesh_matching`;
+    mesh stages' surfaces are their own and are not moved).
     ``max_faces`` is the decimation target of every exported mesh (quadric edge collapse, 0 = keep all).
     """
 
     grid_resolution: int = 128
     threshold: Optional[float] = None
-    iso_level: str = "otsu"  # otsu | opacity: the rule for the level when threshold is null (see above)
+    fit_opacity: bool = False  # a NeRF's surface moved inwards to match its rendered opacity (see above)
     min_component_fraction: float = 0.05
     texture_size: int = 512
     seam_padding: int = 4
@@ -51,7 +48,6 @@ def check_export_config(cfg: Any) -> None:
     need(8 <= int(cfg.grid_resolution) <= 1024, "grid_resolution", "must be between 8 and 1024")
     if cfg.threshold is not None:
         need(float(cfg.threshold) == float(cfg.threshold), "threshold", "must be a number or null")
-    need(str(getattr(cfg, "iso_level", "otsu")) in ISO_LEVEL_RULES, "iso_level", "must be otsu or opacity")
     need(0.0 <= float(cfg.min_component_fraction) <= 1.0, "min_component_fraction", "must be in [0, 1]")
     need(8 <= int(cfg.texture_size) <= 8192, "texture_size", "must be between 8 and 8192")
     need(str(getattr(cfg, "bake", "seen")) in ("seen", "albedo"), "bake", "must be seen or albedo")

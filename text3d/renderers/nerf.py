@@ -31,7 +31,7 @@ from text3d.utils.backends import has_nerfacc, has_tcnn
 if TYPE_CHECKING:
     from text3d.export import ExportConfig
 
-LEVEL_MATCH_RESOLUTION = 64  # the size of the views the export's ``opacity`` iso-level rule compares
+OPACITY_FIT_RESOLUTION = 64  # the size of the views that export.fit_opacity compares
 
 
 @dataclass
@@ -200,12 +200,12 @@ class NeRFRenderer(nn.Module):
         return ExportSurface(mesh, lambda p: colour(p.to(device)))  # the baker's points come from the CPU
 
     def _extract(self, export: "ExportConfig", device: torch.device):
-        """The marching-cubes mesh of the density at ``export``'s level: with ``iso_level = opacity`` (and no fixed
-        ``threshold``) the candidate level whose mesh's silhouettes best match this NeRF's own opacity, from 8
-        views around at the preview elevation and 4 from 60 degrees up (:func:`text3d.export.extract_mesh_matching`)."""
+        """The marching-cubes mesh of the density at ``export``'s level; with ``fit_opacity`` moved inwards by the
+        offset whose silhouettes best match this NeRF's own opacity, from 8 views around at the preview elevation
+        and 4 from 60 degrees up (:func:`text3d.export.extract_mesh_matching`)."""
         from text3d.export import extract_mesh, extract_mesh_matching
 
-        if export.threshold is not None or export.iso_level != "opacity":
+        if not export.fit_opacity:
             return extract_mesh(self.field.query_density, self.bound, export, device=device)
         from text3d.cameras import CameraSamplerConfig, orbit_cameras, spherical_cameras
         from text3d.renderers.mesh import MeshAsset, render_mesh
@@ -213,7 +213,7 @@ class NeRFRenderer(nn.Module):
         views = CameraSamplerConfig()
         around = orbit_cameras(views, 8)
         above = spherical_cameras(60.0, torch.arange(4.0) * 90.0 + 45.0, views.eval_radius, views.eval_fovy)
-        size = LEVEL_MATCH_RESOLUTION
+        size = OPACITY_FIT_RESOLUTION
         opacity = []
         for cams in (around, above):
             opacity.append(self(cams.to(device), size, size, stratified=False)["opacity"].detach().float().cpu())
