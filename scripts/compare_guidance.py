@@ -9,6 +9,14 @@
     python scripts/compare_guidance.py --teacher /tmp/tiny --steps 5 ... # a smoke run
     python scripts/compare_guidance.py --methods sds --stages geometry,texture --from-runs runs/compare/sds \
         --label sds+mesh --out runs/compare                              # mesh stages on the SDS NeRFs
+    python scripts/compare_guidance.py --methods truth --steps 600 --jobs 2 --prompts ... --out runs/t24
+                                                                         # the ceiling: fitted to the world itself
+
+``--methods truth`` (this script's own method, registered here as a plug-in would be) puts the world's own render
+of the prompt's object, from the same camera, in the teacher's place: the asset is fitted to the ground truth by
+``0.5 w ||render - truth||^2`` (lambertian shading with the light at the camera, as the world renders), then
+exported and scored like any run. Its figures are the ceiling that the asset, its export and the judge allow a
+guidance to reach on each prompt (the Janus rate of a perfect asset included).
 
 Each method's settings are its config file (text3d/configs/default.yaml for SDS, text3d/configs/vsd.yaml for VSD)
 plus the flags below. Finished runs (those with an eval.json) are reused, so an interrupted
@@ -22,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +39,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 DEFAULT_PROMPTS = ["a red cube", "a blue torus", "a green sphere", "a yellow cone", "a purple cylinder",
                    "a orange pyramid", "a pink capsule", "a cyan octahedron", "a grey cube",
                    "a yellow house", "a blue mug", "a red car"]
+TRUTH_FIT = ["train.p_albedo=0", "train.p_lambertian=1", "train.p_textureless=0", "train.light_jitter_deg=0",
+             "train.albedo_warmup=0"]  # the `truth` method renders as the world does
+
+
+@dataclass
+class TruthFitConfig:
+    weight: float = 0.05  # of 0.5 ||render - truth||^2 summed over the pixels (0.05: a step of the SDS loss's size)
+
+
+class TruthFit:
+    """The `truth` method's guidance: the gradient ``w (render - truth)`` towards the world's own render of the
+    prompt's object and colour from each camera (module docstring)."""
+
+    def __init__(self, teacher, cfg: TruthFitConfig, negative_prompt: str = ""):
+        self.weight = cfg.weight
+
+    def __call__(self, images, prompts, progress: float = 0.0, cameras=None):
+        import torch
+
+        from text3d.guidance.core import GuidanceOutput
+        from text3d.toyworld.catalog import parse_caption
+        from text3d.toyworld.render import DEFAULT_AMBIENT, render_objects
+
+        obj, colour = parse_caption(prompts[0].split(",")[0])  # the view suffix dropped
+        with torch.no_grad():
+            truth = render_objects(obj, colour, cameras.to("cpu"), resolution=images.shape[-1],
+                                   ambient=DEFAULT_AMBIENT)["rgb"].to(images)
+        grad = self.weight * (images - truth).detach()
+        loss = 0.5 * self.weight * (images - truth).pow(2).sum()
+        return GuidanceOutput(loss, grad, torch.zeros(len(images), dtype=torch.long), images.detach(), 0)
+
+    def update(self, output, prompts, cameras=None) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def register_truth() -> None:
+    from text3d.generate.config import GUIDANCE_REGISTRY, GuidanceMethod
+
+    if "truth" not in GUIDANCE_REGISTRY:
+        GUIDANCE_REGISTRY.register("truth", GuidanceMethod(config=TruthFitConfig, build=TruthFit))
+
+
 def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
     from text3d.generate.config import guidance_preset, load_config
     from text3d.eval.score_run import score_run
@@ -44,7 +101,7 @@ def run_one(prompt: str, method: str, out_dir: Path, args) -> dict:
         shutil.rmtree(out_dir)  # an unfinished run: start it again
     preset = guidance_preset(method)  # the method's registry entry: vsd -> text3d/configs/vsd.yaml
     files = [preset] if preset is not None else []
-    overrides = [f"guidance={method}", f"seed={args.seed}"]
+    overrides = [f"guidance={method}", f"seed={args.seed}"] + (TRUTH_FIT if method == "truth" else [])
     if args.teacher:
         overrides.append(f"teacher.name_or_path={args.teacher}")
     if args.steps:
@@ -167,7 +224,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
-    p.add_argument("--methods", default="sds,vsd", help="comma-separated: sds, vsd")
+    p.add_argument("--methods", default="sds,vsd", help="comma-separated: sds, vsd, any registered method, or truth "
+                   "(fitted to the world's own renders: the ceiling; module docstring)")
     p.add_argument("--prompts", type=Path, help="a file with one prompt per line (default: 12 built-in prompts)")
     p.add_argument("--teacher", help="teacher folder or hub id (default: the embedded teacher)")
     p.add_argument("--steps", type=int, help="train.steps (default: each method's config)")
@@ -193,6 +251,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from text3d.generate.config import GUIDANCE_REGISTRY
+
+    if "truth" in methods:
+        register_truth()
 
     unknown = [m for m in methods if m not in GUIDANCE_REGISTRY]
     if unknown:

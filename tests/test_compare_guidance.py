@@ -34,3 +34,28 @@ def test_without_drops_options_and_their_values():
         sys.path.pop(0)
     assert _without(["--jobs", "2", "--out", "x", "--prompts=p.txt", "--quiet"], "--jobs", "--prompts") == [
         "--out", "x", "--quiet"]
+
+
+def test_truth_method_pulls_each_render_towards_the_worlds_own_render_from_its_camera():
+    import torch
+
+    from text3d.cameras import spherical_cameras
+    from text3d.toyworld.render import render_objects
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from compare_guidance import TruthFit, TruthFitConfig
+    finally:
+        sys.path.pop(0)
+    cams = spherical_cameras(torch.tensor([15.0, 30.0]), torch.tensor([0.0, 120.0]), torch.tensor([2.8, 2.8]),
+                             torch.tensor([42.5, 42.5]))
+    truth = render_objects("car", "green", cams, resolution=32)["rgb"]
+    guide = TruthFit(None, TruthFitConfig(weight=0.5))
+    images = (truth + 0.1 * torch.randn_like(truth)).requires_grad_(True)
+    out = guide(images, ["a green car, front view", "a green car, side view"], cameras=cams)
+    out.loss.backward()
+    assert torch.allclose(images.grad, 0.5 * (images - truth).detach(), atol=1e-6)
+    assert torch.allclose(out.grad, images.grad)
+    # the other view's truth is not this one's: a render of the back scored against the front is far off
+    swapped = guide(truth.flip(0).clone(), ["a green car, front view"] * 2, cameras=cams)
+    assert float(swapped.loss) > 1.0 and float(guide(truth.clone(), ["a green car"] * 2, cameras=cams).loss) < 1e-8
