@@ -95,6 +95,43 @@ def test_view_warmup_opens_the_azimuth_range_from_the_front(tiny_teacher_dir, tm
     assert drawn == [(-10.0, 10.0), (-27.0, 27.0)]
 
 
+def test_lr_end_decays_every_groups_rate_geometrically_in_the_runs_last_part(tiny_teacher_dir, tmp_path):
+    """train.lr_end: every parameter group at its own rate until lr_decay_start of the run, then falling
+    geometrically to lr_end / lr of it at the last step; the trainer sets the rates each step."""
+    import torch
+
+    from text3d.errors import ConfigError
+    from text3d.generate.config import lr_factor
+
+    t = load_config(overrides=["train.lr=0.01", "train.lr_end=0.001", "train.lr_decay_start=0.5",
+                               "train.steps=100"]).train
+    factors = [lr_factor(t, s) for s in (1, 51, 76, 100)]
+    assert factors[:2] == [1.0, 1.0]  # run_progress 0.5 at step 51
+    assert factors[2] == pytest.approx(0.1 ** 0.5) and factors[3] == pytest.approx(0.1 ** 0.98)
+    assert lr_factor(load_config(overrides=["train.steps=100"]).train, 100) == 1.0  # off (the default): constant
+    with pytest.raises(ConfigError, match="train.lr_end must be > 0"):
+        load_config(overrides=["train.lr_end=0"])
+
+    from tests.helpers import FAST
+    from text3d.generate.trainer import AssetTrainer
+    from text3d.teacher import load_teacher
+
+    run = load_config(overrides=FAST + [f"teacher.name_or_path={tiny_teacher_dir}", "train.steps=4", "train.lr=0.01",
+                                        "train.lr_end=0.0001", "train.lr_decay_start=0.0", "nerf.background=learned",
+                                        "train.lr_background=0.002"])
+    run.prompt = "a red car"
+    trainer = AssetTrainer(run, load_teacher(str(tiny_teacher_dir), "cpu"), torch.device("cpu"), tmp_path / "run",
+                           show_progress=False)
+    rates = []
+    for step in (1, 2, 3):
+        trainer.train_step(step)
+        rates.append([group["lr"] for group in trainer.optimizer.param_groups])
+    assert len(rates[0]) == 2  # the field's group and the background's
+    for step, row in zip((1, 2, 3), rates):
+        f = 0.01 ** ((step - 1) / 4)
+        assert row == pytest.approx([0.01 * f, 0.002 * f])
+
+
 def test_coarse_to_fine_preset_renders_small_then_full():
     """The shipped coarse-to-fine preset: 32 px for the first half of the run, the default's 64 px from the half on,
     every other setting the default's."""

@@ -55,6 +55,10 @@ class TrainConfig:
     high_resolution: Optional[int] = None  # if set, the render side from `high_resolution_from` of the run on
     high_resolution_from: float = 0.5
     lr: float = 1e-2  # hash grid and MLP
+    # learning-rate decay (lr_factor): from `lr_decay_start` of the run on, every group's rate falls geometrically to
+    # `lr_end / lr` of itself at the end (None: constant)
+    lr_end: Optional[float] = None
+    lr_decay_start: float = 0.5
     lr_background: float = 1e-3
     # shading: albedo only for the first `albedo_warmup` fraction, then drawn with these probabilities
     albedo_warmup: float = 0.1
@@ -230,6 +234,20 @@ def run_progress(t: TrainConfig, step: int) -> float:
     return (step - 1) / max(1, t.steps)
 
 
+def lr_factor(t: TrainConfig, step: int) -> float:
+    """The factor on every parameter group's learning rate at ``step`` (from 1): 1 until ``lr_decay_start`` of the
+    run, then ``(lr_end / lr) ** f`` at the fraction ``f`` of the decay's span done, reaching ``lr_end`` at the end of
+    the run (geometric, as Adam's step is proportional to the rate). The hash grid's Adam steps are about the rate
+    whatever the gradient's size, so with SDS's noisy gradient a constant rate keeps the fine features moving: an
+    asset fitted to the world's own renders loses its car's lights and wheels in 300 SDS steps at 1e-2, not at
+    1e-3 (docs/guidance.md, 2026-12-07, session 26)."""
+    if t.lr_end is None:
+        return 1.0
+    span = max(1e-9, 1.0 - t.lr_decay_start)
+    done = min(1.0, max(0.0, (run_progress(t, step) - t.lr_decay_start) / span))
+    return (t.lr_end / t.lr) ** done
+
+
 def render_resolution(t: TrainConfig, step: int) -> int:
     """The render side at ``step`` (from 1): ``resolution``, then ``high_resolution`` if set."""
     if t.high_resolution and run_progress(t, step) >= t.high_resolution_from:
@@ -284,6 +302,8 @@ def validate(cfg: RunConfig) -> None:
            f"{t.view_warmup_azimuth}")
     _check(0.0 <= t.ambient <= 1.0, f"train.ambient must be in [0, 1], got {t.ambient}")
     _check(t.lambda_opaque >= 0, f"train.lambda_opaque must be >= 0, got {t.lambda_opaque}")
+    _check(t.lr_end is None or t.lr_end > 0, f"train.lr_end must be > 0 (or null), got {t.lr_end}")
+    _check(0.0 <= t.lr_decay_start < 1.0, f"train.lr_decay_start must be in [0, 1), got {t.lr_decay_start}")
     for name in ("log_every", "preview_every", "checkpoint_every", "max_nonfinite_steps", "preview_views"):
         _check(getattr(t, name) >= 1, f"train.{name} must be at least 1, got {getattr(t, name)}")
     _check(t.high_resolution is None or (t.high_resolution >= 16 and t.high_resolution % 8 == 0),

@@ -20,7 +20,7 @@ import torch
 
 from text3d.cameras import jittered_light_dirs, sample_cameras
 from text3d.generate.config import (GUIDANCE_REGISTRY, STAGE_REGISTRY, Guidance, RunConfig, TrainConfig,
-                                    render_resolution, run_progress, stage_checkpoint, to_yaml,
+                                    lr_factor, render_resolution, run_progress, stage_checkpoint, to_yaml,
                                     training_cameras)
 from text3d.errors import CheckpointError
 from text3d.prompts import prompts_for_cameras
@@ -98,6 +98,7 @@ class AssetTrainer:
                 groups.append({"params": background, "lr": self.train_cfg.lr_background})
         # the fused kernel: 4x faster on the CPU for the hash tables (scripts/bench_step.py)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, **fused_optimizer_kwargs(device))
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # scaled by lr_factor each step
         self.step = 0
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, self.checkpoint_path,
                                         "try a lower train.lr or sds.guidance_scale")
@@ -149,6 +150,8 @@ class AssetTrainer:
         renderer = self.particles[index]
         renderer.train()
         progress = run_progress(t, step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_factor(t, step)
         for particle in self.particles:  # every particle's schedule follows the step, drawn or not
             particle.anneal(progress)
         renderer.update_occupancy(step)
