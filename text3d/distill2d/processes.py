@@ -123,3 +123,14 @@ def replica_fingerprints(accelerator, states: dict[str, dict], counts: dict) -> 
     result["counts"] = [p["counts"] for p in every]
     result["identical"] = all(len(set(result[name])) == 1 for name in states)
     return result
+
+
+def end_processes(accelerator) -> None:
+    """Close a multi-process run: every process waits for the others to finish (the main one exports and scores
+    after the last collective call), then leaves the process group. A process that exits with its gloo group still
+    open can abort in the group's teardown ("terminate called without an active exception"), and the launcher then
+    stops the others (seen once in CI, 2026-12-07). A no-op on one process."""
+    if accelerator.num_processes <= 1 or not torch.distributed.is_initialized():
+        return
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()

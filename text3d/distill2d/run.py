@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from text3d.distill2d.config import DISTILL2D_REGISTRY, Distill2DConfig, distill_config_schema, validate
-from text3d.distill2d.processes import replica_fingerprints
+from text3d.distill2d.processes import end_processes, replica_fingerprints
 from text3d.distill2d.results import EVAL_DIR, SUMMARY, DistillResult, evaluate_student
 from text3d.distill2d.trainer import CHECKPOINT, CONFIG_NAME, STUDENT_DIR, Distill2DTrainer, write_config
 from text3d.errors import UserError
@@ -61,8 +61,11 @@ def _trainer(cfg: Distill2DConfig, out: Path, teacher, show_progress: bool):
 
 
 def _train(trainer, evaluate: bool) -> DistillResult:
-    """Train with the run function of the trainer's method (:func:`run_score` or ``run_trajectory``)."""
-    return DISTILL2D_REGISTRY.get(trainer.cfg.method).run(trainer, evaluate)
+    """Train with the run function of the trainer's method (:func:`run_score` or ``run_trajectory``), then close
+    the processes of a multi-process launch together."""
+    result = DISTILL2D_REGISTRY.get(trainer.cfg.method).run(trainer, evaluate)
+    end_processes(trainer.accelerator)
+    return result
 
 
 def run_score(trainer: Distill2DTrainer, evaluate: bool) -> DistillResult:
