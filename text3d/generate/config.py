@@ -93,6 +93,14 @@ class MeshStageConfig:
     lambda_laplacian: float = 10.0  # geometry: uniform-Laplacian smoothness
     lambda_normal_consistency: float = 0.1  # geometry: adjacent face normals agree
     shadings: List[str] = field(default_factory=lambda: ["lambertian", "textureless"])
+    # a front view drawn by the teacher, pinned by a squared error (text3d.generate.reference; 0 = off): its weight,
+    # the camera's elevation (azimuth 0, camera.eval_radius and eval_fovy), the jitter of that camera each step
+    # (degrees), and the DDIM steps and CFG of the teacher's sample
+    reference_weight: float = 0.0
+    reference_elevation: float = 0.0
+    reference_jitter: float = 4.0
+    reference_steps: int = 30
+    reference_guidance_scale: float = 5.0
 
 
 @dataclass
@@ -227,6 +235,10 @@ def check_mesh_stage_config(m: MeshStageConfig, name: str) -> None:
            f"{name}.steps/lr/resolution/grid_resolution out of range")
     _check(len(m.shadings) >= 1 and all(x in SHADINGS for x in m.shadings),
            f"{name}.shadings must be among {', '.join(SHADINGS)}")
+    _check(m.reference_weight >= 0 and m.reference_jitter >= 0 and m.reference_steps >= 1
+           and m.reference_guidance_scale >= 1 and -90 < m.reference_elevation < 90,
+           f"{name}.reference_weight and reference_jitter must be >= 0, reference_steps >= 1, "
+           f"reference_guidance_scale >= 1 and reference_elevation in (-90, 90)")
 
 
 def run_progress(t: TrainConfig, step: int) -> float:

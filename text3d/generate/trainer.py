@@ -28,6 +28,7 @@ from text3d.renderers.protocol import Renderer
 from text3d.report.curves import TrainLog
 from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from text3d.generate.preview import save_run_preview
+from text3d.generate.reference import ReferenceView
 from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
 from text3d.runtime.seed import rng_state, set_rng_state
 from text3d.utils.backends import fused_optimizer_kwargs
@@ -88,6 +89,13 @@ class AssetTrainer:
         self.checkpoint_path = self.run_dir / stage_checkpoint(stage)
         self.particles: list[Renderer] = build_stage_particles(stage, cfg, device, sources)
         self.guidance = build_guidance(cfg, teacher) if with_guidance else None
+        self.reference = None  # the stage's pinned front view (text3d.generate.reference), when it has one
+        stage_cfg = getattr(cfg, stage, None)
+        if with_guidance and getattr(stage_cfg, "reference_weight", 0.0) > 0:
+            with torch.random.fork_rng(devices=[]):
+                self.reference = ReferenceView.sample(teacher, cfg, stage_cfg, device)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.reference.save_png(self.run_dir / f"{stage}_reference.png")
         groups = []
         for renderer in self.particles:
             background = [p for p in renderer.background.parameters() if p.requires_grad]
@@ -113,6 +121,7 @@ class AssetTrainer:
         return {"step": self.step, "particles": [r.state_dict() for r in self.particles],
                 "optimizer": self.optimizer.state_dict(),
                 "guidance": self.guidance.state_dict() if self.guidance is not None else {},
+                **({"reference": self.reference.state_dict()} if self.reference is not None else {}),
                 "rng": rng_state(), "config": to_yaml(self.cfg)}
 
     def save(self) -> Path:
@@ -128,6 +137,8 @@ class AssetTrainer:
         load_module_state(self.optimizer, state, "optimizer")
         if self.guidance is not None:
             load_module_state(self.guidance, state, "guidance")
+        if self.reference is not None and "reference" in state:
+            self.reference.load_state_dict(state["reference"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step
@@ -163,6 +174,9 @@ class AssetTrainer:
         prompts = prompts_for_cameras(cfg.prompt, cameras, cfg.prompts, cfg.camera)
         g = self.guidance(out["rgb"], prompts, progress=progress, cameras=cameras)
         loss = g.loss
+        reference_loss = self.reference.loss(renderer, res, t.ambient) if self.reference is not None else None
+        if reference_loss is not None:
+            loss = loss + reference_loss
         if t.lambda_orientation > 0 and "orientation_loss" in out:
             loss = loss + t.lambda_orientation * out["orientation_loss"]
         if t.lambda_sparsity > 0:
@@ -174,6 +188,8 @@ class AssetTrainer:
             loss = loss + getattr(getattr(cfg, self.stage), weight) * out[key]
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": float(loss.detach()), "t": float(g.t.float().mean())}
+        if reference_loss is not None:
+            stats["reference"] = float(reference_loss.detach())
         if not math.isfinite(stats["loss"]):
             return self._nonfinite(step, stats, "loss")
         loss.backward()

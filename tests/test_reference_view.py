@@ -1,0 +1,89 @@
+"""The teacher's front view pinned in a mesh stage (text3d.generate.reference): the reference's foreground, the pull
+of the loss on the surface's colours, the image kept in the checkpoint, and the config's checks."""
+
+import pytest
+import torch
+
+from tests.helpers import FAST
+from text3d.errors import ConfigError
+from text3d.generate.config import load_config
+from text3d.generate.reference import ReferenceView, reference_foreground
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_reference_foreground_keeps_white_inside_the_object_and_drops_the_border_background():
+    image = torch.ones(1, 3, 16, 16)
+    image[:, :, 4:12, 4:12] = torch.tensor([0.1, 0.6, 0.1]).view(1, 3, 1, 1)  # a green square
+    image[:, :, 6:8, 6:8] = 0.97  # a white light inside it
+    image[:, :, 0:3, 13:16] = 0.95  # near-white background touching the border
+    fg = reference_foreground(image)[0, 0]
+    expected = torch.zeros(16, 16)
+    expected[4:12, 4:12] = 1.0
+    assert torch.equal(fg, expected)
+
+
+def _texture_trainer(tiny_teacher_dir, run_dir, weight: float):
+    from text3d.generate.trainer import AssetTrainer
+    from text3d.renderers.nerf import NeRFRenderer
+    from text3d.teacher import load_teacher
+
+    cfg = load_config(overrides=FAST + [f"teacher.name_or_path={tiny_teacher_dir}", "texture.steps=12",
+                                        "texture.resolution=32", "texture.lr=0.02", "export.grid_resolution=32",
+                                        f"texture.reference_weight={weight}", "texture.reference_steps=4",
+                                        "texture.reference_jitter=2", "sds.guidance_scale=5", "stages=[nerf,texture]"])
+    cfg.prompt = "a green car"
+    torch.manual_seed(0)
+    source = NeRFRenderer(cfg.nerf)
+    return AssetTrainer(cfg, load_teacher(str(tiny_teacher_dir), "cpu"), torch.device("cpu"), run_dir,
+                        show_progress=False, stage="texture", sources=[source])
+
+
+def _front_error(trainer, reference: ReferenceView) -> float:
+    """The masked squared error of the unjittered front render against the reference, at 32 px."""
+    jitter, weight = reference.jitter, reference.weight
+    reference.jitter, reference.weight = 0.0, 2.0
+    with torch.no_grad():
+        error = float(reference.loss(trainer.renderer, 32, trainer.train_cfg.ambient))
+    reference.jitter, reference.weight = jitter, weight
+    return error
+
+
+def test_the_reference_pulls_the_surfaces_front_towards_the_teachers_sample(tiny_teacher_dir, tmp_path):
+    pinned = _texture_trainer(tiny_teacher_dir, tmp_path / "pinned", weight=20.0)
+    plain = _texture_trainer(tiny_teacher_dir, tmp_path / "plain", weight=0.0)
+    assert plain.reference is None and pinned.reference is not None
+    assert (tmp_path / "pinned" / "texture_reference.png").is_file()
+    reference = pinned.reference
+    assert reference.image.shape == (1, 3, 64, 64)
+    before = _front_error(pinned, reference)
+    assert before == pytest.approx(_front_error(plain, reference), rel=1e-5)  # the same surface and field to start
+    torch.manual_seed(1)
+    stats = [pinned.train_step(step) for step in range(1, 13)]
+    torch.manual_seed(1)
+    for step in range(1, 13):
+        plain.train_step(step)
+    assert all("reference" in s and s["reference"] > 0 for s in stats)
+    assert _front_error(pinned, reference) < 0.7 * before
+    assert _front_error(pinned, reference) < 0.8 * _front_error(plain, reference)
+
+
+def test_the_reference_image_is_kept_in_the_checkpoint(tiny_teacher_dir, tmp_path):
+    trainer = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
+    trainer.reference.load_state_dict({"image": torch.full((1, 3, 64, 64), 0.25)})  # not what the teacher drew
+    trainer.train_step(1)
+    trainer.step = 1
+    path = trainer.save()
+    again = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
+    assert not torch.equal(again.reference.image, trainer.reference.image)
+    again.load(path)
+    assert torch.equal(again.reference.image, trainer.reference.image)
+    assert float(again.reference.foreground.min()) == 1.0  # a grey image has no background
+
+
+@pytest.mark.parametrize("override, message", [("texture.reference_weight=-1", "reference_weight"),
+                                               ("texture.reference_steps=0", "reference_steps"),
+                                               ("geometry.reference_elevation=90", "reference_elevation")])
+def test_reference_settings_out_of_range_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
