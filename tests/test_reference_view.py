@@ -17,10 +17,13 @@ def test_reference_foreground_keeps_white_inside_the_object_and_drops_the_border
     image[:, :, 4:12, 4:12] = torch.tensor([0.1, 0.6, 0.1]).view(1, 3, 1, 1)  # a green square
     image[:, :, 6:8, 6:8] = 0.97  # a white light inside it
     image[:, :, 0:3, 13:16] = 0.95  # near-white background touching the border
-    fg = reference_foreground(image)[0, 0]
+    fg = reference_foreground(image, erode=0)[0, 0]
     expected = torch.zeros(16, 16)
     expected[4:12, 4:12] = 1.0
     assert torch.equal(fg, expected)
+    eroded = torch.zeros(16, 16)  # the edge band (the antialiased rim of a real sample) dropped too
+    eroded[6:10, 6:10] = 1.0
+    assert torch.equal(reference_foreground(image, erode=2)[0, 0], eroded)
 
 
 def _texture_trainer(tiny_teacher_dir, run_dir, weight: float):

@@ -11,10 +11,10 @@ to the guidance's loss: ``d`` draws the camera's elevation and azimuth uniformly
 degrees (the reference cannot be met by colouring the rays of one camera, which the 64 px hash-grid NeRF did), the
 render is lambertian with the light at the camera, ``O`` is the render's opacity (not differentiated) and ``m`` the
 reference's foreground: 1 except on the near-white region connected to the image's border
-(:func:`reference_foreground`), so white inside the object (a car's lights) is kept and the reference's background
-is never painted onto the surface where the two silhouettes differ. In the texture stage the geometry is frozen,
-so the reference can only colour the surface: what the judge and the bake then see (docs/guidance.md,
-2026-12-07, session 27: the front/back prompts' Janus views 4 of 14 -> 3 of 14).
+(:func:`reference_foreground`, less a 2-pixel band along the object's edge), so white inside the object (a car's
+lights) is kept and neither the reference's background nor its antialiased edge is painted onto the surface. In
+the texture stage the geometry is frozen, so the reference can only colour the surface: what the judge and the bake
+then see (docs/guidance.md, 2026-12-07, session 27).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from text3d.cameras import jittered_light_dirs, spherical_cameras
 from text3d.prompts import prompts_for_cameras
 
 
-def reference_foreground(image: torch.Tensor, white: float = 0.92) -> torch.Tensor:
+def reference_foreground(image: torch.Tensor, white: float = 0.92, erode: int = 2) -> torch.Tensor:
     """[B, 1, H, W]: 0 on the background (pixels whose channels all exceed ``white`` and that connect to the image's
-    border through such pixels: a flood fill by repeated 3x3 dilation), 1 elsewhere."""
+    border through such pixels: a flood fill by repeated 3x3 dilation) and on the ``erode`` pixels next to it, 1
+    elsewhere. The eroded band is the object's antialiased edge, half background: from the front it covers the
+    surface seen at a grazing angle, which it would paint pale (white streaks along the sides, seen from the side)."""
     near_white = (image.min(dim=1, keepdim=True).values > white).to(image.dtype)
     reached = torch.zeros_like(near_white)
     reached[..., 0, :] = reached[..., -1, :] = reached[..., :, 0] = reached[..., :, -1] = 1.0
@@ -38,6 +40,8 @@ def reference_foreground(image: torch.Tensor, white: float = 0.92) -> torch.Tens
         if torch.equal(grown, reached):
             break
         reached = grown
+    if erode > 0:
+        reached = F.max_pool2d(reached, 2 * erode + 1, stride=1, padding=erode)
     return 1.0 - reached
 
 
