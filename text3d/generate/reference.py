@@ -89,9 +89,3 @@ class ReferenceView:
     def load_state_dict(self, state: dict) -> None:
         self.image = state["image"].to(self.image.device, torch.float32)
         self.foreground = reference_foreground(self.image)
-
-    def save_png(self, path) -> None:
-        from PIL import Image
-
-        pixels = (self.image[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype("uint8")
-        Image.fromarray(pixels).save(path)

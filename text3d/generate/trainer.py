@@ -30,6 +30,7 @@ from text3d.runtime.checkpoint import load_checkpoint, load_module_state, save_c
 from text3d.generate.preview import save_run_preview
 from text3d.generate.reference import ReferenceView
 from text3d.runtime.loop import NonFiniteSteps, TrainingLoop
+from text3d.runtime.preview import save_preview
 from text3d.runtime.seed import rng_state, set_rng_state
 from text3d.utils.backends import fused_optimizer_kwargs
 
@@ -95,7 +96,7 @@ class AssetTrainer:
             with torch.random.fork_rng(devices=[]):
                 self.reference = ReferenceView.sample(teacher, cfg, stage_cfg, device)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.reference.save_png(self.run_dir / f"{stage}_reference.png")
+            save_preview([self.reference.image.cpu()], self.run_dir / f"{stage}_reference.png")
         groups = []
         for renderer in self.particles:
             background = [p for p in renderer.background.parameters() if p.requires_grad]
