@@ -90,3 +90,22 @@ def test_the_reference_image_is_kept_in_the_checkpoint(tiny_teacher_dir, tmp_pat
 def test_reference_settings_out_of_range_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_a_resumed_stage_takes_the_reference_from_its_checkpoint_without_sampling_it(tiny_teacher_dir, tmp_path,
+                                                                                    monkeypatch):
+    trainer = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
+    trainer.train_step(1)  # the reference is drawn on first use
+    trainer.step = 1
+    path = trainer.save()
+    drawn = trainer.reference.image.clone()
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the reference was sampled again on resume")
+
+    monkeypatch.setattr(ReferenceView, "sample", no_sampling)
+    again = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
+    again.load(path)
+    assert torch.equal(again.reference.image, drawn)
+    assert again.reference.weight == 1.0 and again.reference.jitter == 2.0
+    again.train_step(2)

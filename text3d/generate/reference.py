@@ -66,7 +66,12 @@ class ReferenceView:
             image = sample_images(teacher, prompt, steps=stage_cfg.reference_steps,
                                   guidance_scale=stage_cfg.reference_guidance_scale, generator=generator,
                                   negative=cfg.prompts.negative)
-        return cls(image.to(device, torch.float32), stage_cfg.reference_elevation, cfg.camera.eval_radius,
+        return cls.from_state({"image": image}, cfg, stage_cfg, device)
+
+    @classmethod
+    def from_state(cls, state: dict, cfg, stage_cfg, device: torch.device) -> "ReferenceView":
+        """The reference kept in a checkpoint (:meth:`state_dict`), with the run's settings: no sampling."""
+        return cls(state["image"].to(device, torch.float32), stage_cfg.reference_elevation, cfg.camera.eval_radius,
                    cfg.camera.eval_fovy, stage_cfg.reference_weight, stage_cfg.reference_jitter)
 
     def loss(self, renderer, resolution: int, ambient: float) -> torch.Tensor:

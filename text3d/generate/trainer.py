@@ -90,13 +90,11 @@ class AssetTrainer:
         self.checkpoint_path = self.run_dir / stage_checkpoint(stage)
         self.particles: list[Renderer] = build_stage_particles(stage, cfg, device, sources)
         self.guidance = build_guidance(cfg, teacher) if with_guidance else None
-        self.reference = None  # the stage's pinned front view (text3d.generate.reference), when it has one
+        # the stage's pinned front view (text3d.generate.reference), when it has one: sampled on first use, so a
+        # resumed run takes it from its checkpoint without drawing it again (the `reference` property)
         stage_cfg = getattr(cfg, stage, None)
-        if with_guidance and getattr(stage_cfg, "reference_weight", 0.0) > 0:
-            with torch.random.fork_rng(devices=[]):
-                self.reference = ReferenceView.sample(teacher, cfg, stage_cfg, device)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_preview([self.reference.image.cpu()], self.run_dir / f"{stage}_reference.png")
+        self._reference_cfg = stage_cfg if with_guidance and getattr(stage_cfg, "reference_weight", 0.0) > 0 else None
+        self._reference: ReferenceView | None = None
         groups = []
         for renderer in self.particles:
             background = [p for p in renderer.background.parameters() if p.requires_grad]
@@ -111,6 +109,18 @@ class AssetTrainer:
         self.step = 0
         self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, self.checkpoint_path,
                                         "try a lower train.lr or sds.guidance_scale")
+
+    @property
+    def reference(self) -> ReferenceView | None:
+        """The stage's reference view, or None without one. The teacher samples it on first use (the global RNG
+        left as it was, so the run's draws do not depend on when) and it is written to ``{stage}_reference.png``;
+        :meth:`load` sets it from the checkpoint instead."""
+        if self._reference is None and self._reference_cfg is not None:
+            with torch.random.fork_rng(devices=[]):
+                self._reference = ReferenceView.sample(self.teacher, self.cfg, self._reference_cfg, self.device)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_preview([self._reference.image.cpu()], self.run_dir / f"{self.stage}_reference.png")
+        return self._reference
 
     @property
     def renderer(self) -> Renderer:
@@ -138,8 +148,8 @@ class AssetTrainer:
         load_module_state(self.optimizer, state, "optimizer")
         if self.guidance is not None:
             load_module_state(self.guidance, state, "guidance")
-        if self.reference is not None and "reference" in state:
-            self.reference.load_state_dict(state["reference"])
+        if self._reference_cfg is not None and "reference" in state:
+            self._reference = ReferenceView.from_state(state["reference"], self.cfg, self._reference_cfg, self.device)
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         return self.step
