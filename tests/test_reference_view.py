@@ -109,3 +109,31 @@ def test_a_resumed_stage_takes_the_reference_from_its_checkpoint_without_samplin
     assert torch.equal(again.reference.image, drawn)
     assert again.reference.weight == 1.0 and again.reference.jitter == 2.0
     again.train_step(2)
+
+
+def test_reference_negative_back_makes_the_back_view_cfgs_unconditional_branch(tiny_teacher_dir, monkeypatch):
+    from text3d.generate.reference import reference_negative
+    from text3d.teacher import load_teacher
+    import text3d.teacher.sampling as sampling
+
+    cfg = load_config(overrides=["texture.reference_weight=1", "texture.reference_steps=2"])
+    cfg.prompt = "a red car"
+    assert reference_negative(cfg, cfg.texture) == ""
+    cfg.texture.reference_negative_back = True
+    assert reference_negative(cfg, cfg.texture) == "a red car, back view"
+    cfg.prompts.negative = "blurry"
+    assert reference_negative(cfg, cfg.texture) == "a red car, back view, blurry"
+    seen = []
+    real = sampling.sample_images
+
+    def spy(teacher, prompts, **kwargs):
+        seen.append((list(prompts), kwargs["negative"]))
+        return real(teacher, prompts, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_images", spy)
+    teacher = load_teacher(str(tiny_teacher_dir), "cpu")
+    pushed = ReferenceView.sample(teacher, cfg, cfg.texture, torch.device("cpu")).image
+    cfg.texture.reference_negative_back = False
+    plain = ReferenceView.sample(teacher, cfg, cfg.texture, torch.device("cpu")).image
+    assert seen == [(["a red car, front view"], "a red car, back view, blurry"), (["a red car, front view"], "blurry")]
+    assert not torch.equal(pushed, plain)  # the same seed, another unconditional branch

@@ -2,7 +2,15 @@
 
 The teacher samples the prompt's front view once, from the camera ``c_ref = (reference_elevation, azimuth 0,
 camera.eval_radius, camera.eval_fovy)`` (``reference_steps`` DDIM steps at ``reference_guidance_scale``, seeded
-by the run's seed; a view-aware teacher sees ``c_ref``, every teacher gets the view-suffixed prompt). Every step
+by the run's seed; a view-aware teacher sees ``c_ref``, every teacher gets the view-suffixed prompt). With
+``reference_negative_back`` the unconditional branch of that CFG,
+
+    eps = eps(x, y_back) + s (eps(x, y_front) - eps(x, y_back)),
+
+is the prompt's back view ``y_back`` (joined with ``prompts.negative``) instead of the empty prompt: the sample is
+pushed away from what the teacher draws for the back, and what tells a front from a back comes out stronger (the
+embedded teacher's front of a red car gets two white lights instead of faint orange ones, a snowman an orange
+nose). Every step
 of the stage then adds
 
     L_ref = 0.5 * w * sum_pixels  m * O * || render(c_ref + d) - I_ref ||^2
@@ -23,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from text3d.cameras import jittered_light_dirs, spherical_cameras
-from text3d.prompts import prompts_for_cameras
+from text3d.prompts import prompts_for_cameras, view_prompt
 
 
 def reference_foreground(image: torch.Tensor, white: float = 0.92, erode: int = 2) -> torch.Tensor:
@@ -45,6 +53,15 @@ def reference_foreground(image: torch.Tensor, white: float = 0.92, erode: int = 
     return 1.0 - reached
 
 
+def reference_negative(cfg, stage_cfg) -> str:
+    """The negative prompt of the reference's sample: ``prompts.negative``, led by the prompt's back view with
+    ``reference_negative_back`` (the view suffix is added whether or not the run's prompts are view-dependent)."""
+    if not stage_cfg.reference_negative_back:
+        return cfg.prompts.negative
+    back = view_prompt(cfg.prompt, "back")
+    return f"{back}, {cfg.prompts.negative}" if cfg.prompts.negative else back
+
+
 class ReferenceView:
     """The reference image of a run and its loss (module docstring). ``image`` [1, 3, H, W] in [0, 1]."""
 
@@ -61,11 +78,12 @@ class ReferenceView:
 
         cams = spherical_cameras(stage_cfg.reference_elevation, 0.0, cfg.camera.eval_radius, cfg.camera.eval_fovy)
         prompt = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
+        negative = reference_negative(cfg, stage_cfg)
         generator = torch.Generator().manual_seed(cfg.seed)
         with teacher.viewing(cams.to(teacher.device)):
             image = sample_images(teacher, prompt, steps=stage_cfg.reference_steps,
                                   guidance_scale=stage_cfg.reference_guidance_scale, generator=generator,
-                                  negative=cfg.prompts.negative)
+                                  negative=negative)
         return cls.from_state({"image": image}, cfg, stage_cfg, device)
 
     @classmethod
