@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 # small settings that keep an end-to-end run to a few seconds on 2 CPU cores
 FAST = ["train.resolution=32", "train.checkpoint_every=3", "train.preview_every=1000", "train.log_every=1",
         "export.grid_resolution=32", "export.texture_size=64", "export.video_frames=3", "export.video_resolution=32",
-        "train.preview_views=2", "sds.guidance_scale=10"]
+        "train.preview_views=2", "sds.guidance_scale=10", "texture.steps=3", "texture.resolution=32",
+        "texture.reference_steps=2"]
 
 
 def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:

@@ -23,7 +23,9 @@ def test_run_folder_has_every_file(run):
     names = {p.name for p in run.run_dir.iterdir()}
     assert {"config.yaml", "preview.png", "run.json", "checkpoints"} <= names
     summary = json.loads((run.run_dir / "run.json").read_text())
-    assert summary["steps"] == 6 and summary["prompt"] == "a red cube"
+    assert summary["steps"] == 6 + 3 and summary["prompt"] == "a red cube"  # the NeRF's, then the texture stage's
+    assert [len(list((run.run_dir / "stages" / "nerf").glob("*.glb"))), (run.run_dir / "texture_reference.png").is_file()] \
+        == [1, True]  # the default's two stages: the NeRF's own mesh kept beside the asset, the front view pinned
     # the export's time split: every part of the export, in seconds, none left among the files
     split = summary["export_seconds"]
     assert {"surface", "unwrap", "bake", "write", "preview"} <= set(split) and min(split.values()) >= 0
@@ -82,12 +84,13 @@ def test_image_space_sds_with_opacity_loss_runs_end_to_end(tiny_teacher_dir, tmp
     cfg.prompt = "a blue torus"
     result = generate(cfg, out=tmp_path / "run", show_progress=False)
     summary = json.loads((result.run_dir / "run.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 + 3  # the NeRF's, then the texture stage's (tests.helpers.FAST)
     assert any(p.suffix == ".glb" for p in result.run_dir.iterdir())
 
 
 def test_turntable_is_the_exported_mesh(run):
-    """The video shows the asset the user downloads: its frames are the .glb rasterised at the orbit cameras."""
+    """The video shows the asset the user downloads: its frames are the .glb rasterised at the orbit cameras, not
+    the NeRF's volume rendering."""
     import numpy as np
     import torch
 
@@ -97,7 +100,7 @@ def test_turntable_is_the_exported_mesh(run):
     from text3d.renderers.mesh import MeshAsset, render_mesh
 
     cfg = load_run_config(run.run_dir)
-    renderer = load_stage_particles(run.run_dir, cfg, torch.device("cpu"), cfg.stages)[0]
+    renderer = load_stage_particles(run.run_dir, cfg, torch.device("cpu"), ["nerf"])[0]
     video = iio.imread(run.files["video"]).astype(np.float32) / 255.0
     cams = orbit_cameras(cfg.camera, cfg.export.video_frames)
     res = cfg.export.video_resolution

@@ -52,13 +52,16 @@ def test_generate_writes_the_page_and_curves_and_resume_keeps_them(tmp_path, tin
     assert first.returncode == 0, first.stderr
     assert "page:" in first.stdout and (run / "index.html").is_file() and (run / "curves.png").is_file()
     log = read_log(run / "train_log.jsonl")
-    assert [r["step"] for r in log] == [1, 2, 3]
-    assert all({"loss", "t", "grad", "seconds"} <= set(r) and r["group"] == "nerf" for r in log)
+    assert [(r["group"], r["step"]) for r in log] == [("nerf", 1), ("nerf", 2), ("nerf", 3), ("texture", 1),
+                                                       ("texture", 2), ("texture", 3)]
+    assert all({"loss", "t", "grad", "seconds"} <= set(r) for r in log)
     curves_before = np.asarray(Image.open(run / "curves.png"))
     second = run_cli("generate", "--resume", str(run), "train.steps=5", "-q")
     assert second.returncode == 0, second.stderr
     log = read_log(run / "train_log.jsonl")
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # the first session's points are kept
+    # the first session's NeRF points are kept; the texture stage ran again on the longer NeRF
+    assert [(r["group"], r["step"]) for r in log] == [("nerf", s) for s in range(1, 6)] + [("texture", s)
+                                                                                          for s in range(1, 4)]
     assert not np.array_equal(curves_before, np.asarray(Image.open(run / "curves.png")))
     page = (run / "index.html").read_text()
     glb = next(run.glob("*.glb")).name

@@ -151,21 +151,27 @@ def load_stage_particles(run_dir: Path, cfg: RunConfig, device: torch.device, st
 def _run_stages(cfg: RunConfig, teacher, device, run_dir: Path, show_progress: bool, callbacks, video: bool,
                 sources: list | None = None, start: Callable[[], None] | None = None) -> GenerateResult:
     """Each stage in order: resume it from its checkpoint when there is one, skip it when it is finished.
+    Once a stage has trained further, the checkpoints of the stages after it are stale (they continued its
+    earlier particles: a resume with more ``train.steps``) and those stages start again from it.
     ``start`` (create the folder, write its config) runs once, before the first step or the export, when the
     stage to train (or every stage) has been built and its checkpoint, and those before it, have loaded."""
     begin = time.perf_counter()
     trainer = None
     step = 0
+    trained = False  # an earlier stage trained in this call
     for stage in cfg.stages:
         trainer = AssetTrainer(cfg, teacher, device, run_dir, show_progress=show_progress, stage=stage,
                                sources=sources)
-        if trainer.checkpoint_path.is_file():
+        if trained:
+            trainer.checkpoint_path.unlink(missing_ok=True)  # stale: a crash now must not bring it back
+        elif trainer.checkpoint_path.is_file():
             trainer.load()
         if not trainer.finished:
             if start is not None:
                 start()
                 start = None
             trainer.fit(callbacks)
+            trained = True
             if stage != cfg.stages[-1]:  # its own viewer on the run page
                 export_stage(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, stage)
         step += trainer.step
