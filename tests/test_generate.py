@@ -24,8 +24,8 @@ def test_run_folder_has_every_file(run):
     assert {"config.yaml", "preview.png", "run.json", "checkpoints"} <= names
     summary = json.loads((run.run_dir / "run.json").read_text())
     assert summary["steps"] == 6 + 3 and summary["prompt"] == "a red cube"  # the NeRF's, then the texture stage's
-    assert [len(list((run.run_dir / "stages" / "nerf").glob("*.glb"))), (run.run_dir / "texture_reference.png").is_file()] \
-        == [1, True]  # the default's two stages: the NeRF's own mesh kept beside the asset, the front view pinned
+    # the default's two stages: the front view pinned in the second; the NeRF's own mesh not exported (stage_meshes)
+    assert (run.run_dir / "texture_reference.png").is_file() and not (run.run_dir / "stages").exists()
     # the export's time split: every part of the export, in seconds, none left among the files
     split = summary["export_seconds"]
     assert {"surface", "unwrap", "bake", "write", "preview"} <= set(split) and min(split.values()) >= 0

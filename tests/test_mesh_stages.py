@@ -23,13 +23,13 @@ STAGE_ARGS = ["-q", "--no-video", "train.resolution=32", "geometry.steps=3", "ge
 def test_three_stages_in_one_command_then_texture_from_that_run(tiny_teacher_dir, tmp_path):
     run = tmp_path / "run"
     result = run_cli("generate", "a yellow house", "--teacher", str(tiny_teacher_dir), "--steps", "4",
-                     "--stages", "nerf,geometry,texture", "--out", str(run), *STAGE_ARGS)
+                     "--stages", "nerf,geometry,texture", "--out", str(run), *STAGE_ARGS, "export.stage_meshes=true")
     assert result.returncode == 0, result.stderr
     for name in ("last.pt", "geometry.pt", "texture.pt"):
         assert (run / "checkpoints" / name).is_file()
     summary = json.loads((run / "run.json").read_text())
     assert summary["steps"] == 4 + 3 + 3
-    # the stages a later one continues are exported too, each in its own viewer on the run page
+    # with export.stage_meshes the stages a later one continues are exported too, each in its own viewer on the run page
     assert [len(list((run / "stages" / s).glob("*.glb"))) for s in ("nerf", "geometry")] == [1, 1]
     assert (run / "index.html").read_text().count("<model-viewer ") == 3
     glb = next(run.glob("*.glb"))

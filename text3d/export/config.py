@@ -34,6 +34,8 @@ class ExportConfig:
     video_frames: int = 48
     video_fps: int = 24
     video_resolution: int = 128
+    stage_meshes: bool = False  # also export the mesh of each stage that a later stage continues (stages/<stage>/,
+    #                             its own viewer on the run page): about 10 s more a stage on 2 CPU cores
     bake: str = "seen"  # NeRF texture: seen (the colour a camera sees at the surface, background showing
     #                     through translucent parts; text3d.renderers.nerf.NeRFRenderer.seen_albedo) | albedo
 

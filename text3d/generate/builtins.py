@@ -80,8 +80,9 @@ def _mesh_train(stage: str) -> Callable[[RunConfig], TrainConfig]:
     """``train`` with the stage's own steps/resolution/lr and no NeRF-only terms."""
     def train_config(cfg: RunConfig) -> TrainConfig:
         m = getattr(cfg, stage)
-        return replace(cfg.train, steps=m.steps, resolution=m.resolution, high_resolution=None, lr=m.lr,
-                       lr_background=0.0, albedo_warmup=0.0, lambda_orientation=0.0, lambda_sparsity=0.0,
+        batch = cfg.train.batch_size if m.batch_size is None else m.batch_size
+        return replace(cfg.train, steps=m.steps, resolution=m.resolution, batch_size=batch, high_resolution=None,
+                       lr=m.lr, lr_background=0.0, albedo_warmup=0.0, lambda_orientation=0.0, lambda_sparsity=0.0,
                        lambda_opaque=0.0)
 
     return train_config

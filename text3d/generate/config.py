@@ -88,6 +88,7 @@ class MeshStageConfig:
 
     steps: int = 300
     resolution: int = 64  # render side
+    batch_size: Optional[int] = None  # views a step (None: train.batch_size)
     lr: float = 0.005
     grid_resolution: int = 64  # geometry: DMTet cubes per side
     lambda_laplacian: float = 10.0  # geometry: uniform-Laplacian smoothness
@@ -233,6 +234,7 @@ def guidance_preset(name: str) -> Path | None:
 
 def check_mesh_stage_config(m: MeshStageConfig, name: str) -> None:
     """Range checks of a mesh stage's section."""
+    _check(m.batch_size is None or m.batch_size >= 1, f"{name}.batch_size must be >= 1 (or null: train.batch_size)")
     _check(m.steps >= 1 and m.lr > 0 and m.resolution >= 16 and m.resolution % 8 == 0 and m.grid_resolution >= 4,
            f"{name}.steps/lr/resolution/grid_resolution out of range")
     _check(len(m.shadings) >= 1 and all(x in SHADINGS for x in m.shadings),

@@ -172,7 +172,7 @@ def _run_stages(cfg: RunConfig, teacher, device, run_dir: Path, show_progress: b
                 start = None
             trainer.fit(callbacks)
             trained = True
-            if stage != cfg.stages[-1]:  # its own viewer on the run page
+            if stage != cfg.stages[-1] and cfg.export.stage_meshes:  # its own viewer on the run page
                 export_stage(trainer.particles, trainer.cfg, trainer.device, trainer.run_dir, stage)
         step += trainer.step
         sources = trainer.particles
