@@ -116,10 +116,11 @@ def test_reference_negative_back_makes_the_back_view_cfgs_unconditional_branch(t
     from text3d.teacher import load_teacher
     import text3d.teacher.sampling as sampling
 
-    cfg = load_config(overrides=["texture.reference_weight=1", "texture.reference_steps=2"])
+    cfg = load_config(overrides=["texture.reference_weight=1", "texture.reference_steps=2",
+                                 "texture.reference_negative_back=false"])
     cfg.prompt = "a red car"
     assert reference_negative(cfg, cfg.texture) == ""
-    cfg.texture.reference_negative_back = True
+    cfg.texture.reference_negative_back = True  # the default's
     assert reference_negative(cfg, cfg.texture) == "a red car, back view"
     cfg.prompts.negative = "blurry"
     assert reference_negative(cfg, cfg.texture) == "a red car, back view, blurry"
