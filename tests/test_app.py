@@ -47,6 +47,15 @@ def test_a_request_becomes_the_generate_command(tmp_path):
     assert args[args.index("--teacher") + 1] == "/some/teacher" and args[-2:] == ["train.lr=0.01", "sds.guidance_scale=20"]
 
 
+def test_the_form_starts_from_the_default_config():
+    from text3d.generate.config import load_config
+
+    cfg, req = load_config(), JobRequest(prompt="a red cube")
+    assert (req.steps, req.stages) == (cfg.train.steps, ",".join(cfg.stages)) and req.stages == "nerf,texture"
+    args = generate_args(check_request(req), Path("r"))
+    assert args[args.index("--steps") + 1] == str(cfg.train.steps) and args[args.index("--stages") + 1] == "nerf,texture"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from text3d.errors import UserError
+from text3d.generate.config import load_config
 from text3d.prompts import validate_prompt
 from text3d.runtime.run_folder import new_run_name
 
@@ -31,15 +32,25 @@ STEP_LINE = re.compile(r"^\[(?P<what>[^\]]+)\] step (?P<step>\d+)/(?P<total>\d+)
 INTERRUPTED = 130
 
 
+def default_steps() -> int:
+    """The default config's ``train.steps`` (the NeRF stage's), what the form starts with."""
+    return int(load_config().train.steps)
+
+
+def default_stages() -> str:
+    """The default config's stages, comma-separated (``nerf,texture``), what the form starts with."""
+    return ",".join(load_config().stages)
+
+
 @dataclass
 class JobRequest:
     """What the app's form asks for (checked by :func:`check_request`)."""
 
     prompt: str
     guidance: str = "sds"
-    steps: int = 1200
+    steps: int = field(default_factory=default_steps)
     seed: int = 0
-    stages: str = "nerf"
+    stages: str = field(default_factory=default_stages)
     overrides: str = ""  # key=value, one a line or space-separated
     teacher: str | None = None
 

@@ -16,12 +16,12 @@ from urllib.parse import quote
 
 import gradio as gr
 
-from text3d.app.jobs import (GUIDANCES, MAX_STEPS, INTERRUPTED, Job, JobRequest, check_request, generate_args,
-                             latest_preview, new_run_dir, resume_args)
+from text3d.app.jobs import (GUIDANCES, MAX_STEPS, INTERRUPTED, Job, JobRequest, check_request, default_stages,
+                             default_steps, generate_args, latest_preview, new_run_dir, resume_args)
 from text3d.errors import UserError
 from text3d.runtime.run_folder import require_run_dir
 
-STAGE_CHOICES = ("nerf", "nerf,geometry", "nerf,geometry,texture")
+STAGE_CHOICES = ("nerf,texture", "nerf", "nerf,geometry", "nerf,geometry,texture")
 JOB_SLOT = "text3d-job"
 VIEWER_STYLE = "width: 100%; height: 440px; background: #eef0f3; border-radius: 6px;"
 EMPTY_VIEWER = "<p>the result shows here, in a 3D viewer, when a run is done</p>"
@@ -162,9 +162,11 @@ def build_app(teacher: str | None, out_root: Path, holder: JobHolder | None = No
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="prompt", placeholder="a red cube", elem_id="prompt")
                 guidance = gr.Radio(list(GUIDANCES), value="sds", label="guidance")
-                steps = gr.Number(value=1200, precision=0, label=f"steps (1-{MAX_STEPS})", elem_id="steps")
+                steps = gr.Number(value=default_steps(), precision=0, label=f"NeRF steps (1-{MAX_STEPS})",
+                                  elem_id="steps")
                 seed = gr.Number(value=0, precision=0, label="seed")
-                stages = gr.Dropdown(list(STAGE_CHOICES), value="nerf", label="stages", allow_custom_value=True)
+                stages = gr.Dropdown(list(STAGE_CHOICES), value=default_stages(), label="stages",
+                                     allow_custom_value=True)
                 with gr.Accordion("advanced: config overrides", open=False):
                     overrides = gr.Textbox(label="key=value, one a line", lines=3, elem_id="overrides",
                                            placeholder="train.lr=0.005\nsds.guidance_scale=50")
