@@ -71,10 +71,13 @@ def test_the_reference_pulls_the_surfaces_front_towards_the_teachers_sample(tiny
     assert _front_error(pinned, reference) < 0.8 * _front_error(plain, reference)
 
 
-def test_the_reference_image_is_kept_in_the_checkpoint(tiny_teacher_dir, tmp_path):
-    trainer = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
-    trainer.reference.load_state_dict({"image": torch.full((1, 3, 64, 64), 0.25)})  # not what the teacher drew
-    trainer.train_step(1)
+def test_the_reference_image_is_kept_in_the_checkpoint(tiny_teacher_dir, tmp_path, monkeypatch):
+    grey = torch.full((1, 3, 64, 64), 0.25)  # not what the teacher draws
+    with monkeypatch.context() as patch:
+        patch.setattr(ReferenceView, "sample", classmethod(
+            lambda cls, teacher, cfg, stage_cfg, device: cls.from_state({"image": grey}, cfg, stage_cfg, device)))
+        trainer = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
+        trainer.train_step(1)
     trainer.step = 1
     path = trainer.save()
     again = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)

@@ -89,8 +89,16 @@ def _mesh_train(stage: str) -> Callable[[RunConfig], TrainConfig]:
 
 
 def _texture_defaults() -> MeshStageConfig:
-    return MeshStageConfig(steps=300, resolution=128, lr=0.005, lambda_laplacian=0.0, lambda_normal_consistency=0.0,
-                           shadings=["albedo", "lambertian"])
+    """The ``texture`` section's defaults, their one place (``default.yaml`` runs the stage but sets none of them).
+
+    100 steps of one 64 px view a step: on the 24-prompt table the same flips as 300 steps of two 128 px views, in
+    a ninth of the time. The teacher's own front view (:mod:`text3d.generate.reference`) pinned at weight 5, its
+    CFG pushed away from the prompt's back view: without the reference the cars' fronts carry no lights, without
+    the push the red car's lights are faint and the snowmen have no nose (docs/guidance.md, 2026-12-07, session 28).
+    """
+    return MeshStageConfig(steps=100, resolution=64, batch_size=1, lr=0.005, lambda_laplacian=0.0,
+                           lambda_normal_consistency=0.0, shadings=["albedo", "lambertian"], reference_weight=5.0,
+                           reference_negative_back=True)
 
 
 nerf = StageKind(order=0, build=_nerf_particles, train_config=_nerf_train, checkpoint=CHECKPOINT)

@@ -108,7 +108,3 @@ class ReferenceView:
 
     def state_dict(self) -> dict:
         return {"image": self.image}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.image = state["image"].to(self.image.device, torch.float32)
-        self.foreground = reference_foreground(self.image)
