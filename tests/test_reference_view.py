@@ -141,3 +141,43 @@ def test_reference_negative_back_makes_the_back_view_cfgs_unconditional_branch(t
     plain = ReferenceView.sample(teacher, cfg, cfg.texture, torch.device("cpu")).image
     assert seen == [(["a red car, front view"], "a red car, back view, blurry"), (["a red car, front view"], "blurry")]
     assert not torch.equal(pushed, plain)  # the same seed, another unconditional branch
+
+
+def test_reference_back_pins_the_back_view_pushed_away_from_the_front(tiny_teacher_dir, monkeypatch):
+    from text3d.teacher import load_teacher
+    import text3d.teacher.sampling as sampling
+
+    cfg = load_config(overrides=["texture.reference_weight=1", "texture.reference_steps=2", "texture.reference_back=true",
+                                 "texture.reference_jitter=3"])
+    cfg.prompt = "a red house"
+    seen = []
+    real = sampling.sample_images
+
+    def spy(teacher, prompts, **kwargs):
+        seen.append((list(prompts), kwargs["negative"], kwargs["generator"].initial_seed()))
+        return real(teacher, prompts, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_images", spy)
+    reference = ReferenceView.sample(load_teacher(str(tiny_teacher_dir), "cpu"), cfg, cfg.texture, torch.device("cpu"))
+    assert seen == [(["a red house, front view"], "a red house, back view", cfg.seed),
+                    (["a red house, back view"], "a red house, front view", cfg.seed + 1)]
+    assert reference.image.shape[0] == 2 and reference.azimuths == (0.0, 180.0)
+
+    seen_cams = []
+
+    def renderer(cams, h, w, **kwargs):  # a flat grey surface seen whole by every camera
+        seen_cams.append(cams)
+        rgb = grey.expand(len(cams), 3, h, w)
+        return {"rgb": rgb, "opacity": torch.ones(len(cams), h, w, 1)}
+
+    grey = torch.full((1, 3, 1, 1), 0.5, requires_grad=True)
+    loss = reference.loss(renderer, 16, ambient=0.3)
+    loss.backward()
+    azimuths = seen_cams[0].azimuth
+    assert len(azimuths) == 2 and abs(float(azimuths[0])) <= 3.0 and 177.0 <= abs(float(azimuths[1])) <= 180.0
+    small = torch.nn.functional.interpolate(reference.image, size=(16, 16), mode="bilinear", antialias=True)
+    fg = torch.nn.functional.interpolate(reference.foreground, size=(16, 16), mode="nearest")
+    expected = 0.5 * ((0.5 - small).pow(2) * fg).sum()  # both views' errors, not the front's alone
+    assert grey.grad is not None and float(grey.grad.abs().sum()) > 0
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(0.5 * ((0.5 - small[:1]).pow(2) * fg[:1]).sum()) < 0.99 * float(loss.detach())

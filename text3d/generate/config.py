@@ -97,13 +97,14 @@ class MeshStageConfig:
     # a front view drawn by the teacher, pinned by a squared error (text3d.generate.reference; 0 = off): its weight,
     # the camera's elevation (azimuth 0, camera.eval_radius and eval_fovy), the jitter of that camera each step
     # (degrees), and the DDIM steps and CFG of the teacher's sample; with reference_negative_back, CFG's
-    # unconditional branch is the prompt's back view (the sample pushed away from the back: a car's lights drawn)
+    # unconditional branch is the prompt's opposite view (the front pushed away from the back: a car's lights drawn)
     reference_weight: float = 0.0
     reference_elevation: float = 0.0
     reference_jitter: float = 4.0
     reference_steps: int = 30
     reference_guidance_scale: float = 5.0
     reference_negative_back: bool = False
+    reference_back: bool = False  # the teacher's back view pinned too (its CFG pushed away from the front view)
 
 
 @dataclass

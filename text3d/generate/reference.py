@@ -23,6 +23,11 @@ reference's foreground: 1 except on the near-white region connected to the image
 lights) is kept and neither the reference's background nor its antialiased edge is painted onto the surface. In
 the texture stage the geometry is frozen, so the reference can only colour the surface: what the judge and the bake
 then see (docs/guidance.md, 2026-12-07, session 27).
+
+With ``reference_back`` the teacher's back view (azimuth 180, the next seed's noise) is pinned as well, with the
+same weight and jitter; with ``reference_negative_back`` its CFG is pushed away from the prompt's *front* view, so
+that what a back has (a house's chimney, no door) comes out and a front's features do not: each step adds one
+render of each pinned camera.
 """
 
 from __future__ import annotations
@@ -53,49 +58,67 @@ def reference_foreground(image: torch.Tensor, white: float = 0.92, erode: int = 
     return 1.0 - reached
 
 
-def reference_negative(cfg, stage_cfg) -> str:
-    """The negative prompt of the reference's sample: ``prompts.negative``, led by the prompt's back view with
-    ``reference_negative_back`` (the view suffix is added whether or not the run's prompts are view-dependent)."""
+OPPOSITE = {"front": "back", "back": "front"}
+
+
+def reference_views(stage_cfg) -> list[tuple[float, str]]:
+    """(azimuth, view label) of each pinned view: the front, and the back with ``reference_back``."""
+    return [(0.0, "front")] + ([(180.0, "back")] if stage_cfg.reference_back else [])
+
+
+def reference_negative(cfg, stage_cfg, view: str = "front") -> str:
+    """The negative prompt of the ``view`` reference's sample: ``prompts.negative``, led by the prompt's opposite
+    view (the back for the front, the front for the back) with ``reference_negative_back`` (the view suffix is
+    added whether or not the run's prompts are view-dependent)."""
     if not stage_cfg.reference_negative_back:
         return cfg.prompts.negative
-    back = view_prompt(cfg.prompt, "back")
-    return f"{back}, {cfg.prompts.negative}" if cfg.prompts.negative else back
+    opposite = view_prompt(cfg.prompt, OPPOSITE[view])
+    return f"{opposite}, {cfg.prompts.negative}" if cfg.prompts.negative else opposite
 
 
 class ReferenceView:
-    """The reference image of a run and its loss (module docstring). ``image`` [1, 3, H, W] in [0, 1]."""
+    """The reference images of a run and their loss (module docstring). ``image`` [N, 3, H, W] in [0, 1], one per
+    azimuth of ``azimuths`` (the front, then the back with ``reference_back``)."""
 
     def __init__(self, image: torch.Tensor, elevation: float, radius: float, fovy: float, weight: float,
-                 jitter: float):
+                 jitter: float, azimuths: tuple[float, ...] = (0.0,)):
+        if image.shape[0] != len(azimuths):
+            raise ValueError(f"{image.shape[0]} reference images for {len(azimuths)} azimuths")
         self.image, self.foreground = image, reference_foreground(image)
         self.elevation, self.radius, self.fovy = elevation, radius, fovy
-        self.weight, self.jitter = weight, jitter
+        self.weight, self.jitter, self.azimuths = weight, jitter, tuple(azimuths)
 
     @classmethod
     def sample(cls, teacher, cfg, stage_cfg, device: torch.device) -> "ReferenceView":
-        """The teacher's sample of ``cfg.prompt``'s front view (the global RNG left as it was)."""
+        """The teacher's sample of each of ``cfg.prompt``'s pinned views (the global RNG left as it was; the front's
+        noise is the run's seed's, the back's the next seed's)."""
         from text3d.teacher.sampling import sample_images
 
-        cams = spherical_cameras(stage_cfg.reference_elevation, 0.0, cfg.camera.eval_radius, cfg.camera.eval_fovy)
-        prompt = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
-        negative = reference_negative(cfg, stage_cfg)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        with teacher.viewing(cams.to(teacher.device)):
-            image = sample_images(teacher, prompt, steps=stage_cfg.reference_steps,
-                                  guidance_scale=stage_cfg.reference_guidance_scale, generator=generator,
-                                  negative=negative)
-        return cls.from_state({"image": image}, cfg, stage_cfg, device)
+        images = []
+        for i, (azimuth, view) in enumerate(reference_views(stage_cfg)):
+            cams = spherical_cameras(stage_cfg.reference_elevation, azimuth, cfg.camera.eval_radius,
+                                     cfg.camera.eval_fovy)
+            prompt = prompts_for_cameras(cfg.prompt, cams, cfg.prompts, cfg.camera)
+            generator = torch.Generator().manual_seed(cfg.seed + i)
+            with teacher.viewing(cams.to(teacher.device)):
+                images.append(sample_images(teacher, prompt, steps=stage_cfg.reference_steps,
+                                            guidance_scale=stage_cfg.reference_guidance_scale, generator=generator,
+                                            negative=reference_negative(cfg, stage_cfg, view)))
+        return cls.from_state({"image": torch.cat(images)}, cfg, stage_cfg, device)
 
     @classmethod
     def from_state(cls, state: dict, cfg, stage_cfg, device: torch.device) -> "ReferenceView":
         """The reference kept in a checkpoint (:meth:`state_dict`), with the run's settings: no sampling."""
         return cls(state["image"].to(device, torch.float32), stage_cfg.reference_elevation, cfg.camera.eval_radius,
-                   cfg.camera.eval_fovy, stage_cfg.reference_weight, stage_cfg.reference_jitter)
+                   cfg.camera.eval_fovy, stage_cfg.reference_weight, stage_cfg.reference_jitter,
+                   tuple(a for a, _ in reference_views(stage_cfg)))
 
     def loss(self, renderer, resolution: int, ambient: float) -> torch.Tensor:
-        """``L_ref`` for one render of the (jittered) reference camera; draws from the global RNG."""
-        d = (torch.rand(2) * 2 - 1) * self.jitter
-        cams = spherical_cameras(self.elevation + float(d[0]), float(d[1]), self.radius, self.fovy)
+        """``L_ref`` summed over one render of each (jittered) reference camera; draws from the global RNG."""
+        n = len(self.azimuths)
+        d = (torch.rand(n, 2) * 2 - 1) * self.jitter
+        cams = spherical_cameras(self.elevation + d[:, 0], torch.tensor(self.azimuths) + d[:, 1], self.radius,
+                                 self.fovy)
         cams = cams.to(self.image.device)
         out = renderer(cams, resolution, resolution, shading="lambertian", light_dirs=jittered_light_dirs(cams, 0.0),
                        ambient=ambient)
@@ -103,7 +126,7 @@ class ReferenceView:
         if image.shape[-1] != resolution:
             image = F.interpolate(image, size=(resolution, resolution), mode="bilinear", antialias=True)
             foreground = F.interpolate(foreground, size=(resolution, resolution), mode="nearest")
-        opacity = out["opacity"].detach().reshape(1, 1, resolution, resolution)
+        opacity = out["opacity"].detach().reshape(n, 1, resolution, resolution)
         return 0.5 * self.weight * ((out["rgb"] - image).pow(2) * foreground * opacity).sum()
 
     def state_dict(self) -> dict:
