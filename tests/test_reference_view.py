@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.helpers import FAST
-from text3d.errors import ConfigError
+from text3d.errors import CheckpointError, ConfigError
 from text3d.generate.config import load_config
 from text3d.generate.reference import ReferenceView, reference_foreground
 
@@ -26,7 +26,7 @@ def test_reference_foreground_keeps_white_inside_the_object_and_drops_the_border
     assert torch.equal(reference_foreground(image, erode=2)[0, 0], eroded)
 
 
-def _texture_trainer(tiny_teacher_dir, run_dir, weight: float):
+def _texture_trainer(tiny_teacher_dir, run_dir, weight: float, extra: tuple[str, ...] = ()):
     from text3d.generate.trainer import AssetTrainer
     from text3d.renderers.nerf import NeRFRenderer
     from text3d.teacher import load_teacher
@@ -34,7 +34,8 @@ def _texture_trainer(tiny_teacher_dir, run_dir, weight: float):
     cfg = load_config(overrides=FAST + [f"teacher.name_or_path={tiny_teacher_dir}", "texture.steps=12",
                                         "texture.resolution=32", "texture.lr=0.02", "export.grid_resolution=32",
                                         f"texture.reference_weight={weight}", "texture.reference_steps=4",
-                                        "texture.reference_jitter=2", "sds.guidance_scale=5", "stages=[nerf,texture]"])
+                                        "texture.reference_jitter=2", "sds.guidance_scale=5", "stages=[nerf,texture]",
+                                        *extra])
     cfg.prompt = "a green car"
     torch.manual_seed(0)
     source = NeRFRenderer(cfg.nerf)
@@ -112,6 +113,17 @@ def test_a_resumed_stage_takes_the_reference_from_its_checkpoint_without_samplin
     assert torch.equal(again.reference.image, drawn)
     assert again.reference.weight == 1.0 and again.reference.jitter == 2.0
     again.train_step(2)
+
+
+def test_a_checkpoint_reference_of_another_view_count_is_a_one_line_error(tiny_teacher_dir, tmp_path):
+    trainer = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0)
+    trainer.train_step(1)
+    trainer.step = 1
+    path = trainer.save()
+    again = _texture_trainer(tiny_teacher_dir, tmp_path / "run", weight=1.0,
+                             extra=("texture.reference_back=true",))  # two views pinned now, one in the checkpoint
+    with pytest.raises(CheckpointError, match=r"holds 1 view\(s\) but the config pins 2 \(front, back\)"):
+        again.load(path)
 
 
 def test_reference_negative_back_makes_the_back_view_cfgs_unconditional_branch(tiny_teacher_dir, monkeypatch):

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from text3d.cameras import jittered_light_dirs, spherical_cameras
+from text3d.errors import CheckpointError
 from text3d.prompts import prompts_for_cameras, view_prompt
 
 
@@ -108,10 +109,16 @@ class ReferenceView:
 
     @classmethod
     def from_state(cls, state: dict, cfg, stage_cfg, device: torch.device) -> "ReferenceView":
-        """The reference kept in a checkpoint (:meth:`state_dict`), with the run's settings: no sampling."""
+        """The reference kept in a checkpoint (:meth:`state_dict`), with the run's settings: no sampling. A
+        checkpoint holding another count of views than the settings pin is a :class:`CheckpointError`."""
+        views = reference_views(stage_cfg)
+        if state["image"].shape[0] != len(views):
+            raise CheckpointError(
+                f"the checkpoint's texture reference holds {state['image'].shape[0]} view(s) but the config pins "
+                f"{len(views)} ({', '.join(v for _, v in views)}); resume with the run's own reference_back setting")
         return cls(state["image"].to(device, torch.float32), stage_cfg.reference_elevation, cfg.camera.eval_radius,
                    cfg.camera.eval_fovy, stage_cfg.reference_weight, stage_cfg.reference_jitter,
-                   tuple(a for a, _ in reference_views(stage_cfg)))
+                   tuple(a for a, _ in views))
 
     def loss(self, renderer, resolution: int, ambient: float) -> torch.Tensor:
         """``L_ref`` summed over one render of each (jittered) reference camera; draws from the global RNG."""
