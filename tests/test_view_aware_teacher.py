@@ -104,6 +104,36 @@ def test_sds_hands_each_views_camera_to_the_teacher(camera_teacher, space):
     assert torch.equal(grad(SDSGuidance(base, cfg), front), grad(SDSGuidance(base, cfg), back))
 
 
+@pytest.mark.parametrize("teacher_camera", [True, False])
+def test_a_loras_teacher_camera_switch_decides_whether_the_adapted_unet_sees_the_view(camera_teacher, teacher_camera):
+    """A fresh LoRA predicts what the teacher does: with ``teacher_camera`` the teacher's prediction for the viewed
+    camera, without it the "no camera" one; the LoRA's training loss sees the same input, and the block restores
+    the viewed cameras for the teacher's own calls after it."""
+    from text3d.guidance.lora import LoRAScoreNetwork
+
+    base, teacher = camera_teacher
+    z, t, cond, _ = _inputs(teacher)
+    cams = spherical_cameras(20.0, [0.0, 180.0], 2.8, 42.0)
+    lora = LoRAScoreNetwork(teacher, rank=4, teacher_camera=teacher_camera)
+    try:
+        with torch.no_grad():
+            blind = teacher.predict_eps(z, t, cond)
+            with teacher.viewing(cams):
+                viewed = teacher.predict_eps(z, t, cond)
+                got = lora.predict_eps(z, t, cond)
+                loss = lora.denoising_loss(z, cond, t, torch.zeros_like(z))
+                assert torch.equal(teacher.predict_eps(z, t, cond), viewed)  # the teacher's own calls: the view
+            assert not torch.allclose(viewed, blind, atol=1e-4)
+            expected = viewed if teacher_camera else blind
+            assert torch.allclose(got, expected, atol=1e-5)
+            noisy = teacher.add_noise(z, torch.zeros_like(z), t)
+            with teacher.viewing(None if not teacher_camera else cams):
+                by_hand = (teacher.unet_output(noisy, t, cond) - 0.0).pow(2).flatten(1).mean(dim=1).mean()
+            assert torch.allclose(loss, by_hand, atol=1e-5)
+    finally:
+        lora.remove()
+
+
 def test_finetune_teaches_the_camera(tmp_path):
     from test_teacher_training import TINY, quiet, tiny_config
     from text3d.teacher import load_teacher

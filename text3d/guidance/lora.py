@@ -50,6 +50,8 @@ class LoRAScoreConfig:
     camera_condition: bool = False  # condition on the camera through the time embedding (VSD)
     camera_drop: float = 0.0  # fraction of training samples whose condition is zeroed
     camera_hidden: int = 64
+    teacher_camera: bool = True  # on a view-aware teacher, the adapted UNet also gets the teacher's own camera input;
+    #                              false: its "no camera" input, the camera reaching the LoRA through its MLP only
 
 
 def check_lora_config(c: LoRAScoreConfig, name: str) -> None:
@@ -91,7 +93,7 @@ class LoRAScoreNetwork(nn.Module):
     """
 
     def __init__(self, teacher: Teacher, rank: int = 4, alpha: float | None = None, condition_dim: int = 0,
-                 condition_hidden: int = 64):
+                 condition_hidden: int = 64, teacher_camera: bool = True):
         super().__init__()
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -124,6 +126,7 @@ class LoRAScoreNetwork(nn.Module):
         self._condition_embedding: Optional[torch.Tensor] = None
         self._hook = unet.time_embedding.register_forward_hook(self._add_condition)
         self._active = False
+        self.teacher_camera = teacher_camera  # False: the teacher's camera input is blanked inside active()
 
     # ----------------------------------------------------------- parameters
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -162,7 +165,8 @@ class LoRAScoreNetwork(nn.Module):
 
     @contextmanager
     def active(self, condition: torch.Tensor | None = None) -> Iterator[None]:
-        """Adapters on (and ``condition`` [B, condition_dim] added to the time embedding) inside the block.
+        """Adapters on (and ``condition`` [B, condition_dim] added to the time embedding) inside the block; without
+        ``teacher_camera`` a view-aware teacher's own camera input is the "no camera" one there.
 
         The UNet batch may be ``B`` or a CFG-doubled ``2B`` (the condition is repeated)."""
         if self.condition_mlp is not None and condition is not None:
@@ -172,7 +176,7 @@ class LoRAScoreNetwork(nn.Module):
         try:
             autocast = (torch.autocast(self.teacher.device.type, dtype=self.teacher.dtype)
                         if self.teacher.dtype in (torch.float16, torch.bfloat16) else _null())
-            with autocast:
+            with autocast, (_null() if self.teacher_camera else self.teacher.unviewed()):
                 yield
         finally:
             self._active = False

@@ -71,7 +71,7 @@ class VSDGuidance(ScoreDistillation):
         lora_cfg = cfg.lora
         lora = LoRAScoreNetwork(teacher, rank=lora_cfg.rank, alpha=lora_cfg.alpha,
                                 condition_dim=CAMERA_DIM if lora_cfg.camera_condition else 0,
-                                condition_hidden=lora_cfg.camera_hidden)
+                                condition_hidden=lora_cfg.camera_hidden, teacher_camera=lora_cfg.teacher_camera)
         super().__init__(teacher, cfg, lora=lora, negative_prompt=negative_prompt)
         self.optimizer = torch.optim.AdamW(lora.trainable_parameters(), lr=lora_cfg.lr, weight_decay=0.0,
                                            **fused_optimizer_kwargs(teacher.device))

@@ -263,6 +263,16 @@ class Teacher:
         finally:
             self._view_features = previous
 
+    @contextmanager
+    def unviewed(self) -> Iterator[None]:
+        """UNet calls inside the block see the "no camera" input, even inside :meth:`viewing` (a LoRA on this
+        UNet that takes the camera through its own embedding only: ``LoRAScoreConfig.teacher_camera``)."""
+        previous, self._view_features = self._view_features, None
+        try:
+            yield
+        finally:
+            self._view_features = previous
+
     def camera_labels(self, batch: int) -> torch.Tensor:
         """The camera input of a UNet batch of ``batch`` latents: the viewed cameras repeated over the batch's
         branches (a CFG or Perp-Neg batch stacks the B views K times), or zeros without cameras."""
