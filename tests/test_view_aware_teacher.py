@@ -127,8 +127,8 @@ def test_a_loras_teacher_camera_switch_decides_whether_the_adapted_unet_sees_the
             expected = viewed if teacher_camera else blind
             assert torch.allclose(got, expected, atol=1e-5)
             noisy = teacher.add_noise(z, torch.zeros_like(z), t)
-            with teacher.viewing(None if not teacher_camera else cams):
-                by_hand = (teacher.unet_output(noisy, t, cond) - 0.0).pow(2).flatten(1).mean(dim=1).mean()
+            with teacher.viewing(cams if teacher_camera else None):  # the target is the zero noise drawn
+                by_hand = teacher.unet_output(noisy, t, cond).pow(2).flatten(1).mean(dim=1).mean()
             assert torch.allclose(loss, by_hand, atol=1e-5)
     finally:
         lora.remove()

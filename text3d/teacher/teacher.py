@@ -257,17 +257,18 @@ class Teacher:
         from text3d.cameras import camera_features
 
         features = cameras if isinstance(cameras, torch.Tensor) else camera_features(cameras)
-        previous, self._view_features = self._view_features, features.to(self.device, torch.float32)
-        try:
+        with self._seeing(features.to(self.device, torch.float32)):
             yield
-        finally:
-            self._view_features = previous
+
+    def unviewed(self):
+        """A block whose UNet calls see the "no camera" input, even inside :meth:`viewing` (a LoRA on this UNet
+        that takes the camera through its own embedding only: ``LoRAScoreConfig.teacher_camera``)."""
+        return self._seeing(None)
 
     @contextmanager
-    def unviewed(self) -> Iterator[None]:
-        """UNet calls inside the block see the "no camera" input, even inside :meth:`viewing` (a LoRA on this
-        UNet that takes the camera through its own embedding only: ``LoRAScoreConfig.teacher_camera``)."""
-        previous, self._view_features = self._view_features, None
+    def _seeing(self, features: torch.Tensor | None) -> Iterator[None]:
+        """``features`` [B, 16] (None: no camera) as the UNet's camera input inside the block, restored after."""
+        previous, self._view_features = self._view_features, features
         try:
             yield
         finally:
